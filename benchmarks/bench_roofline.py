@@ -1,0 +1,66 @@
+"""Memory bandwidth roofline: how fast this machine streams bytes from RAM.
+
+GPT-2 decoding on a CPU is bound by reading the weights once per step, so the read bandwidth measured
+here divided into the weight bytes is the best possible step time. Prints JSON
+`{"read_GBps": ..., "copy_GBps": ..., ...}`; other benchmarks import `measure_read_bandwidth()`.
+
+    python benchmarks/bench_roofline.py [--gb 1.0] [--repeats 7] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: page faults, thread pool start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_read_bandwidth(gb: float = 1.0, repeats: int = 7) -> float:
+    """Read bandwidth in GB/s (1e9 bytes/s): the median time of `sum()` over a `gb`-GB float32 tensor."""
+    x = torch.ones(int(gb * 1e9) // 4, dtype=torch.float32)
+    seconds = _median_seconds(lambda: x.sum(), repeats)
+    return x.numel() * 4 / seconds / 1e9
+
+
+def measure_copy_bandwidth(gb: float = 1.0, repeats: int = 7) -> float:
+    """Copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    src = torch.ones(int(gb * 1e9) // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    seconds = _median_seconds(lambda: dst.copy_(src), repeats)
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=1.0, help="tensor size in GB")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    read = measure_read_bandwidth(args.gb, args.repeats)
+    copy = measure_copy_bandwidth(args.gb, args.repeats)
+    gpt2_fp32_bytes = 124.4e6 * 4
+    print(json.dumps({
+        "read_GBps": round(read, 2),
+        "copy_GBps": round(copy, 2),
+        "threads": torch.get_num_threads(),
+        "gb": args.gb,
+        "gpt2_fp32_step_ms_at_read_bw": round(gpt2_fp32_bytes / (read * 1e9) * 1e3, 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()

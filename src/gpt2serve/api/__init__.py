@@ -1,0 +1,1 @@
+"""The HTTP server: FastAPI app, SageMaker routes, errors, middleware."""

@@ -1,0 +1,139 @@
+"""One error envelope and one table from exception classes to HTTP statuses.
+
+Every error answer has the body `{"error": {"message": ..., "type": ..., "param": ...}}` (the shape
+OpenAI clients expect too). Unexpected exceptions become 500 with the request id in the message and a
+logged traceback; no traceback ever reaches the client.
+
+Documented choice: a request that runs past `request_timeout_s` gets 504 (the server's own deadline for
+its generation backend ran out; 408 would blame the client for sending the request too slowly).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gpt2serve.engine.errors import (
+    EngineOverloadedError,
+    EngineStoppedError,
+    InvalidParameterError,
+    ModelLoadError,
+    RequestTimeoutError,
+)
+
+logger = logging.getLogger("gpt2serve.api")
+
+RETRY_AFTER_S = "2"
+
+
+class APIError(Exception):
+    """An error the HTTP layer raises itself (bad body, bad headers ...)."""
+
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type, param
+
+
+class BodyTooLargeError(APIError):
+    def __init__(self, limit_bytes: int):
+        mb = limit_bytes / 2**20
+        message = f"request body is larger than this server's limit of {mb:g} MB"
+        super().__init__(413, message, "request_too_large")
+
+
+@dataclass
+class ErrorInfo:
+    status: int
+    body: dict
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+def envelope(message: str, type: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param}}
+
+
+# exception class -> (status, error type); the first matching row wins.
+ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
+    (InvalidParameterError, 400, "invalid_request_error"),
+    (EngineOverloadedError, 503, "overloaded_error"),
+    (RequestTimeoutError, 504, "timeout_error"),
+    (EngineStoppedError, 503, "service_unavailable"),
+    (ModelLoadError, 503, "service_unavailable"),
+)
+
+HTTP_TYPES = {
+    404: "not_found", 405: "method_not_allowed", 406: "not_acceptable", 415: "unsupported_media_type",
+}
+
+
+def describe(exc: BaseException, request_id: str = "-") -> ErrorInfo:
+    """The status, envelope and headers answering `exc`."""
+    if isinstance(exc, APIError):
+        return ErrorInfo(exc.status, envelope(exc.message, exc.type, exc.param))
+    if isinstance(exc, ValidationError):
+        return _validation_error(exc.errors())
+    if isinstance(exc, RequestValidationError):
+        return _validation_error(exc.errors())
+    if isinstance(exc, StarletteHTTPException):
+        kind = HTTP_TYPES.get(exc.status_code, "invalid_request_error")
+        return ErrorInfo(exc.status_code, envelope(str(exc.detail), kind), dict(exc.headers or {}))
+    for cls, status, kind in ERROR_TABLE:
+        if isinstance(exc, cls):
+            param = getattr(exc, "param", None)
+            headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else {}
+            return ErrorInfo(status, envelope(str(exc) or kind, kind, param), headers)
+    logger.error("request %s failed", request_id, exc_info=exc)
+    message = f"internal server error (request id {request_id}); the server log has the details"
+    return ErrorInfo(500, envelope(message, "server_error"))
+
+
+def _validation_error(errors: list[dict]) -> ErrorInfo:
+    """400 naming the first bad field, the expected type and the given value."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
+    param = ".".join(loc) or None
+    name = f"`{param}`" if param else "the request"
+    if first.get("type") == "missing":
+        message = f"{name} is required"
+    else:
+        given = first.get("input")
+        shown = repr(given) if len(repr(given)) <= 80 else repr(given)[:77] + "..."
+        message = f"{name}: {first.get('msg', 'invalid value')}; got {shown} ({_json_type(given)})"
+    return ErrorInfo(400, envelope(message, "invalid_request_error", param))
+
+
+def _is_type_tag(part: object) -> bool:
+    """pydantic names the branch of a union in `loc` ("str", "list[str]"); it is not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part)
+
+
+def _json_type(value: object) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def request_id_of(request: Request) -> str:
+    return getattr(request.state, "request_id", "-")
+
+
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    return describe(exc, request_id_of(request)).response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception through `describe`."""
+    for cls in (APIError, ValidationError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(cls, _handle)
+    for cls, _, _ in ERROR_TABLE:
+        app.add_exception_handler(cls, _handle)

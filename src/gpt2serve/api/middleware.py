@@ -1,0 +1,91 @@
+"""ASGI middleware: a request id on every answer, the request body size limit, one log line per request.
+
+Pure ASGI (no BaseHTTPMiddleware) so streamed answers pass through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gpt2serve.api.errors import BodyTooLargeError, describe
+
+access_log = logging.getLogger("gpt2serve.access")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+QUIET_PATHS = ("/ping", "/health")  # polled every few seconds: logged at DEBUG unless they fail
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestContextMiddleware:
+    """Tags each request with an id (the caller's X-Request-Id if it is sane, else a new one), sends it
+    back as X-Request-Id, enforces `max_body_bytes` and logs method, path, status and duration."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = _header(scope, b"x-request-id")
+        request_id = given if given and _VALID_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = [500]
+
+        async def send_tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        try:
+            if self._declared_too_large(scope):
+                await describe(BodyTooLargeError(self.max_body_bytes)).response()(scope, receive, send_tagged)
+                return
+            await self.app(scope, self._limited(receive), send_tagged)
+        finally:
+            self._log(scope, status[0], started, request_id)
+
+    def _declared_too_large(self, scope: Scope) -> bool:
+        length = _header(scope, b"content-length")
+        return length is not None and length.strip().isdigit() and int(length) > self.max_body_bytes
+
+    def _limited(self, receive: Receive) -> Receive:
+        """`receive` that raises BodyTooLargeError once more than the limit has arrived (chunked bodies)."""
+        seen = [0]
+
+        async def limited() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > self.max_body_bytes:
+                    raise BodyTooLargeError(self.max_body_bytes)
+            return message
+
+        return limited
+
+    @staticmethod
+    def _log(scope: Scope, status: int, started: float, request_id: str) -> None:
+        path = scope.get("path", "")
+        level = logging.DEBUG if path in QUIET_PATHS and status < 400 else logging.INFO
+        if not access_log.isEnabledFor(level):
+            return
+        client = scope.get("client") or ("-", 0)
+        ms = (time.perf_counter() - started) * 1000
+        method = scope.get("method", "-")
+        access_log.log(level, "%s %s %s %d %.1fms id=%s", client[0], method, path, status, ms, request_id)

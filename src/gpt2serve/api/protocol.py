@@ -1,0 +1,171 @@
+"""The two request formats of the SageMaker GPT-2 endpoint and their conversion to SamplingParams.
+
+`SeedRequest` is the current format (API.md §1): answered with a JSON array of strings, each the prompt
+followed by its continuation. `V1Request` is the first-generation format (API.md §2): answered with
+`{"input": ..., "output": [continuations], "test": ...}`.
+
+Documented choices:
+- Types are checked strictly (a string "5" for an integer field is a 400 naming the field); ranges are
+  checked by `SamplingParams` (InvalidParameterError naming the field).
+- Unknown keys are ignored: SageMaker clients and tools may add their own.
+- A body is served as v1 if it holds any of `length`, `k`, `p`, `stop_token`, `test`, or holds
+  `repetition_penalty` without any key only the current format knows (`repetition_penalty` is also
+  accepted by the current format). A body holding a v1-only key and a current-only key is refused.
+- `greedy` with `num_return_sequences` N returns N identical strings (Hugging Face `generate` would
+  refuse; greedy decoding has one answer, and the engine decodes it once).
+- `max_new_tokens` (tokens to generate, prompt not counted) may replace `max_length`; given both, the
+  request is refused as ambiguous.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from gpt2serve.api.errors import APIError
+from gpt2serve.engine.errors import InvalidParameterError
+from gpt2serve.engine.params import SamplingParams
+from gpt2serve.engine.request import GenerationResult
+
+V1_ONLY_KEYS = ("length", "k", "p", "stop_token", "test")
+CURRENT_ONLY_KEYS = (
+    "mode", "max_length", "max_new_tokens", "top_k", "top_p", "num_beams", "no_repeat_ngram_size", "stop",
+    "stream",
+)  # fmt: skip
+DEFAULT_MAX_LENGTH = 100
+# What a v1 request with "test": true gets instead of a generation.
+V1_TEST_OUTPUT = " This is a test response from the GPT-2 text generation model; the model did not run."
+
+_STRICT = ConfigDict(strict=True, extra="ignore")
+
+
+def _seed(seed: int | None) -> int | None:
+    """-1 (or absent) means "not seeded"; other values are range-checked by SamplingParams."""
+    return None if seed is None or seed == -1 else seed
+
+
+class SeedRequest(BaseModel):
+    """The current request (API.md §1)."""
+
+    model_config = _STRICT
+
+    input: str
+    max_length: int | None = None  # counts the prompt's tokens; 100 unless max_new_tokens is given
+    max_new_tokens: int | None = None
+    num_return_sequences: int = 3
+    mode: str = "sample-top-p"
+    top_p: float = 0.92
+    top_k: int = 50
+    temperature: float = 0.7
+    num_beams: int = 5
+    # None: 2 in beam mode; in the other modes no n-gram ban unless the caller asks for one. The original
+    # endpoint's beam mode used 2 (its documented default); applying it to sampling too would change
+    # every sampled text, so there it applies only when given explicitly.
+    no_repeat_ngram_size: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    repetition_penalty: float = 1.0
+    stream: bool = False
+
+    def to_params(self) -> SamplingParams:
+        if self.max_length is not None and self.max_new_tokens is not None:
+            raise InvalidParameterError(
+                "max_new_tokens",
+                "give either `max_length` (counting the prompt) or `max_new_tokens`, not both",
+            )
+        max_length = self.max_length
+        if max_length is None and self.max_new_tokens is None:
+            max_length = DEFAULT_MAX_LENGTH
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams.for_mode(
+            self.mode,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            num_beams=self.num_beams,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            n=self.num_return_sequences,
+            max_length=max_length,
+            max_new_tokens=self.max_new_tokens,
+            seed=_seed(self.seed),
+            stop=stop,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+    def answer(self, result: GenerationResult) -> list[str]:
+        """The prompt followed by each continuation. `text` is the decode of the generated ids in the
+        prompt's context (special tokens skipped, cut before a stop string), and GPT-2's byte-level BPE
+        round-trips text exactly, so this equals decoding prompt ids + generated ids."""
+        return [result.prompt + out.text for out in result.outputs]
+
+
+# v1 names of the SamplingParams fields, for error messages in the caller's terms.
+_V1_NAMES = {"top_k": "k", "top_p": "p", "max_new_tokens": "length", "stop": "stop_token"}
+
+
+class V1Request(BaseModel):
+    """The first-generation request (API.md §2): always samples."""
+
+    model_config = _STRICT
+
+    input: str
+    length: int = 50  # tokens to generate, the prompt not counted
+    stop_token: str | None = None
+    num_return_sequences: int = 1
+    temperature: float = 1.0
+    k: int = 50
+    p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    test: bool = False
+
+    def to_params(self) -> SamplingParams:
+        try:
+            return SamplingParams(
+                do_sample=True,
+                temperature=self.temperature,
+                top_k=self.k,
+                top_p=self.p,
+                n=self.num_return_sequences,
+                max_new_tokens=self.length,
+                repetition_penalty=self.repetition_penalty,
+                stop=(self.stop_token,) if self.stop_token else (),
+                seed=_seed(self.seed),
+            )
+        except InvalidParameterError as exc:
+            raise _in_v1_terms(exc) from None
+
+    def answer(self, result: GenerationResult | None) -> dict[str, Any]:
+        """`result` None: the canned answer of a test request."""
+        if result is None:
+            output = [V1_TEST_OUTPUT] * self.num_return_sequences
+        else:
+            output = [out.text for out in result.outputs]
+        return {"input": self.input, "output": output, "test": self.test}
+
+
+def _in_v1_terms(exc: InvalidParameterError) -> InvalidParameterError:
+    name = _V1_NAMES.get(exc.param)
+    if name is None:
+        return exc
+    return InvalidParameterError(name, exc.message.replace(f"`{exc.param}`", f"`{name}`"))
+
+
+def parse_request(body: Any) -> SeedRequest | V1Request:
+    """Validate one decoded JSON body as the current or the first-generation request."""
+    if not isinstance(body, dict):
+        kind = {list: "an array", str: "a string"}.get(type(body), type(body).__name__)
+        raise APIError(400, f"the request body must be a JSON object with an `input` field, got {kind}")
+    v1_keys = [k for k in V1_ONLY_KEYS if k in body]
+    current_keys = [k for k in CURRENT_ONLY_KEYS if k in body]
+    if v1_keys and current_keys:
+        raise APIError(
+            400,
+            f"the request mixes fields of the first-generation format ({', '.join(v1_keys)}) with fields of "
+            f"the current format ({', '.join(current_keys)}); use one format",
+            param=current_keys[0],
+        )
+    if v1_keys or ("repetition_penalty" in body and not current_keys):
+        return V1Request.model_validate(body)
+    return SeedRequest.model_validate(body)

@@ -1,0 +1,90 @@
+"""The SageMaker container routes: /ping, /invocations (also as /endpoints/<name>/invocations, so boto3
+and the AWS CLI work with an endpoint URL override) and /execution-parameters for batch transform.
+
+JSON Lines bodies: each line is one request, answered on its own line, in order; the lines run through
+the engine concurrently (at most `max_batch_size` at once per body). A line that fails validation is
+answered with its `{"error": ...}` object and the other lines still run. A line refused because the
+server is busy or stopping fails the whole body with 503, so batch transform retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from gpt2serve.api import content
+from gpt2serve.api.errors import describe, request_id_of
+from gpt2serve.api.protocol import V1Request, parse_request
+from gpt2serve.api.state import ServerState, server_state
+from gpt2serve.engine.errors import EngineStoppedError
+
+router = APIRouter()
+
+
+@router.get("/ping")
+async def ping(request: Request) -> Response:
+    """200 with an empty body once the model serves; 503 while it loads or if it failed to load."""
+    state = server_state(request)
+    if state.ready:
+        return Response(status_code=200)
+    return describe(EngineStoppedError(state.unavailable_reason())).response()
+
+
+@router.get("/execution-parameters")
+async def execution_parameters(request: Request) -> dict[str, Any]:
+    settings = server_state(request).settings
+    return {
+        "MaxConcurrentTransforms": settings.max_concurrent_transforms,
+        "BatchStrategy": "MULTI_RECORD",
+        "MaxPayloadInMB": max(1, int(settings.max_body_mb)),  # SageMaker takes whole MB
+    }
+
+
+@router.post("/invocations")
+@router.post("/endpoints/{endpoint_name}/invocations")
+async def invocations(request: Request) -> Response:
+    request_type = content.request_media_type(request.headers.get("content-type"))
+    answer_type = content.answer_media_type(request.headers.get("accept"), request_type)
+    content.check_custom_attributes(request.headers.get("x-amzn-sagemaker-custom-attributes"))
+    text = content.decode_body(await request.body())
+    state = server_state(request)
+    if request_type == content.JSON:
+        answer = await answer_one(state, content.parse_json(text))
+        return Response(content.render([answer], answer_type, single=True), media_type=answer_type)
+    lines = content.split_lines(text)
+    answers = await _answer_lines(state, lines, request_id_of(request))
+    return Response(content.render(answers, answer_type, single=False), media_type=answer_type)
+
+
+async def answer_one(state: ServerState, body: Any) -> Any:
+    """Validate one request body, run it, and shape the answer for its format."""
+    req = parse_request(body)
+    params = req.to_params()
+    if isinstance(req, V1Request) and req.test:
+        return req.answer(None)
+    result = await state.require_engine().generate(req.input, params)
+    return req.answer(result)
+
+
+async def _answer_lines(state: ServerState, lines: list[tuple[int, str]], request_id: str) -> list[Any]:
+    limit = asyncio.Semaphore(max(1, state.settings.max_batch_size))
+
+    async def one(number: int, line: str) -> Any:
+        async with limit:
+            try:
+                return await answer_one(state, content.parse_json(line, line=number))
+            except Exception as exc:
+                info = describe(exc, request_id)
+                if info.status == 503:
+                    raise
+                return info.body
+
+    tasks = [asyncio.ensure_future(one(n, line)) for n, line in lines]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:  # after a 503, the other lines need not run on
+        for task in tasks:
+            task.cancel()
+

@@ -1,0 +1,1 @@
+"""The model and the decode loop; knows nothing of HTTP."""

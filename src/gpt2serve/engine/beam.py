@@ -1,0 +1,174 @@
+"""BeamGroup: the beam search of one request, token for token as Hugging Face `generate()`.
+
+Replicates transformers 5.x `_beam_search` (`generate(num_beams=B, num_return_sequences=R,
+do_sample=False, length_penalty=..., early_stopping=...)`) for one request, without a batch dimension,
+so that the engine can run many groups side by side, each on its own slice of a batched forward pass.
+
+Calling contract of `step(logprobs)`:
+
+* `logprobs` is a float32 tensor of shape `(num_beams, V)`: row `i` belongs to running beam `i`, in the
+  order the previous `step` returned them (at the first step every beam holds the prompt; a single
+  `(1, V)` row is accepted there and broadcast).
+* Each row is computed exactly as HF does for beam search:
+  `logprobs = log_softmax(logits.float(), dim=-1)` first, and THEN the logits processors run on those
+  log-probabilities (not on the raw logits), in HF's order: repetition penalty (which multiplies the
+  negative log-probabilities by the penalty), then the no-repeat-n-gram ban (banned tokens get -inf).
+  The processors see each beam's history = prompt + tokens generated so far on that beam.
+  No temperature / top-k / top-p: HF applies those only when sampling.
+* `step` returns `(source_beams, tokens)`, `num_beams` of each: new beam `j` continues old beam
+  `source_beams[j]` with token `tokens[j]`. The caller reorders its KV-cache slots and histories by
+  `source_beams`, appends `tokens`, and runs the next forward pass, until `done` is true (the beams
+  returned by the step that sets `done` are not to be run; read the results with `finalize()`).
+
+Semantics replicated from HF (batch size 1):
+
+* Running scores start at `[0, -1e9, ...]`, so the first step expands beam 0 only.
+* Each step takes the top `2 * num_beams` of `logprobs + running_score` over all `num_beams * V`
+  candidates (`torch.topk`, hence its tie-breaking). Candidates ending in EOS, or reaching
+  `prompt_len + max_new_tokens` tokens, hit the stopping criteria; the best `num_beams` of the rest run on.
+* Among the first `num_beams` candidates, those that hit a stopping criterion become finished
+  hypotheses scored `sum_logprob / n_generated ** length_penalty`, where `n_generated` counts the
+  generated tokens only (the prompt excluded, the final EOS included). Finished hypotheses and new ones
+  are merged by `topk`, keeping the best `num_beams`.
+* With `early_stopping=True` the search ends as soon as `num_beams` hypotheses are finished; at the
+  length limit every top candidate is finished, so running beams end as hypotheses too.
+* `finalize()` returns the best `num_return` hypotheses, best first, with their normalized scores
+  (HF's `sequences_scores`). Token ids are the generated ones, ending with EOS where a hypothesis
+  stopped on it (as in HF's `sequences`, minus the prompt and the padding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_NEG = -1.0e9  # HF's "never pick this" score offset
+
+
+class BeamGroup:
+    """The state of one beam-search request."""
+
+    def __init__(
+        self,
+        num_beams: int,
+        num_return: int,
+        max_new_tokens: int,
+        eos_token_id: int | None,
+        prompt_len: int,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = True,
+    ) -> None:
+        if num_beams < 1 or not 1 <= num_return <= num_beams:
+            raise ValueError(f"need 1 <= num_return ({num_return}) <= num_beams ({num_beams})")
+        if max_new_tokens < 1 or prompt_len < 1:
+            raise ValueError("max_new_tokens and prompt_len must be >= 1")
+        self.num_beams = num_beams
+        self.num_return = num_return
+        self.eos_token_id = eos_token_id
+        self.prompt_len = prompt_len
+        self.max_length = prompt_len + max_new_tokens
+        self.length_penalty = length_penalty
+        self.early_stopping = early_stopping
+        self.done = False
+        self._keep = 2 * num_beams  # HF: max(2, 1 + n_eos) * num_beams, with at most one EOS id
+        self._cur_len = prompt_len
+        self._running_scores = torch.full((1, num_beams), _NEG, dtype=torch.float32)
+        self._running_scores[:, 0] = 0.0
+        self._running_tokens: list[list[int]] = [[] for _ in range(num_beams)]
+        self._finished_scores = torch.full((1, num_beams), _NEG, dtype=torch.float32)
+        self._finished_tokens: list[list[int]] = [[] for _ in range(num_beams)]
+        self._finished_flags = torch.zeros((1, num_beams), dtype=torch.bool)
+        self._improvable = torch.ones((1, 1), dtype=torch.bool)
+
+    @property
+    def num_generated(self) -> int:
+        """Tokens generated so far on every running beam."""
+        return self._cur_len - self.prompt_len
+
+    def step(self, logprobs: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Advance every beam by one token; see the module docstring for what `logprobs` must hold."""
+        if self.done:
+            raise RuntimeError("step() called on a finished BeamGroup")
+        rows = logprobs.shape[0] if logprobs.dim() == 2 else 0
+        if rows != self.num_beams and not (rows == 1 and self._cur_len == self.prompt_len):
+            raise ValueError(f"logprobs must have shape ({self.num_beams}, V), got {tuple(logprobs.shape)}")
+        self._to_device(logprobs.device)
+        vocab = logprobs.shape[-1]
+        acc = logprobs.float().reshape(-1, vocab) + self._running_scores[0, :, None]
+        top_lp, top_idx = torch.topk(acc.reshape(1, -1), k=self._keep)
+        top_src = top_idx // vocab
+        top_tok = top_idx % vocab
+        hits = self._stopping(top_tok)
+        top_seqs = [
+            self._running_tokens[s] + [t]
+            for s, t in zip(top_src[0].tolist(), top_tok[0].tolist(), strict=True)
+        ]
+        # e. the best non-finished candidates run on
+        run_lp = top_lp + hits.to(torch.float32) * _NEG
+        nxt = torch.topk(run_lp, k=self.num_beams)[1]
+        self._running_scores = torch.take_along_dim(run_lp, nxt, dim=1)
+        nxt_list = nxt[0].tolist()
+        self._running_tokens = [top_seqs[i] for i in nxt_list]
+        # f. finished candidates among the top num_beams join the hypotheses
+        self._update_finished(top_lp, top_seqs, hits)
+        # g. stopping condition of the whole search
+        self._cur_len += 1
+        self._update_improvable()
+        self.done = not self._has_unfinished(hits)
+        sources = torch.take_along_dim(top_src, nxt, dim=1)[0].tolist()
+        return sources, [seq[-1] for seq in self._running_tokens]
+
+    def finalize(self) -> list[tuple[list[int], float]]:
+        """The best `num_return` hypotheses, best first: (generated token ids, normalized score)."""
+        scores = self._finished_scores[0, : self.num_return].tolist()
+        return [(list(self._finished_tokens[i]), scores[i]) for i in range(self.num_return)]
+
+    # -- HF's helpers, batch size 1 ----------------------------------------------------------------
+    def _to_device(self, device: torch.device) -> None:
+        if self._running_scores.device != device:
+            self._running_scores = self._running_scores.to(device)
+            self._finished_scores = self._finished_scores.to(device)
+            self._finished_flags = self._finished_flags.to(device)
+            self._improvable = self._improvable.to(device)
+
+    def _stopping(self, top_tok: torch.Tensor) -> torch.Tensor:
+        """HF's stopping criteria on each candidate: EOS reached, or the length limit."""
+        if self._cur_len + 1 >= self.max_length:
+            return torch.ones_like(top_tok, dtype=torch.bool)
+        if self.eos_token_id is None:
+            return torch.zeros_like(top_tok, dtype=torch.bool)
+        return top_tok == self.eos_token_id
+
+    def _update_finished(self, top_lp: torch.Tensor, top_seqs: list[list[int]], hits: torch.Tensor) -> None:
+        top_mask = torch.arange(self._keep, device=hits.device) < self.num_beams
+        just_finished = hits & top_mask[None, :]
+        scores = top_lp / ((self._cur_len + 1 - self.prompt_len) ** self.length_penalty)
+        full = torch.all(self._finished_flags, dim=-1, keepdim=True) & (self.early_stopping is True)
+        scores += full.to(torch.float32) * _NEG
+        scores += (~self._improvable).to(torch.float32) * _NEG
+        scores += (~just_finished) * _NEG
+        merged_scores = torch.cat((self._finished_scores, scores), dim=1)
+        merged_flags = torch.cat((self._finished_flags, just_finished), dim=1)
+        merged_seqs = self._finished_tokens + top_seqs
+        sel = torch.topk(merged_scores, k=self.num_beams)[1]
+        self._finished_scores = torch.take_along_dim(merged_scores, sel, dim=1)
+        self._finished_flags = torch.take_along_dim(merged_flags, sel, dim=1)
+        self._finished_tokens = [merged_seqs[i] for i in sel[0].tolist()]
+
+    def _update_improvable(self) -> None:
+        """HF's `_check_early_stop_heuristic` (after `cur_len` moved on)."""
+        if self.early_stopping == "never" and self.length_penalty > 0.0:
+            best_len = self.max_length - self.prompt_len
+        else:
+            best_len = self._cur_len - self.prompt_len
+        best_possible = self._running_scores[:, :1] / (best_len**self.length_penalty)
+        worst_finished = torch.where(
+            self._finished_flags, torch.min(self._finished_scores, dim=1, keepdim=True)[0], _NEG
+        )
+        self._improvable = self._improvable & torch.any(best_possible > worst_finished, dim=-1, keepdim=True)
+
+    def _has_unfinished(self, hits: torch.Tensor) -> bool:
+        """HF's `_beam_search_has_unfinished_sequences`."""
+        improvement_possible = bool(torch.any(self._improvable))
+        all_full = bool(torch.all(self._finished_flags)) and self.early_stopping is True
+        valid_continuations = not bool(torch.all(hits))
+        return improvement_possible and not all_full and valid_continuations

@@ -1,0 +1,78 @@
+"""Model shape (from a checkpoint's config.json) and engine settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a GPT-2 model, as in a Hugging Face `config.json`."""
+
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_positions: int = 1024
+    vocab_size: int = 50257
+    layer_norm_epsilon: float = 1e-5
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_params(self) -> int:
+        e, layers = self.n_embd, self.n_layer
+        per_layer = 12 * e * e + 13 * e
+        return self.vocab_size * e + self.n_positions * e + layers * per_layer + 2 * e
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        model_type = d.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ValueError(f"config.json has model_type {model_type!r}; gpt2serve serves GPT-2 models only")
+        activation = d.get("activation_function", "gelu_new")
+        if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"activation_function {activation!r} is not supported (GPT-2 uses gelu_new)")
+        eos = d.get("eos_token_id", 50256)
+        return cls(
+            n_layer=d.get("n_layer", 12),
+            n_head=d.get("n_head", 12),
+            n_embd=d.get("n_embd", 768),
+            n_positions=d.get("n_positions", d.get("n_ctx", 1024)),
+            vocab_size=d.get("vocab_size", 50257),
+            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
+            bos_token_id=d.get("bos_token_id", 50256),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+
+
+# The shapes of the released GPT-2 checkpoints, for `random:<size>` models.
+KNOWN_SHAPES: dict[str, ModelConfig] = {
+    "gpt2": ModelConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": ModelConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": ModelConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": ModelConfig(n_layer=48, n_head=25, n_embd=1600),
+    "distilgpt2": ModelConfig(n_layer=6, n_head=12, n_embd=768),
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of the batching engine. `None` fields are sized from the model when the engine starts."""
+
+    max_batch_size: int = 32  # KV slots: sequences decoded together in one step
+    max_queue: int = 256  # requests waiting for slots; past this, callers get "busy" at once
+    max_total_tokens: int | None = None  # prompt + new tokens reserved over running sequences
+    request_timeout_s: float | None = 50.0
+    device: str = "cpu"
+    dtype: str | None = None  # float32 | bfloat16 | float16 | int8; None: the device's default
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")

@@ -1,0 +1,358 @@
+"""The engine: one thread owns the model and runs every request in one batched decode loop.
+
+Each iteration: admit waiting requests (prefill each into its slots), run one decode step over every
+active sequence of every running request, choose the next tokens (sampling rows and beam groups), and
+retire what finished. Callers submit from any thread and get results through `generate()`, `stream()`
+(asyncio) or `generate_sync()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gpt2serve.engine import sampling
+from gpt2serve.engine.config import EngineConfig
+from gpt2serve.engine.errors import EngineStoppedError, RequestTimeoutError
+from gpt2serve.engine.loader import LoadedModel, load_checkpoint
+from gpt2serve.engine.model import GPT2, make_batch
+from gpt2serve.engine.params import SamplingParams
+from gpt2serve.engine.request import (
+    CompletionOutput,
+    GenerationResult,
+    Request,
+    Sequence,
+    StreamDelta,
+    TokenLogprob,
+)
+from gpt2serve.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0  # decode steps
+    decoded_tokens: int = 0  # sequences advanced by decode steps
+    max_step_batch: int = 0  # the most sequences one decode step ran
+    prefills: int = 0
+    prefill_tokens: int = 0
+    requests_finished: int = 0
+    requests_failed: int = 0
+    requests_cancelled: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.device = resolve_device(self.config.device)
+        self.dtype = self.config.dtype or ("float16" if self.device.type == "cuda" else "float32")
+        self.model_name, self.is_random = loaded.name, loaded.is_random
+        self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
+        self.model = GPT2(loaded.config, loaded.state_dict, self.dtype, self.device)
+        n_slots = self.config.max_batch_size
+        self.cache = self.model.new_cache(n_slots)
+        max_tokens = self.config.max_total_tokens or n_slots * loaded.config.n_positions
+        self.scheduler = Scheduler(n_slots, self.config.max_queue, max_tokens)
+        self.stats = EngineStats()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @classmethod
+    def load(cls, model: str, config: EngineConfig | None = None) -> Engine:
+        """Load a checkpoint (directory, hub id or random:<size>) and build an engine for it."""
+        config = config or EngineConfig()
+        device = resolve_device(config.device)
+        dtype = config.dtype or ("float16" if device.type == "cuda" else "float32")
+        if dtype not in LOAD_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(LOAD_DTYPES)}, got {dtype!r}")
+        loaded = load_checkpoint(model, dtype=LOAD_DTYPES[dtype])
+        return cls(loaded, config)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="gpt2serve-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still waiting or running end with EngineStoppedError."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- submission --------------------------------------------------------------------------------
+    def submit(self, prompt: str, params: SamplingParams, sink: Callable[[object], None], stream: bool) -> Request:
+        """Validate and queue a request; `sink` receives StreamDeltas (if `stream`), then a
+        GenerationResult or an exception. Raises InvalidParameterError or EngineOverloadedError at once."""
+        if not self.running:
+            raise EngineStoppedError("the engine is not running")
+        prompt_ids = self.tokenizer.encode(prompt) if prompt else []
+        budget = params.new_token_budget(len(prompt_ids), self.model_config.n_positions)
+        req = Request(prompt, prompt_ids, params, budget, sink, stream, self.config.request_timeout_s)
+        with self._cond:
+            self.scheduler.add(req)
+            self._cond.notify()
+        return req
+
+    async def generate(self, prompt: str, params: SamplingParams) -> GenerationResult:
+        async for item in self._items(prompt, params, stream=False):
+            return item
+        raise EngineStoppedError("the engine ended the request without a result")
+
+    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[StreamDelta | GenerationResult]:
+        """Yield StreamDeltas as text is made, then the whole GenerationResult."""
+        async for item in self._items(prompt, params, stream=True):
+            yield item
+
+    async def _items(self, prompt: str, params: SamplingParams, stream: bool):
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def sink(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the caller's loop is gone
+                req.cancel()
+
+        req = self.submit(prompt, params, sink, stream)
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GenerationResult):
+                    return
+        finally:
+            req.cancel()  # a caller that went away frees its slots at the next step
+
+    def generate_sync(self, prompt: str, params: SamplingParams) -> GenerationResult:
+        q: queue.Queue = queue.Queue()
+        req = self.submit(prompt, params, q.put, stream=False)
+        try:
+            item = q.get()
+        finally:
+            req.cancel()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self.scheduler.waiting or self.scheduler.running):
+                    self._cond.wait(timeout=1.0)
+                if self._stopping:
+                    break
+                self._drop_cancelled_and_expired()
+                admitted = self.scheduler.admit()
+            for req in admitted:
+                try:
+                    self._prefill(req)
+                except Exception as exc:  # a bug must fail its requests, never the loop
+                    self._fail([req], exc)
+            running = list(self.scheduler.running)
+            if running:
+                try:
+                    self._decode_step()
+                except Exception as exc:
+                    self._fail(running, exc)
+        self._abort_all(EngineStoppedError("the server is shutting down"))
+
+    def _fail(self, reqs: list[Request], exc: Exception) -> None:
+        log.exception("generation failed for request(s) %s", [r.id for r in reqs])
+        for r in reqs:
+            self._finish(r, error=exc)
+
+    def _drop_cancelled_and_expired(self) -> None:
+        now = time.monotonic()
+        for req in [*self.scheduler.waiting, *self.scheduler.running]:
+            if req.cancelled.is_set():
+                self.scheduler.finish(req)
+                self.stats.requests_cancelled += 1
+            elif req.deadline is not None and now > req.deadline:
+                limit = self.config.request_timeout_s
+                self._finish(req, error=RequestTimeoutError(f"the request ran past its {limit:g} s deadline"))
+
+    def _abort_all(self, error: Exception) -> None:
+        with self._cond:
+            for req in [*self.scheduler.waiting, *self.scheduler.running]:
+                self._finish(req, error=error)
+
+    def _finish(self, req: Request, error: Exception | None = None) -> None:
+        with self._cond:
+            self.scheduler.finish(req)
+        if error is not None:
+            self.stats.requests_failed += 1
+            req.sink(error)
+        else:
+            self.stats.requests_finished += 1
+            req.sink(req.result())
+
+    # -- model steps -------------------------------------------------------------------------------
+    def _prefill(self, req: Request) -> None:
+        req.start(self.tokenizer, self.device)
+        first, others = req.sequences[0], req.sequences[1:]
+        batch = make_batch([req.prompt_ids], [first.slot], [0], self.device)
+        logits = self.model(batch, self.cache)  # (1, V)
+        self.cache.copy_slots([first.slot] * len(others), [s.slot for s in others], len(req.prompt_ids))
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += len(req.prompt_ids)
+        self._advance([(req, s) for s in req.sequences], logits.expand(len(req.sequences), -1))
+
+    def _decode_step(self) -> None:
+        rows = [(r, s) for r in self.scheduler.running for s in r.active]
+        if not rows:
+            return
+        batch = make_batch(
+            [[s.history[-1]] for _, s in rows],
+            [s.slot for _, s in rows],
+            [len(s.history) - 1 for _, s in rows],
+            self.device,
+        )
+        logits = self.model(batch, self.cache)  # (B, V)
+        self.stats.steps += 1
+        self.stats.decoded_tokens += len(rows)
+        self.stats.max_step_batch = max(self.stats.max_step_batch, len(rows))
+        self._advance(rows, logits)
+
+    def _advance(self, rows: list[tuple[Request, Sequence]], logits: torch.Tensor) -> None:
+        """Choose each row's next token, update the requests, retire what finished."""
+        plain = [i for i, (r, _) in enumerate(rows) if r.beam is None]
+        if plain:
+            picked = self._pick_tokens([rows[i] for i in plain], logits[plain])
+            eos = self.tokenizer.eos_token_id
+            for i, token in zip(plain, picked):
+                req, seq = rows[i]
+                req.append_token(seq, token, eos)
+                if seq.finish_reason is not None and req.active:
+                    with self._cond:
+                        self.scheduler.release_slot(req, seq.slot)
+        beams: dict[int, tuple[Request, list[int]]] = {}
+        for i, (r, _) in enumerate(rows):
+            if r.beam is not None:
+                beams.setdefault(r.id, (r, []))[1].append(i)
+        for req, idx in beams.values():
+            self._beam_step(req, logits[idx])
+        for req in {id(r): r for r, _ in rows}.values():
+            if not req.active:
+                self._finish(req)
+
+    def _pick_tokens(self, rows: list[tuple[Request, Sequence]], logits: torch.Tensor) -> list[int]:
+        raw = logits.float()
+        x = self._apply_processors(rows, raw.clone())
+        params = [r.params for r, _ in rows]
+        tokens = x.argmax(dim=-1)
+        sampled = [i for i, p in enumerate(params) if p.do_sample]
+        if sampled:
+            dev = x.device
+            warped = sampling.warp(
+                x[sampled],
+                torch.tensor([params[i].temperature for i in sampled], device=dev),
+                torch.tensor([params[i].top_k for i in sampled], device=dev),
+                torch.tensor([params[i].top_p for i in sampled], device=dev),
+            )
+            draws = sampling.sample(warped, [rows[i][1].generator for i in sampled])
+            tokens[sampled] = draws
+        picked = tokens.tolist()
+        if any(p.logprobs is not None for p in params):
+            self._record_logprobs(rows, raw, picked)
+        return picked
+
+    def _apply_processors(self, rows: list[tuple[Request, Sequence]], x: torch.Tensor) -> torch.Tensor:
+        """HF logits processors in HF's order: repetition penalty, then the n-gram ban; then OpenAI's
+        presence/frequency penalties."""
+        params = [r.params for r, _ in rows]
+        histories = [s.history for _, s in rows]
+        if any(p.repetition_penalty != 1.0 for p in params):
+            x = sampling.apply_repetition_penalty(x, histories, [p.repetition_penalty for p in params])
+        if any(p.no_repeat_ngram_size for p in params):
+            x = sampling.ban_repeated_ngrams(x, histories, [p.no_repeat_ngram_size for p in params])
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            x = sampling.apply_presence_frequency(
+                x, [s.generated for _, s in rows],
+                [p.presence_penalty for p in params], [p.frequency_penalty for p in params],
+            )
+        return x
+
+    def _record_logprobs(self, rows, raw: torch.Tensor, picked: list[int]) -> None:
+        lp = F.log_softmax(raw, dim=-1)
+        for i, (req, seq) in enumerate(rows):
+            k = req.params.logprobs
+            if k is None:
+                continue
+            top = torch.topk(lp[i], k) if k else None
+            alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            seq.logprobs = seq.logprobs if seq.logprobs is not None else []
+            seq.logprobs.append(TokenLogprob(picked[i], float(lp[i, picked[i]]), alts))
+
+    def _beam_step(self, req: Request, logits: torch.Tensor) -> None:
+        rows = [(req, s) for s in req.sequences]
+        scores = self._apply_processors(rows, F.log_softmax(logits.float(), dim=-1))
+        sources, tokens = req.beam.step(scores)
+        old = req.sequences
+        new_slots: list[int | None] = [None] * len(old)
+        claimed: set[int] = set()
+        for i, b in enumerate(sources):  # a beam that survives keeps its slot ...
+            if b not in claimed:
+                claimed.add(b)
+                new_slots[i] = old[b].slot
+        spare = [old[b].slot for b in range(len(old)) if b not in claimed]
+        copies = []
+        for i, b in enumerate(sources):  # ... and a beam that forks is copied into a spare slot
+            if new_slots[i] is None:
+                new_slots[i] = spare.pop()
+                copies.append((old[b].slot, new_slots[i]))
+        self.cache.copy_slots([c[0] for c in copies], [c[1] for c in copies], len(old[0].history))
+        req.sequences = [
+            Sequence(i, new_slots[i], old[b].history + [t], None) for i, (b, t) in enumerate(zip(sources, tokens))
+        ]
+        for i, s in enumerate(req.sequences):
+            s.generated = s.history[len(req.prompt_ids) :]
+        if req.beam.done or len(req.sequences[0].generated) >= req.budget:
+            self._finish_beams(req)
+
+    def _finish_beams(self, req: Request) -> None:
+        eos = self.tokenizer.eos_token_id
+        outputs = []
+        for i, (ids, _score) in enumerate(req.beam.finalize()):
+            stopped = bool(ids) and ids[-1] == eos
+            ids = ids[:-1] if stopped else list(ids)
+            text = self.tokenizer.decode(ids)
+            cuts = [at for s in req.params.stop if (at := text.find(s)) >= 0]
+            if cuts:
+                text, stopped = text[: min(cuts)], True
+            outputs.append(CompletionOutput(i, text, ids, "stop" if stopped else "length"))
+        req.finished_outputs = outputs
+        for s in req.sequences:
+            s.finish_reason = "stop"
+        if req.stream:
+            for out in outputs:
+                req.sink(StreamDelta(out.index, out.text, out.finish_reason))

@@ -1,0 +1,155 @@
+"""GPT-2 forward pass over a KV cache indexed by slot.
+
+Every running sequence owns one slot of the cache, with its own length. One forward call runs any mix of
+slots at any positions, which is what continuous batching needs: a decode step feeds one new token for
+each active slot; a prefill feeds a whole prompt into one slot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gpt2serve.engine.config import ModelConfig
+from gpt2serve.engine.linear import PackedLinear
+
+
+class KVCache:
+    """Keys and values for `n_slots` sequences of up to `max_len` tokens each."""
+
+    def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (cfg.n_layer, n_slots, cfg.n_head, max_len, cfg.head_dim)
+        # Fresh pages from the OS are zero and stay out of RSS until written; small caches are zeroed.
+        nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
+        make = torch.empty if (device.type == "cpu" and nbytes > (256 << 20)) else torch.zeros
+        self.k = make(shape, dtype=dtype, device=device)
+        self.v = make(shape, dtype=dtype, device=device)
+        self.n_slots = n_slots
+        self.max_len = max_len
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def copy_slots(self, src: list[int], dst: list[int], length: int) -> None:
+        """Copy the first `length` positions of slots `src` into slots `dst` (beam reordering, n > 1)."""
+        if not src:
+            return
+        s = torch.tensor(src, device=self.k.device)
+        d = torch.tensor(dst, device=self.k.device)
+        for cache in (self.k, self.v):
+            part = cache[:, :, :, :length]  # (L, S, nh, T, hs)
+            part.index_copy_(1, d, part.index_select(1, s))
+
+
+@dataclass
+class Batch:
+    """What one forward call runs: `tokens[i]` goes into `slots[i]` starting at `starts[i]`."""
+
+    tokens: torch.Tensor  # (B, T) long
+    slots: torch.Tensor  # (B,) long
+    starts: torch.Tensor  # (B,) long: positions of tokens[:, 0]
+    max_len: int  # max(starts) + T: the cache length attention reads
+
+
+class Block(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], prefix: str, fmt: str, device):
+        super().__init__()
+        self.n_head, self.eps = cfg.n_head, cfg.layer_norm_epsilon
+        self.ln_1 = (sd[prefix + "ln_1.weight"].float(), sd[prefix + "ln_1.bias"].float())
+        self.ln_2 = (sd[prefix + "ln_2.weight"].float(), sd[prefix + "ln_2.bias"].float())
+
+        def lin(name: str) -> PackedLinear:
+            return PackedLinear(sd[f"{prefix}{name}.weight"], sd[f"{prefix}{name}.bias"], fmt, device)
+
+        self.c_attn, self.attn_proj = lin("attn.c_attn"), lin("attn.c_proj")
+        self.c_fc, self.mlp_proj = lin("mlp.c_fc"), lin("mlp.c_proj")
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, batch: Batch) -> torch.Tensor:
+        B, T, C = x.shape
+        nh = self.n_head
+        h = F.layer_norm(x, (C,), *self.ln_1, self.eps)
+        q, k, v = self.c_attn(h).split(C, dim=2)  # (B, T, C) each
+        q = q.view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, C // nh).transpose(1, 2)
+        v = v.view(B, T, nh, C // nh).transpose(1, 2)
+        y = _attend(q, k, v, cache.k[layer], cache.v[layer], batch)  # (B, nh, T, hs)
+        x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, C))
+        h = F.layer_norm(x, (C,), *self.ln_2, self.eps)
+        return x + self.mlp_proj(F.gelu(self.c_fc(h), approximate="tanh"))
+
+
+def _attend(q, k, v, k_cache, v_cache, batch: Batch) -> torch.Tensor:
+    """Write this call's keys/values into their slots, then attend over each slot's used length."""
+    B, nh, T, hs = q.shape
+    if B == 1:  # one slot: plain slicing, no gather
+        slot, start = int(batch.slots[0]), int(batch.starts[0])
+        k_cache[slot, :, start : start + T] = k[0]
+        v_cache[slot, :, start : start + T] = v[0]
+        keys = k_cache[slot : slot + 1, :, : start + T]
+        vals = v_cache[slot : slot + 1, :, : start + T]
+        if T == 1:
+            return F.scaled_dot_product_attention(q, keys, vals)
+        mask = _causal_mask(batch, T, q.device)
+        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+    pos = batch.starts[:, None] + torch.arange(T, device=q.device)  # (B, T)
+    k_cache[batch.slots[:, None], :, pos] = k.transpose(1, 2)  # cache[slot, :, pos] is (nh, hs)
+    v_cache[batch.slots[:, None], :, pos] = v.transpose(1, 2)
+    keys = k_cache[:, :, : batch.max_len].index_select(0, batch.slots)  # (B, nh, L, hs)
+    vals = v_cache[:, :, : batch.max_len].index_select(0, batch.slots)
+    return F.scaled_dot_product_attention(q, keys, vals, attn_mask=_causal_mask(batch, T, q.device))
+
+
+def _causal_mask(batch: Batch, T: int, device) -> torch.Tensor:
+    """(B, 1, T, L) bool: query t of row b sees cache positions <= starts[b] + t."""
+    pos = batch.starts[:, None] + torch.arange(T, device=device)  # (B, T)
+    cols = torch.arange(batch.max_len, device=device)
+    return (cols[None, None, :] <= pos[:, :, None])[:, None]
+
+
+class GPT2(torch.nn.Module):
+    """GPT-2 language model; weights come from a state dict with GPT-2's checkpoint names."""
+
+    def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], fmt: str = "float32", device="cpu"):
+        super().__init__()
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.act_dtype = torch.float32 if fmt in ("float32", "int8") or self.device.type == "cpu" else {
+            "bfloat16": torch.bfloat16, "float16": torch.float16}[fmt]
+        self.wte = sd["wte.weight"].to(self.device, self.act_dtype)  # (V, C)
+        self.wpe = sd["wpe.weight"].to(self.device, self.act_dtype)  # (P, C)
+        self.blocks = torch.nn.ModuleList(
+            Block(cfg, sd, f"h.{i}.", fmt, self.device) for i in range(cfg.n_layer)
+        )
+        self.ln_f = (sd["ln_f.weight"].float().to(self.device), sd["ln_f.bias"].float().to(self.device))
+        self.lm_head = PackedLinear.lm_head(self.wte, fmt, self.device)
+
+    def new_cache(self, n_slots: int, max_len: int | None = None) -> KVCache:
+        return KVCache(self.cfg, n_slots, max_len or self.cfg.n_positions, self.act_dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, cache: KVCache, last_only: bool = True) -> torch.Tensor:
+        """Logits (B, V) float32 of each row's last token (or (B, T, V) with last_only=False)."""
+        B, T = batch.tokens.shape
+        pos = batch.starts[:, None] + torch.arange(T, device=self.device)  # (B, T)
+        x = self.wte[batch.tokens] + self.wpe[pos]  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, i, cache, batch)
+        if last_only:
+            x = x[:, -1]
+        x = F.layer_norm(x, (self.cfg.n_embd,), *self.ln_f, self.cfg.layer_norm_epsilon)
+        return self.lm_head(x).float()
+
+
+def make_batch(tokens: list[list[int]], slots: list[int], starts: list[int], device) -> Batch:
+    """A forward batch from Python lists; every row must hold the same number of tokens."""
+    T = len(tokens[0])
+    return Batch(
+        tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+        slots=torch.tensor(slots, dtype=torch.long, device=device),
+        starts=torch.tensor(starts, dtype=torch.long, device=device),
+        max_len=max(starts) + T,
+    )

@@ -1,0 +1,206 @@
+"""SamplingParams: one validated object describing how to decode a request.
+
+Semantics follow Hugging Face `generate()`: logits processors (repetition penalty, n-gram ban), then
+temperature -> top-k -> top-p. `Mode` maps the API's five modes onto these fields.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from gpt2serve.engine.errors import InvalidParameterError
+
+MAX_RETURN_SEQUENCES = 16
+MAX_BEAMS = 16
+MAX_STOP_STRINGS = 8
+MAX_SEED = 2**63 - 1
+
+
+class Mode(str, Enum):
+    GREEDY = "greedy"
+    BEAM = "beam"
+    SAMPLE = "sample"
+    SAMPLE_TOP_K = "sample-top-k"
+    SAMPLE_TOP_P = "sample-top-p"
+
+    @classmethod
+    def parse(cls, value: object) -> Mode:
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise InvalidParameterError("mode", f"`mode` must be one of {allowed}; got {value!r}") from None
+
+
+def _require(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise InvalidParameterError(param, message)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to decode one request. Construct it and it is validated; invalid values raise
+    `InvalidParameterError` naming the field, the allowed range and the given value."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    num_beams: int = 1
+    n: int = 1  # sequences returned (num_return_sequences)
+    max_new_tokens: int | None = None
+    max_length: int | None = None  # counts the prompt's tokens, as in HF generate
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_at_eos: bool = True
+    seed: int | None = None
+    logprobs: int | None = None  # return the top-`logprobs` alternatives per token (OpenAI)
+    early_stopping: bool = True
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # -- construction from the API's modes ---------------------------------------------------------
+    @classmethod
+    def for_mode(
+        cls,
+        mode: Mode | str,
+        *,
+        temperature: float = 0.7,
+        top_k: int = 50,
+        top_p: float = 0.92,
+        num_beams: int = 5,
+        no_repeat_ngram_size: int | None = None,
+        **common: object,
+    ) -> SamplingParams:
+        """The fields a seed-API `mode` implies (API.md §1); `common` holds mode-independent fields
+        (n, max_length, max_new_tokens, seed, stop, repetition_penalty ...)."""
+        mode = Mode.parse(mode)
+        ngram = {} if no_repeat_ngram_size is None else {"no_repeat_ngram_size": no_repeat_ngram_size}
+        if mode is Mode.GREEDY:
+            return cls(do_sample=False, **ngram, **common)
+        if mode is Mode.BEAM:
+            ngram.setdefault("no_repeat_ngram_size", 2)
+            return cls(do_sample=False, num_beams=num_beams, **ngram, **common)
+        if mode is Mode.SAMPLE:
+            return cls(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, **ngram, **common)
+        if mode is Mode.SAMPLE_TOP_K:
+            return cls(do_sample=True, top_k=top_k, **ngram, **common)
+        return cls(do_sample=True, top_k=50, top_p=top_p, **ngram, **common)
+
+    def replace(self, **changes: object) -> SamplingParams:
+        return replace(self, **changes)
+
+    # -- validation --------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        t, k, p = self.temperature, self.top_k, self.top_p
+        _require(_is_number(t) and t > 0, "temperature", f"`temperature` must be a number > 0, got {t!r}")
+        _require(_is_int(k) and k >= 0, "top_k", f"`top_k` must be an integer >= 0, got {k!r}")
+        _require(_is_number(p) and 0 < p <= 1, "top_p", f"`top_p` must be in (0, 1], got {p!r}")
+        b = self.num_beams
+        _require(
+            _is_int(b) and 1 <= b <= MAX_BEAMS, "num_beams", f"`num_beams` must be in [1, {MAX_BEAMS}], got {b!r}"
+        )
+        n = self.n
+        _require(
+            _is_int(n) and 1 <= n <= MAX_RETURN_SEQUENCES,
+            "num_return_sequences",
+            f"`num_return_sequences` must be in [1, {MAX_RETURN_SEQUENCES}], got {n!r}",
+        )
+        if b > 1:
+            _require(
+                n <= b,
+                "num_return_sequences",
+                f"`num_return_sequences` must be <= num_beams ({b}) in beam mode, got {n}",
+            )
+            _require(not self.do_sample, "num_beams", "beam search with sampling is not supported")
+        for name in ("max_new_tokens", "max_length"):
+            v = getattr(self, name)
+            _require(v is None or (_is_int(v) and v >= 1), name, f"`{name}` must be an integer >= 1, got {v!r}")
+        rp = self.repetition_penalty
+        _require(
+            _is_number(rp) and rp > 0,
+            "repetition_penalty",
+            f"`repetition_penalty` must be a number > 0, got {rp!r}",
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            _require(_is_number(v) and -2 <= v <= 2, name, f"`{name}` must be in [-2, 2], got {v!r}")
+        ng = self.no_repeat_ngram_size
+        _require(
+            _is_int(ng) and ng >= 0,
+            "no_repeat_ngram_size",
+            f"`no_repeat_ngram_size` must be an integer >= 0, got {ng!r}",
+        )
+        self._validate_stop_and_seed()
+
+    def _validate_stop_and_seed(self) -> None:
+        stop = self.stop
+        _require(
+            isinstance(stop, tuple) and all(isinstance(s, str) and s for s in stop),
+            "stop",
+            f"`stop` must be a list of non-empty strings, got {stop!r}",
+        )
+        _require(
+            len(stop) <= MAX_STOP_STRINGS,
+            "stop",
+            f"`stop` may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}",
+        )
+        s = self.seed
+        _require(
+            s is None or (_is_int(s) and 0 <= s <= MAX_SEED),
+            "seed",
+            f"`seed` must be an integer in [0, {MAX_SEED}] (or -1 for no seed), got {s!r}",
+        )
+        lp = self.logprobs
+        _require(lp is None or (_is_int(lp) and 0 <= lp <= 5), "logprobs", f"`logprobs` must be in [0, 5], got {lp!r}")
+
+    # -- per-request limits ------------------------------------------------------------------------
+    def new_token_budget(self, prompt_len: int, context: int) -> int:
+        """How many tokens to generate for a prompt of `prompt_len` tokens in a `context`-token model."""
+        _require(prompt_len >= 1, "input", "`input` must not be empty")
+        _require(
+            prompt_len < context,
+            "input",
+            f"`input` is {prompt_len} tokens; the model's context is {context}, so it must be at most {context - 1}",
+        )
+        room = context - prompt_len
+        if self.max_length is not None:
+            _require(
+                self.max_length <= context,
+                "max_length",
+                f"`max_length` must be <= {context} (the model's context), got {self.max_length}",
+            )
+            _require(
+                self.max_length > prompt_len,
+                "max_length",
+                f"`max_length` counts the prompt's tokens: it must be greater than the prompt's "
+                f"{prompt_len} tokens, got {self.max_length}",
+            )
+            budget = self.max_length - prompt_len
+        elif self.max_new_tokens is not None:
+            budget = self.max_new_tokens
+        else:
+            budget = 16
+        return min(budget, room)
+
+    @property
+    def is_greedy(self) -> bool:
+        return not self.do_sample and self.num_beams == 1
+
+    @property
+    def is_beam(self) -> bool:
+        return self.num_beams > 1

@@ -1,0 +1,223 @@
+"""Logits processing and token selection over a (B, V) batch, one row per sequence.
+
+Every function is pure: it never modifies its input (it may return it unchanged when there is nothing to
+do) and a row's result depends only on that row's logits, history and parameters, never on the other rows.
+The semantics are those of Hugging Face `generate()`: `RepetitionPenaltyLogitsProcessor`,
+`NoRepeatNGramLogitsProcessor`, then `TemperatureLogitsWarper` -> `TopKLogitsWarper` -> `TopPLogitsWarper`
+(min_tokens_to_keep=1), matched bit for bit, ties included. Presence/frequency penalties follow OpenAI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def _row_index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _padded_ids(id_lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    """(len(id_lists), longest) ids, padded with `pad`; ids >= pad are clamped to `pad` (a spare column)."""
+    width = max(1, max(len(ids) for ids in id_lists))
+    rows = [ids + [pad] * (width - len(ids)) for ids in id_lists]
+    return torch.tensor(rows, dtype=torch.long, device=device).clamp_(max=pad)
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, histories: Sequence[Sequence[int]], penalties: Sequence[float]
+) -> torch.Tensor:
+    """CTRL repetition penalty: each token id in a row's history, counted once, has its logit divided by
+    the row's penalty when positive and multiplied by it when negative. Rows with penalty 1.0 are skipped."""
+    rows = [i for i, p in enumerate(penalties) if p != 1.0 and len(histories[i]) > 0]
+    if not rows:
+        return logits
+    vocab = logits.shape[-1]
+    ids = _padded_ids([list(set(histories[i])) for i in rows], vocab, logits.device)
+    index = _row_index(rows, logits.device)
+    sub = torch.nn.functional.pad(logits.index_select(0, index), (0, 1))  # spare column absorbs padding
+    penalty = torch.tensor([penalties[i] for i in rows], dtype=logits.dtype, device=logits.device)[:, None]
+    picked = sub.gather(1, ids)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    out = logits.clone()
+    out[index] = sub.scatter(1, ids, picked)[:, :vocab]
+    return out
+
+
+def apply_presence_frequency(
+    logits: torch.Tensor,
+    histories: Sequence[Sequence[int]],
+    presence: Sequence[float],
+    frequency: Sequence[float],
+) -> torch.Tensor:
+    """OpenAI penalties over each row's generated ids: logit -= presence * (count > 0) + frequency * count."""
+    rows = [i for i in range(len(histories)) if (presence[i] or frequency[i]) and len(histories[i]) > 0]
+    if not rows:
+        return logits
+    vocab = logits.shape[-1]
+    ids = _padded_ids([list(histories[i]) for i in rows], vocab, logits.device)
+    counts = torch.zeros((len(rows), vocab + 1), dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))
+    counts = counts[:, :vocab]  # drop the spare column that counted the padding
+    pres = torch.tensor([presence[i] for i in rows], dtype=logits.dtype, device=logits.device)[:, None]
+    freq = torch.tensor([frequency[i] for i in rows], dtype=logits.dtype, device=logits.device)[:, None]
+    index = _row_index(rows, logits.device)
+    out = logits.clone()
+    out[index] = out[index] - (pres * (counts > 0).to(logits.dtype) + freq * counts)
+    return out
+
+
+def banned_ngram_tokens(history: Sequence[int], size: int) -> set[int]:
+    """Tokens that would complete a `size`-gram already present in `history` (HF NoRepeatNGram rules).
+
+    One pass per call: `list.index` scans for the prefix's first token at C speed and only the hits are
+    compared in Python, so a 1024-token history costs a few microseconds. No state is kept between steps.
+    """
+    length = len(history)
+    if size <= 0 or length < size:
+        return set()
+    if size == 1:
+        return set(history)
+    prefix = list(history[length - size + 1 :])
+    first, last_start = prefix[0], length - size  # windows start at 0 .. length - size
+    banned: set[int] = set()
+    i = -1
+    while True:
+        try:
+            i = history.index(first, i + 1, last_start + 1)
+        except ValueError:
+            return banned
+        if list(history[i : i + size - 1]) == prefix:
+            banned.add(history[i + size - 1])
+
+
+def ban_repeated_ngrams(
+    logits: torch.Tensor, histories: Sequence[Sequence[int]], sizes: Sequence[int]
+) -> torch.Tensor:
+    """Set to -inf every token that would repeat an n-gram of the row's history (size 0: off)."""
+    vocab = logits.shape[-1]
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, (history, size) in enumerate(zip(histories, sizes, strict=True)):
+        for token in banned_ngram_tokens(history, size):
+            if 0 <= token < vocab:
+                rows.append(i)
+                cols.append(token)
+    if not rows:
+        return logits
+    out = logits.clone()
+    out[_row_index(rows, logits.device), _row_index(cols, logits.device)] = NEG_INF
+    return out
+
+
+def _top_p_exact(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """HF's TopPLogitsWarper verbatim (its unstable sort decides which of several tied tokens survive)."""
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= threshold[:, None]
+    remove[:, -1] = False
+    remove = remove.scatter(1, sorted_indices, remove)
+    return scores.masked_fill(remove, NEG_INF)
+
+
+def _top_p_cut_after_top_k(
+    top_values: torch.Tensor, survivors: torch.Tensor, threshold: torch.Tensor, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p over the top-k survivors without a full sort.
+
+    HF sorts the top-k-filtered row ascending: (vocab - survivors) -inf entries, then the survivors. That
+    row is rebuilt from `top_values` (descending, more than `survivors` wide), so softmax sees identical
+    floats, and the same cumulative sums over its tail. Returns the smallest kept
+    value per row, and whether tied values straddle the cut (then only HF's own sort order decides which
+    of them survive, and the caller must take the exact path)."""
+    n, width = top_values.shape
+    position = torch.arange(width, device=top_values.device)
+    tail = top_values.masked_fill(position[None, :] >= survivors[:, None], NEG_INF).flip(1)
+    ascending = torch.full((n, vocab), NEG_INF, dtype=top_values.dtype, device=top_values.device)
+    ascending[:, vocab - width :] = tail
+    probs = ascending.softmax(dim=-1)
+    if probs.device.type == "cpu":  # a sequential scan: leading zeros change nothing, so scan the tail only
+        cumulative = probs[:, vocab - width :].cumsum(dim=-1)
+    else:  # a parallel scan's rounding may depend on where the values sit
+        cumulative = probs.cumsum(dim=-1)[:, vocab - width :]
+    remove = cumulative <= threshold[:, None]
+    remove[:, -1] = False
+    first_kept = remove.sum(dim=1, keepdim=True)  # the removed positions are a prefix (cumsum is monotone)
+    cut = tail.gather(1, first_kept)[:, 0]
+    before = tail.gather(1, (first_kept - 1).clamp(min=0))[:, 0]
+    return cut, (first_kept[:, 0] > 0) & (before == cut)
+
+
+def _cut_for_top_k_rows(
+    scores: torch.Tensor, k_rows: torch.Tensor, k: torch.Tensor, threshold: torch.Tensor, p_on: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows with top-k on: the smallest kept value (top-k, then top-p where it is on and the fast path
+    applies) and which of these rows still need the exact top-p path."""
+    sub = scores if k_rows.numel() == scores.shape[0] else scores.index_select(0, k_rows)
+    rows_k = k[k_rows]
+    width = min(int(rows_k.max()) + 1, scores.shape[-1])  # one extra value shows whether ties run past k
+    top_values = torch.topk(sub, width).values
+    cut = top_values.gather(1, (rows_k - 1)[:, None])[:, 0]
+    both = p_on[k_rows]
+    if not bool(both.any()):
+        return cut, both
+    survivors = (top_values >= cut[:, None]).sum(dim=1)
+    fits = survivors < width  # else tied survivors may lie beyond the fetched values
+    p_cut, straddle = _top_p_cut_after_top_k(top_values, survivors, threshold[k_rows], scores.shape[-1])
+    fast = both & fits & ~straddle
+    return torch.where(fast, p_cut, cut), both & ~fast
+
+
+def warp(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Temperature -> top-k (0: off) -> top-p (1.0: off), per row; filtered entries become -inf.
+
+    Pass `top_p` (and `temperature`) as float64 tensors of the requested values: HF compares against
+    `1 - top_p` computed in double precision, and so does this function.
+    """
+    device = logits.device
+    temperature = temperature.to(device=device, dtype=logits.dtype)
+    scores = logits if bool((temperature == 1).all()) else logits / temperature[:, None]
+    vocab = scores.shape[-1]
+    k = top_k.to(device=device, dtype=torch.long)
+    top_p = top_p.to(device=device, dtype=torch.float64)
+    k_on = (k > 0) & (k < vocab)
+    p_on = top_p < 1
+    if not bool(k_on.any()) and not bool(p_on.any()):
+        return scores
+    threshold = (1 - top_p).to(scores.dtype)
+    cut = torch.full((scores.shape[0],), NEG_INF, dtype=scores.dtype, device=device)  # keep scores >= cut
+    exact = p_on & ~k_on
+    k_rows = k_on.nonzero()[:, 0]
+    if k_rows.numel():
+        cut[k_rows], exact[k_rows] = _cut_for_top_k_rows(scores, k_rows, k, threshold, p_on)
+    out = scores.masked_fill(scores < cut[:, None], NEG_INF)
+    exact_rows = exact.nonzero()[:, 0]
+    if exact_rows.numel():
+        out[exact_rows] = _top_p_exact(out.index_select(0, exact_rows), threshold[exact_rows])
+    return out
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """(B,) argmax token ids (the first of tied maxima, as HF greedy search)."""
+    return logits.argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """(B,) token ids: softmax, then one multinomial draw per row with that row's generator.
+
+    A row's draw depends only on its probabilities and its generator. Probabilities move to the
+    generator's device, so a CPU generator gives the same stream whatever device the model runs on.
+    `None` draws from torch's global generator."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    tokens = torch.empty(probs.shape[0], dtype=torch.long)
+    for i, gen in enumerate(generators):
+        row = probs[i]
+        if gen is not None and row.device != gen.device:
+            row = row.to(gen.device)
+        tokens[i] = int(torch.multinomial(row, 1, generator=gen))
+    return tokens.to(logits.device)

@@ -1,0 +1,84 @@
+"""Admission of requests into KV slots: plain Python over request objects, no torch.
+
+Requests wait in a bounded FIFO queue. Between decode steps `admit()` moves the oldest waiting requests
+into the running set while free slots and the token budget allow. Admission is strictly first come,
+first served: a request that does not fit yet blocks the ones behind it, so a stream of small new
+requests cannot starve an old large one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+from gpt2serve.engine.errors import EngineOverloadedError, InvalidParameterError
+
+
+class Schedulable(Protocol):
+    n_slots: int  # KV slots the request needs (beams or samples)
+    token_cost: int  # tokens it may hold in the cache: n_slots * (prompt + new tokens)
+    slots: list[int]  # assigned on admission
+
+
+class Scheduler:
+    def __init__(self, n_slots: int, max_queue: int, max_total_tokens: int):
+        self.n_slots = n_slots
+        self.max_queue = max_queue
+        self.max_total_tokens = max_total_tokens
+        self.free_slots: list[int] = list(range(n_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self.waiting: deque[Schedulable] = deque()
+        self.running: list[Schedulable] = []
+        self.reserved_tokens = 0
+
+    def add(self, req: Schedulable) -> None:
+        """Queue a request, or refuse it at once when it can never fit or the queue is full."""
+        if req.n_slots > self.n_slots:
+            raise InvalidParameterError(
+                "num_return_sequences",
+                f"the request needs {req.n_slots} sequences (beams or samples) at once; "
+                f"this server runs at most {self.n_slots}",
+            )
+        if req.token_cost > self.max_total_tokens:
+            raise InvalidParameterError(
+                "max_length",
+                f"the request may hold {req.token_cost} tokens (sequences x (prompt + new tokens)); "
+                f"this server's limit is {self.max_total_tokens}",
+            )
+        if len(self.waiting) >= self.max_queue:
+            raise EngineOverloadedError(f"the server is busy: {len(self.waiting)} requests are waiting")
+        self.waiting.append(req)
+
+    def admit(self) -> list[Schedulable]:
+        """Move waiting requests into running, oldest first, while they fit."""
+        admitted = []
+        while self.waiting:
+            req = self.waiting[0]
+            if req.n_slots > len(self.free_slots):
+                break
+            if self.reserved_tokens + req.token_cost > self.max_total_tokens:
+                break
+            self.waiting.popleft()
+            req.slots = [self.free_slots.pop() for _ in range(req.n_slots)]
+            self.reserved_tokens += req.token_cost
+            self.running.append(req)
+            admitted.append(req)
+        return admitted
+
+    def release_slot(self, req: Schedulable, slot: int) -> None:
+        """Give back one slot of a running request early (a sequence that finished before its siblings)."""
+        req.slots.remove(slot)
+        self.free_slots.append(slot)
+
+    def finish(self, req: Schedulable) -> None:
+        """Remove a request, waiting or running, and free everything it holds."""
+        if req in self.running:
+            self.running.remove(req)
+            self.free_slots.extend(req.slots)
+            req.slots = []
+            self.reserved_tokens -= req.token_cost
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    @property
+    def slots_in_use(self) -> int:
+        return self.n_slots - len(self.free_slots)

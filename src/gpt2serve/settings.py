@@ -1,0 +1,215 @@
+"""Server settings: one definition feeding the command-line flags, the environment variables and --help.
+
+Each field of `Settings` carries its flag, the environment variables read for it (first one set wins),
+a help line and a parser. A value comes from the flag if given, else from the environment, else from
+the field's default: `Settings.from_args(parser.parse_args())` after `add_arguments(parser)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MODEL_DIR_ENV = "GPT2SERVE_MODEL_DIR"
+SAGEMAKER_MODEL_DIR = "/opt/ml/model"
+FALLBACK_MODEL = "gpt2-xl"
+DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def default_model(environ: Mapping[str, str] | None = None) -> str:
+    """The SageMaker model directory (`GPT2SERVE_MODEL_DIR`, default /opt/ml/model) if it holds a
+    config.json, else the `gpt2-xl` checkpoint from the Hugging Face Hub."""
+    environ = os.environ if environ is None else environ
+    model_dir = Path(environ.get(MODEL_DIR_ENV) or SAGEMAKER_MODEL_DIR)
+    return str(model_dir) if (model_dir / "config.json").is_file() else FALLBACK_MODEL
+
+
+def default_request_timeout(environ: Mapping[str, str] | None = None) -> float:
+    """50 s, under a real-time endpoint's 60 s limit; 590 s in a batch transform job (600 s limit)."""
+    environ = os.environ if environ is None else environ
+    return 590.0 if environ.get("SAGEMAKER_BATCH", "").lower() == "true" else 50.0
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    value = text.strip().lower()
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise ValueError("must be auto, cpu, cuda or cuda:<index>")
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise ValueError("must be > 0")
+        return value
+
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be in [0, 65535]")
+    return value
+
+
+def _setting(
+    flag: str,
+    env: tuple[str, ...],
+    help: str,
+    parse: Callable[[str], Any],
+    default: Any = None,
+    computed: Callable[[Mapping[str, str] | None], Any] | None = None,
+    shown: str = "",
+) -> Any:
+    """A `Settings` field: `computed(environ)` gives a default that depends on the environment, and
+    `shown` describes it in --help."""
+    meta = {"flag": flag, "env": env, "help": help, "parse": parse, "computed": computed, "shown": shown}
+    if computed is not None:
+        return field(default_factory=lambda: computed(None), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `gpt2serve serve` and the SageMaker container can be told."""
+
+    model: str = _setting(
+        "--model", ("GPT2SERVE_MODEL",),
+        "model to serve: a checkpoint directory, a Hugging Face Hub id, or random:<size>", str,
+        computed=default_model,
+        shown=f"{SAGEMAKER_MODEL_DIR} (or ${MODEL_DIR_ENV}) if it holds config.json, else {FALLBACK_MODEL}",
+    )
+    dtype: str = _setting(
+        "--dtype", ("GPT2SERVE_DTYPE",), "weights dtype; auto: float32 on CPU, float16 on CUDA",
+        _choice(*DTYPES), default="auto",
+    )
+    device: str = _setting(
+        "--device", ("GPT2SERVE_DEVICE",), "auto (CUDA if available), cpu, cuda or cuda:<n>", _device,
+        default="auto",
+    )
+    host: str = _setting("--host", ("GPT2SERVE_HOST",), "interface to listen on", str, default="0.0.0.0")
+    port: int = _setting(
+        "--port", ("SAGEMAKER_BIND_TO_PORT", "GPT2SERVE_PORT"), "TCP port to listen on", _port, default=8080
+    )
+    max_body_mb: float = _setting(
+        "--max-body-mb", ("GPT2SERVE_MAX_BODY_MB", "SAGEMAKER_MAX_PAYLOAD_IN_MB"),
+        "largest request body in MB (2**20 bytes); larger bodies get 413", _positive(float), default=6.0,
+    )
+    shutdown_grace_s: float = _setting(
+        "--shutdown-grace-s", ("GPT2SERVE_SHUTDOWN_GRACE_S",),
+        "on SIGTERM, seconds in-flight requests get to finish", _positive(float), default=25.0,
+    )
+    max_batch_size: int = _setting(
+        "--max-batch-size", ("GPT2SERVE_MAX_BATCH_SIZE",),
+        "sequences decoded together in one step (KV slots)", _positive(int), default=32,
+    )
+    max_queue: int = _setting(
+        "--max-queue", ("GPT2SERVE_MAX_QUEUE",),
+        "requests that may wait for a slot; past this, callers get 503 at once", _non_negative_int,
+        default=256,
+    )
+    max_total_tokens: int | None = _setting(
+        "--max-total-tokens", ("GPT2SERVE_MAX_TOTAL_TOKENS",),
+        "tokens (prompt + new) reserved over all running sequences", _positive(int),
+        shown="max-batch-size x the model's context",
+    )
+    request_timeout_s: float = _setting(
+        "--request-timeout-s", ("GPT2SERVE_REQUEST_TIMEOUT_S",),
+        "a request running longer than this gets 504", _positive(float), computed=default_request_timeout,
+        shown="50, or 590 in a SageMaker batch transform job (SAGEMAKER_BATCH=true)",
+    )
+    max_concurrent_transforms: int = _setting(
+        "--max-concurrent-transforms", ("GPT2SERVE_MAX_CONCURRENT_TRANSFORMS",),
+        "MaxConcurrentTransforms advertised to batch transform (GET /execution-parameters)",
+        _positive(int), default=4,
+    )
+    log_level: str = _setting(
+        "--log-level", ("GPT2SERVE_LOG_LEVEL",), "logging level", _choice(*LOG_LEVELS), default="info"
+    )
+
+    @classmethod
+    def from_args(
+        cls, ns: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Flag > environment variable > default, for every field."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            value = getattr(ns, f.name, None) if ns is not None else None
+            if value is None:
+                value = _from_env(f.name, f.metadata, environ)
+            if value is None and f.metadata["computed"] is not None:
+                value = f.metadata["computed"](environ)
+            if value is not None:
+                values[f.name] = value
+        return cls(**values)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        return cls.from_args(None, environ)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+
+def _from_env(name: str, meta: Mapping[str, Any], environ: Mapping[str, str]) -> Any:
+    for var in meta["env"]:
+        raw = environ.get(var)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            return meta["parse"](raw)
+        except ValueError as exc:
+            raise ValueError(f"environment variable {var}={raw!r} is invalid for {name}: {exc}") from None
+    return None
+
+
+def _argparse_type(name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc}") from None
+
+    convert.__name__ = name  # argparse names the type in some messages
+    return convert
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per `Settings` field; unset flags stay None so `from_args` can fall back."""
+    for f in fields(Settings):
+        meta = f.metadata
+        default = meta["shown"] or (str(f.default) if f.default is not MISSING else "")
+        env = " or ".join(f"${v}" for v in meta["env"])
+        parser.add_argument(
+            meta["flag"],
+            dest=f.name,
+            default=None,
+            type=_argparse_type(f.name, meta["parse"]),
+            help=f"{meta['help']} (env: {env}; default: {default})",
+        )

@@ -1,0 +1,133 @@
+"""The engine's decoding modes against transformers' generate(), and its batching behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from gpt2serve.engine.config import EngineConfig
+from gpt2serve.engine.engine import Engine
+from gpt2serve.engine.params import SamplingParams
+
+N_PROMPTS = 20
+
+
+def _prompts(n: int = N_PROMPTS, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 50000, (1 + (i * 5) % 30,), generator=gen).tolist() for i in range(n)]
+
+
+@pytest.fixture(scope="module", params=["tiny_checkpoint", "tiny_checkpoint_b"])
+def setup(request):
+    path = request.getfixturevalue(request.param)
+    engine = Engine.load(str(path), EngineConfig(max_batch_size=16))
+    engine.start()
+    yield engine, GPT2LMHeadModel.from_pretrained(path).eval()
+    engine.stop()
+
+
+def _run_ids(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> list[list[int]]:
+    """Generate from token ids (decoded to text and re-encoded: byte-level BPE may merge differently,
+    so the test feeds the ids the engine will actually see)."""
+    text = engine.tokenizer.decode(prompt_ids)
+    result = engine.generate_sync(text, params)
+    return [result.prompt_token_ids + o.token_ids for o in result.outputs], result.prompt_token_ids
+
+
+def _reference(ref, ids: list[int], **kw) -> list[list[int]]:
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           pad_token_id=50256, **kw)
+    return [[t for t in row.tolist() if t != 50256] for row in out]
+
+
+def test_greedy_matches_reference(setup):
+    engine, ref = setup
+    for prompt in _prompts():
+        got, ids = _run_ids(engine, prompt, SamplingParams(max_new_tokens=12))
+        assert got == _reference(ref, ids, do_sample=False, max_new_tokens=12)
+
+
+def test_greedy_with_repetition_penalty_and_ngram_ban_matches_reference(setup):
+    engine, ref = setup
+    for prompt in _prompts(8, seed=3):
+        params = SamplingParams(max_new_tokens=20, repetition_penalty=1.3, no_repeat_ngram_size=2)
+        got, ids = _run_ids(engine, prompt, params)
+        assert got == _reference(
+            ref, ids, do_sample=False, max_new_tokens=20, repetition_penalty=1.3, no_repeat_ngram_size=2
+        )
+
+
+def test_beam_matches_reference(setup):
+    engine, ref = setup
+    for prompt in _prompts(seed=1):
+        params = SamplingParams.for_mode("beam", n=3, max_new_tokens=10)
+        got, ids = _run_ids(engine, prompt, params)
+        expected = _reference(
+            ref, ids, do_sample=False, num_beams=5, no_repeat_ngram_size=2, early_stopping=True,
+            num_return_sequences=3, max_new_tokens=10,
+        )
+        assert got == expected
+
+
+def test_max_length_counts_the_prompt(setup):
+    engine, _ = setup
+    result = engine.generate_sync("Hello world, this is", SamplingParams(max_length=9))
+    assert len(result.prompt_token_ids) + len(result.outputs[0].token_ids) == 9
+
+
+def test_greedy_returns_n_identical_sequences(setup):
+    engine, _ = setup
+    result = engine.generate_sync("Hello", SamplingParams(n=3, max_new_tokens=5))
+    assert len(result.outputs) == 3 and len({o.text for o in result.outputs}) == 1
+
+
+def test_seeded_sampling_is_deterministic(setup):
+    engine, _ = setup
+    params = SamplingParams.for_mode("sample-top-p", n=3, max_new_tokens=15, seed=42)
+    a = [o.token_ids for o in engine.generate_sync("Once upon a time", params).outputs]
+    b = [o.token_ids for o in engine.generate_sync("Once upon a time", params).outputs]
+    c = [o.token_ids for o in engine.generate_sync("Once upon a time", params.replace(seed=43)).outputs]
+    assert a == b
+    assert a != c
+    assert len({tuple(x) for x in a}) == 3  # the n samples are independent
+
+
+def test_unseeded_sampling_differs(setup):
+    engine, _ = setup
+    params = SamplingParams.for_mode("sample", n=1, max_new_tokens=15)
+    runs = {tuple(engine.generate_sync("Once upon a time", params).outputs[0].token_ids) for _ in range(3)}
+    assert len(runs) > 1
+
+
+def test_stop_string_cuts_text(setup):
+    engine, _ = setup
+    full = engine.generate_sync("The", SamplingParams(max_new_tokens=12)).outputs[0].text
+    stop = full[3:5]
+    cut = engine.generate_sync("The", SamplingParams(max_new_tokens=12, stop=(stop,))).outputs[0]
+    assert cut.text == full[: full.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_concurrent_requests_equal_single_runs_and_share_steps(setup):
+    engine, _ = setup
+    requests = []
+    for i in range(16):
+        if i % 2:
+            requests.append((f"prompt number {i}", SamplingParams(max_new_tokens=10)))
+        else:
+            requests.append((f"seeded {i}", SamplingParams.for_mode("sample", n=2, max_new_tokens=10, seed=i)))
+    alone = [[o.token_ids for o in engine.generate_sync(p, s).outputs] for p, s in requests]
+    before = engine.stats.max_step_batch
+
+    async def together():
+        return await asyncio.gather(*(engine.generate(p, s) for p, s in requests))
+
+    engine.stats.max_step_batch = 0
+    results = asyncio.run(together())
+    assert [[o.token_ids for o in r.outputs] for r in results] == alone
+    assert engine.stats.max_step_batch > 1, "decode steps were not shared between requests"
+    engine.stats.max_step_batch = max(before, engine.stats.max_step_batch)
+    assert engine.scheduler.slots_in_use == 0

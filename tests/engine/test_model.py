@@ -1,0 +1,61 @@
+"""The model's cached forward against transformers' GPT2LMHeadModel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from gpt2serve.engine.loader import load_checkpoint
+from gpt2serve.engine.model import GPT2, make_batch
+
+
+@pytest.fixture(params=["tiny_checkpoint", "tiny_checkpoint_b"])
+def pair(request):
+    path = request.getfixturevalue(request.param)
+    loaded = load_checkpoint(str(path))
+    return GPT2(loaded.config, loaded.state_dict), GPT2LMHeadModel.from_pretrained(path).eval()
+
+
+def test_incremental_decode_matches_reference_logits(pair):
+    ours, ref = pair
+    gen = torch.Generator().manual_seed(0)
+    cache = ours.new_cache(n_slots=4)
+    for i in range(20):  # prompts of varied length, each decoded a few tokens past its prompt
+        n_prompt = 1 + (i * 7) % 40
+        ids = torch.randint(0, 50257, (n_prompt + 4,), generator=gen)
+        with torch.no_grad():
+            expected = ref(ids[None]).logits[0]  # (T, V)
+        slot = i % 4
+        got = ours(make_batch([ids[:n_prompt].tolist()], [slot], [0], "cpu"), cache)[0]
+        assert torch.allclose(got, expected[n_prompt - 1], atol=1e-4, rtol=0)
+        for t in range(n_prompt, n_prompt + 4):
+            got = ours(make_batch([[int(ids[t])]], [slot], [t], "cpu"), cache)[0]
+            assert torch.allclose(got, expected[t], atol=1e-4, rtol=0)
+
+
+def test_mixed_batch_of_slots_at_different_positions(pair):
+    """One decode step over slots of different lengths equals each slot decoded alone."""
+    ours, ref = pair
+    gen = torch.Generator().manual_seed(1)
+    lengths = [3, 17, 9]
+    seqs = [torch.randint(0, 50257, (n + 1,), generator=gen) for n in lengths]
+    cache = ours.new_cache(n_slots=3)
+    for slot, s in enumerate(seqs):
+        ours(make_batch([s[:-1].tolist()], [slot], [0], "cpu"), cache)
+    batch = make_batch([[int(s[-1])] for s in seqs], [0, 1, 2], lengths, "cpu")
+    got = ours(batch, cache)
+    for row, s in enumerate(seqs):
+        with torch.no_grad():
+            expected = ref(s[None]).logits[0, -1]
+        assert torch.allclose(got[row], expected, atol=1e-4, rtol=0)
+
+
+def test_full_sequence_logits(pair):
+    ours, ref = pair
+    ids = torch.arange(100, 130)
+    cache = ours.new_cache(n_slots=1)
+    got = ours(make_batch([ids.tolist()], [0], [0], "cpu"), cache, last_only=False)[0]
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0]
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0)
