@@ -1,5 +1,5 @@
 # Developer tasks. `make test` builds .venv once (a stamp file records it), then runs the tests.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 # CPU build of torch from PyPI: pinning it first keeps pip from resolving a multi-GB CUDA build.

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bench_roofline import measure_read_bandwidth  # noqa: E402
+from bench_roofline import measure_read_bandwidth, wait_for_quiet  # noqa: E402
 
 from gpt2serve.engine.linear import PackedLinear, quantize_int8  # noqa: E402
 
@@ -60,7 +60,8 @@ def _f32_extra(w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Kernel]:
     fp16 = torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(w_oi)
     return {
         "f32_mkl_packed_bs8": lambda x: torch.ops.mkl._mkl_linear(x, mkl, w_oi, b, 8),
-        "f32_addmm_io_rows": lambda x: torch.cat([x[i : i + 1] @ w for i in range(x.shape[0])]),
+        "f32_addmm_io_rows": lambda x: torch.cat([torch.addmm(b, x[i : i + 1], w) if b is not None
+                                                  else x[i : i + 1] @ w for i in range(x.shape[0])]),
         "fp16w_fbgemm": lambda x: torch.ops.aten.fbgemm_linear_fp16_weight_fp32_activation(x, fp16, b),
     }
 
@@ -171,6 +172,7 @@ def time_rounds(kernels: dict[str, list[Kernel]], x: torch.Tensor, rounds: int, 
     """Median and best per-call ms of each method, over interleaved rounds."""
     times: dict[str, list[float]] = {m: [] for m in kernels}
     for _ in range(rounds):
+        wait_for_quiet()
         for m, fns in kernels.items():
             fns[0](x)
             start_round, i = time.perf_counter(), 0

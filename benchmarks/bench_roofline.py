@@ -13,14 +13,41 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
+
+
+def cpu_busy(interval_s: float = 0.1) -> float:
+    """Fraction of the machine's CPU time spent busy over `interval_s` (Linux /proc/stat; 0 elsewhere)."""
+    if not Path("/proc/stat").exists():
+        return 0.0
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(interval_s)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_for_quiet(max_wait_s: float = 20.0, threshold: float = 0.15) -> bool:
+    """Wait (bounded) until other processes leave the CPUs idle, as the machine may be shared."""
+    deadline = time.monotonic() + max_wait_s
+    while time.monotonic() < deadline:
+        if cpu_busy() <= threshold:
+            return True
+    return False
 
 
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up: page faults, thread pool start
     times = []
     for _ in range(repeats):
+        wait_for_quiet(max_wait_s=5.0)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)

@@ -36,7 +36,9 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         request = SeedRequest(input=args.text, **given)
         params = request.to_params()
-        engine = Engine.load(args.model, EngineConfig(device=args.device, dtype=args.dtype, max_batch_size=16))
+        engine = Engine.load(
+            args.model, EngineConfig(device=args.device, dtype=args.dtype, max_batch_size=16)
+        )
         engine.start()
         try:
             result = engine.generate_sync(args.text, params)
@@ -76,9 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text from a prompt and print it")
     gen.add_argument("text", help="the prompt")
-    gen.add_argument("--model", default=GENERATE_DEFAULT_MODEL,
-                     help=f"checkpoint dir, hub id or random:<size> (default {GENERATE_DEFAULT_MODEL})")
-    gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | int8 (default: per device)")
+    gen.add_argument(
+        "--model",
+        default=GENERATE_DEFAULT_MODEL,
+        help=f"checkpoint dir, hub id or random:<size> (default {GENERATE_DEFAULT_MODEL})",
+    )
+    gen.add_argument(
+        "--dtype", default=None, help="float32 | bfloat16 | float16 | int8 (default: per device)"
+    )
     gen.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     gen.add_argument("--json", action="store_true", help="print the API's JSON array")
     _add_request_flags(gen)

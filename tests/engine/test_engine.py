@@ -39,8 +39,12 @@ def _run_ids(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> l
 
 def _reference(ref, ids: list[int], **kw) -> list[list[int]]:
     with torch.no_grad():
-        out = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           pad_token_id=50256, **kw)
+        out = ref.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            pad_token_id=50256,
+            **kw,
+        )
     return [[t for t in row.tolist() if t != 50256] for row in out]
 
 
@@ -67,8 +71,14 @@ def test_beam_matches_reference(setup):
         params = SamplingParams.for_mode("beam", n=3, max_new_tokens=10)
         got, ids = _run_ids(engine, prompt, params)
         expected = _reference(
-            ref, ids, do_sample=False, num_beams=5, no_repeat_ngram_size=2, early_stopping=True,
-            num_return_sequences=3, max_new_tokens=10,
+            ref,
+            ids,
+            do_sample=False,
+            num_beams=5,
+            no_repeat_ngram_size=2,
+            early_stopping=True,
+            num_return_sequences=3,
+            max_new_tokens=10,
         )
         assert got == expected
 
@@ -118,7 +128,9 @@ def test_concurrent_requests_equal_single_runs_and_share_steps(setup):
         if i % 2:
             requests.append((f"prompt number {i}", SamplingParams(max_new_tokens=10)))
         else:
-            requests.append((f"seeded {i}", SamplingParams.for_mode("sample", n=2, max_new_tokens=10, seed=i)))
+            requests.append(
+                (f"seeded {i}", SamplingParams.for_mode("sample", n=2, max_new_tokens=10, seed=i))
+            )
     alone = [[o.token_ids for o in engine.generate_sync(p, s).outputs] for p, s in requests]
     before = engine.stats.max_step_batch
 
@@ -131,3 +143,23 @@ def test_concurrent_requests_equal_single_runs_and_share_steps(setup):
     assert engine.stats.max_step_batch > 1, "decode steps were not shared between requests"
     engine.stats.max_step_batch = max(before, engine.stats.max_step_batch)
     assert engine.scheduler.slots_in_use == 0
+
+
+def test_seeded_sampling_matches_reference_sampling(setup):
+    """Sequence 0 of a request seeded s draws as HF generate(do_sample=True) after torch.manual_seed(s)."""
+    engine, ref = setup
+    for i, prompt in enumerate(_prompts(6, seed=5)):
+        mode = ["sample", "sample-top-k", "sample-top-p"][i % 3]
+        params = SamplingParams.for_mode(mode, n=1, max_new_tokens=12, seed=100 + i)
+        got, ids = _run_ids(engine, prompt, params)
+        torch.manual_seed(100 + i)
+        expected = _reference(
+            ref,
+            ids,
+            do_sample=True,
+            max_new_tokens=12,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+        )
+        assert got == expected

@@ -71,15 +71,17 @@ def test_no_starvation_of_an_old_large_request():
     s.admit()
     big = Req(n_slots=4)
     s.add(big)
-    for step in range(10):  # a stream of new small requests; one running request retires per step
+    steps = 0
+    for _ in range(10):  # a stream of new small requests; one running request retires per step
         s.add(Req(n_slots=1))
         if running:
             s.finish(running.pop())
         admitted = s.admit()
+        steps += 1
         if big in admitted:
             break
         assert all(r.n_slots == 4 for r in admitted)  # nobody jumps the queue
-    assert big in s.running and step == 2
+    assert big in s.running and steps == 3
 
 
 def test_full_queue_refuses_at_once():

@@ -131,7 +131,7 @@ def test_incremental_decoder_unfinished_character_flushes_as_replacement(bundled
     byte_ids = _byte_token_ids(bundled)
     decoder = IncrementalDecoder(bundled)
     assert decoder.push(bundled.encode("ok")[0]) == "ok"
-    assert decoder.push(byte_ids[0xF0]) == ""  # a 4-byte lead with no continuation yet
+    assert decoder.push(byte_ids[0xF0]) == ""  # first byte of a 4-byte character, nothing after it yet
     assert decoder.push(byte_ids[0x9F]) == ""
     assert decoder.flush() == "\ufffd"
     assert decoder.flush() == ""

@@ -45,7 +45,7 @@ class APIError(Exception):
 class BodyTooLargeError(APIError):
     def __init__(self, limit_bytes: int):
         mb = limit_bytes / 2**20
-        message = f"request body is larger than this server's limit of {mb:g} MB"
+        message = f"request body is larger than this server's limit of {limit_bytes} bytes ({mb:.3g} MB)"
         super().__init__(413, message, "request_too_large")
 
 

@@ -37,7 +37,12 @@ from gpt2serve.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
+LOAD_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int8": torch.float32,
+}
 
 
 @dataclass
@@ -107,7 +112,9 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     # -- submission --------------------------------------------------------------------------------
-    def submit(self, prompt: str, params: SamplingParams, sink: Callable[[object], None], stream: bool) -> Request:
+    def submit(
+        self, prompt: str, params: SamplingParams, sink: Callable[[object], None], stream: bool
+    ) -> Request:
         """Validate and queue a request; `sink` receives StreamDeltas (if `stream`), then a
         GenerationResult or an exception. Raises InvalidParameterError or EngineOverloadedError at once."""
         if not self.running:
@@ -125,7 +132,9 @@ class Engine:
             return item
         raise EngineStoppedError("the engine ended the request without a result")
 
-    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[StreamDelta | GenerationResult]:
+    async def stream(
+        self, prompt: str, params: SamplingParams
+    ) -> AsyncIterator[StreamDelta | GenerationResult]:
         """Yield StreamDeltas as text is made, then the whole GenerationResult."""
         async for item in self._items(prompt, params, stream=True):
             yield item
@@ -275,9 +284,9 @@ class Engine:
             dev = x.device
             warped = sampling.warp(
                 x[sampled],
-                torch.tensor([params[i].temperature for i in sampled], device=dev),
+                torch.tensor([params[i].temperature for i in sampled], dtype=torch.float64, device=dev),
                 torch.tensor([params[i].top_k for i in sampled], device=dev),
-                torch.tensor([params[i].top_p for i in sampled], device=dev),
+                torch.tensor([params[i].top_p for i in sampled], dtype=torch.float64, device=dev),
             )
             draws = sampling.sample(warped, [rows[i][1].generator for i in sampled])
             tokens[sampled] = draws
@@ -297,8 +306,10 @@ class Engine:
             x = sampling.ban_repeated_ngrams(x, histories, [p.no_repeat_ngram_size for p in params])
         if any(p.presence_penalty or p.frequency_penalty for p in params):
             x = sampling.apply_presence_frequency(
-                x, [s.generated for _, s in rows],
-                [p.presence_penalty for p in params], [p.frequency_penalty for p in params],
+                x,
+                [s.generated for _, s in rows],
+                [p.presence_penalty for p in params],
+                [p.frequency_penalty for p in params],
             )
         return x
 
@@ -332,9 +343,10 @@ class Engine:
                 copies.append((old[b].slot, new_slots[i]))
         self.cache.copy_slots([c[0] for c in copies], [c[1] for c in copies], len(old[0].history))
         req.sequences = [
-            Sequence(i, new_slots[i], old[b].history + [t], None) for i, (b, t) in enumerate(zip(sources, tokens))
+            Sequence(i, new_slots[i], old[b].history + [t], None)
+            for i, (b, t) in enumerate(zip(sources, tokens))
         ]
-        for i, s in enumerate(req.sequences):
+        for s in req.sequences:
             s.generated = s.history[len(req.prompt_ids) :]
         if req.beam.done or len(req.sequences[0].generated) >= req.budget:
             self._finish_beams(req)

@@ -20,7 +20,9 @@ from gpt2serve.engine.linear import PackedLinear
 class KVCache:
     """Keys and values for `n_slots` sequences of up to `max_len` tokens each."""
 
-    def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, cfg: ModelConfig, n_slots: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ):
         shape = (cfg.n_layer, n_slots, cfg.n_head, max_len, cfg.head_dim)
         # Fresh pages from the OS are zero and stay out of RSS until written; small caches are zeroed.
         nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
@@ -117,8 +119,11 @@ class GPT2(torch.nn.Module):
         super().__init__()
         self.cfg = cfg
         self.device = torch.device(device)
-        self.act_dtype = torch.float32 if fmt in ("float32", "int8") or self.device.type == "cpu" else {
-            "bfloat16": torch.bfloat16, "float16": torch.float16}[fmt]
+        self.act_dtype = (
+            torch.float32
+            if fmt in ("float32", "int8") or self.device.type == "cpu"
+            else {"bfloat16": torch.bfloat16, "float16": torch.float16}[fmt]
+        )
         self.wte = sd["wte.weight"].to(self.device, self.act_dtype)  # (V, C)
         self.wpe = sd["wpe.weight"].to(self.device, self.act_dtype)  # (P, C)
         self.blocks = torch.nn.ModuleList(

@@ -112,7 +112,9 @@ class SamplingParams:
         _require(_is_number(p) and 0 < p <= 1, "top_p", f"`top_p` must be in (0, 1], got {p!r}")
         b = self.num_beams
         _require(
-            _is_int(b) and 1 <= b <= MAX_BEAMS, "num_beams", f"`num_beams` must be in [1, {MAX_BEAMS}], got {b!r}"
+            _is_int(b) and 1 <= b <= MAX_BEAMS,
+            "num_beams",
+            f"`num_beams` must be in [1, {MAX_BEAMS}], got {b!r}",
         )
         n = self.n
         _require(
@@ -129,7 +131,9 @@ class SamplingParams:
             _require(not self.do_sample, "num_beams", "beam search with sampling is not supported")
         for name in ("max_new_tokens", "max_length"):
             v = getattr(self, name)
-            _require(v is None or (_is_int(v) and v >= 1), name, f"`{name}` must be an integer >= 1, got {v!r}")
+            _require(
+                v is None or (_is_int(v) and v >= 1), name, f"`{name}` must be an integer >= 1, got {v!r}"
+            )
         rp = self.repetition_penalty
         _require(
             _is_number(rp) and rp > 0,
@@ -166,7 +170,11 @@ class SamplingParams:
             f"`seed` must be an integer in [0, {MAX_SEED}] (or -1 for no seed), got {s!r}",
         )
         lp = self.logprobs
-        _require(lp is None or (_is_int(lp) and 0 <= lp <= 5), "logprobs", f"`logprobs` must be in [0, 5], got {lp!r}")
+        _require(
+            lp is None or (_is_int(lp) and 0 <= lp <= 5),
+            "logprobs",
+            f"`logprobs` must be in [0, 5], got {lp!r}",
+        )
 
     # -- per-request limits ------------------------------------------------------------------------
     def new_token_budget(self, prompt_len: int, context: int) -> int:
@@ -175,7 +183,8 @@ class SamplingParams:
         _require(
             prompt_len < context,
             "input",
-            f"`input` is {prompt_len} tokens; the model's context is {context}, so it must be at most {context - 1}",
+            f"`input` is {prompt_len} tokens; the model's context is {context}, "
+            f"so it must be at most {context - 1}",
         )
         room = context - prompt_len
         if self.max_length is not None:

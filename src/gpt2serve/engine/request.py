@@ -106,13 +106,17 @@ class Request:
                 if seed is None:
                     gen.seed()
                 else:
-                    gen.manual_seed((seed * 1_000_003 + i) % 2**63)
+                    gen.manual_seed(seed if i == 0 else (seed ^ (i * 0x9E3779B97F4A7C15)) % 2**63)
             decoder = None if self.params.is_beam else IncrementalDecoder(tokenizer, self.prompt_ids)
             self.sequences.append(Sequence(i, slot, list(self.prompt_ids), decoder, gen))
         if self.params.is_beam:
             p = self.params
             self.beam = BeamGroup(
-                p.num_beams, p.n, self.budget, tokenizer.eos_token_id, len(self.prompt_ids),
+                p.num_beams,
+                p.n,
+                self.budget,
+                tokenizer.eos_token_id,
+                len(self.prompt_ids),
                 early_stopping=p.early_stopping,
             )
 
@@ -164,8 +168,10 @@ class Request:
         ]
         if self.params.is_greedy and self.params.n > 1:
             first = outs[0]
-            outs = [CompletionOutput(i, first.text, list(first.token_ids), first.finish_reason, first.logprobs)
-                    for i in range(self.params.n)]
+            outs = [
+                CompletionOutput(i, first.text, list(first.token_ids), first.finish_reason, first.logprobs)
+                for i in range(self.params.n)
+            ]
         return outs
 
     def result(self) -> GenerationResult:

@@ -129,10 +129,9 @@ def _top_p_cut_after_top_k(
     """Top-p over the top-k survivors without a full sort.
 
     HF sorts the top-k-filtered row ascending: (vocab - survivors) -inf entries, then the survivors. That
-    row is rebuilt from `top_values` (descending, more than `survivors` wide), so softmax sees identical
-    floats, and the same cumulative sums over its tail. Returns the smallest kept
-    value per row, and whether tied values straddle the cut (then only HF's own sort order decides which
-    of them survive, and the caller must take the exact path)."""
+    row is rebuilt from `top_values` (descending, more than `survivors` wide), so softmax and cumsum see
+    identical floats. Returns the smallest kept value per row, and whether tied values straddle the cut
+    (then only HF's own sort order decides which of them survive: the caller takes the exact path)."""
     n, width = top_values.shape
     position = torch.arange(width, device=top_values.device)
     tail = top_values.masked_fill(position[None, :] >= survivors[:, None], NEG_INF).flip(1)
