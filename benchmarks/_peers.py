@@ -40,12 +40,21 @@ class Shape:
 SHAPES: dict[str, Shape] = {
     "greedy": Shape("greedy", "greedy, 1 seq, 50 new", 50),
     "top_p": Shape("top_p", "sample top-p 0.9, 3 seqs, 50 new", 50, n=3, do_sample=True, top_p=0.9),
-    "beam": Shape("beam", "beam 5, 3 returned, ngram 2, 50 new", 50, n=3, num_beams=5, no_repeat_ngram_size=2),
+    "beam": Shape(
+        "beam", "beam 5, 3 returned, ngram 2, 50 new", 50, n=3, num_beams=5, no_repeat_ngram_size=2
+    ),
     # The seed API's default request: mode sample-top-p (top_k 50, top_p 0.92, temperature 1),
     # 3 sequences, max_length 100 (an 8-token prompt leaves 92 new tokens).
-    "seed": Shape("seed", "seed default: top-p 0.92 top-k 50, 3 seqs, max_length 100", 92, n=3,
-                  do_sample=True, top_k=50, top_p=0.92),
-}  # fmt: skip
+    "seed": Shape(
+        "seed",
+        "seed default: top-p 0.92 top-k 50, 3 seqs, max_length 100",
+        92,
+        n=3,
+        do_sample=True,
+        top_k=50,
+        top_p=0.92,
+    ),
+}
 
 
 def free() -> None:
@@ -64,10 +73,16 @@ def export_hf(loaded, path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     c = loaded.config
     GPT2Config(
-        n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.n_positions,
-        vocab_size=c.vocab_size, layer_norm_epsilon=c.layer_norm_epsilon, bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id, tie_word_embeddings=True,
-    ).save_pretrained(path)  # fmt: skip
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_embd=c.n_embd,
+        n_positions=c.n_positions,
+        vocab_size=c.vocab_size,
+        layer_norm_epsilon=c.layer_norm_epsilon,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        tie_word_embeddings=True,
+    ).save_pretrained(path)
     tensors = {"transformer." + k: v.contiguous() for k, v in loaded.state_dict.items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):
@@ -81,8 +96,9 @@ def convert_ct2(hf_dir: Path, out: Path, quantization: str) -> Path:
     from ctranslate2.converters import TransformersConverter
 
     if not (out / "model.bin").is_file():
-        TransformersConverter(str(hf_dir), low_cpu_mem_usage=True).convert(str(out), quantization=quantization,
-                                                                           force=True)
+        TransformersConverter(str(hf_dir), low_cpu_mem_usage=True).convert(
+            str(out), quantization=quantization, force=True
+        )
     return out
 
 
@@ -107,13 +123,26 @@ class TransformersRunner:
     def run(self, shape: Shape, prompt_ids: list[int], seed: int) -> list[int]:
         torch.manual_seed(seed)
         ids = torch.tensor([prompt_ids])
-        kw = dict(do_sample=shape.do_sample, top_k=shape.top_k, top_p=shape.top_p, temperature=shape.temperature,
-                  num_beams=shape.num_beams, no_repeat_ngram_size=shape.no_repeat_ngram_size,
-                  num_return_sequences=shape.n, early_stopping=True)  # fmt: skip
+        kw: dict = dict(
+            num_beams=shape.num_beams,
+            no_repeat_ngram_size=shape.no_repeat_ngram_size,
+            num_return_sequences=shape.n,
+            do_sample=shape.do_sample,
+        )
+        if shape.do_sample:  # top_k 0 is "off": leave it out (this checkpoint sets no generation defaults)
+            kw |= dict(top_p=shape.top_p, temperature=shape.temperature) | (
+                {"top_k": shape.top_k} if shape.top_k else {}
+            )
+        if shape.num_beams > 1:
+            kw["early_stopping"] = True
         out = self.model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=shape.new_tokens,
-            min_new_tokens=shape.new_tokens, pad_token_id=EOS, **kw,
-        )  # fmt: skip
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=shape.new_tokens,
+            min_new_tokens=shape.new_tokens,
+            pad_token_id=EOS,
+            **kw,
+        )
         return [len(row) - len(prompt_ids) for row in out.tolist()]
 
     def close(self) -> None:
@@ -132,9 +161,12 @@ class CT2Runner:
         self.precision = precision
         supported = ctranslate2.get_supported_compute_types("cpu")
         if precision not in supported:
-            raise RuntimeError(f"CTranslate2 has no {precision} compute type on this CPU ({sorted(supported)})")
-        self.gen = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=precision,
-                                         intra_threads=threads, inter_threads=1)
+            raise RuntimeError(
+                f"CTranslate2 has no {precision} compute type on this CPU ({sorted(supported)})"
+            )
+        self.gen = ctranslate2.Generator(
+            str(ct2_dir), device="cpu", compute_type=precision, intra_threads=threads, inter_threads=1
+        )
         self.compute = self.gen.compute_type
         self.vocab = json.loads((ct2_dir / "vocabulary.json").read_text())
         self._ct2 = ctranslate2
@@ -142,13 +174,25 @@ class CT2Runner:
     def run(self, shape: Shape, prompt_ids: list[int], seed: int) -> list[int]:
         self._ct2.set_random_seed(seed)
         tokens = [self.vocab[i] for i in prompt_ids]
-        sampling = dict(sampling_topk=shape.top_k if shape.do_sample else 1, sampling_topp=shape.top_p,
-                        sampling_temperature=shape.temperature) if shape.do_sample else {}  # fmt: skip
+        sampling = (
+            dict(
+                sampling_topk=shape.top_k if shape.do_sample else 1,
+                sampling_topp=shape.top_p,
+                sampling_temperature=shape.temperature,
+            )
+            if shape.do_sample
+            else {}
+        )
         res = self.gen.generate_batch(
-            [tokens], max_length=shape.new_tokens, min_length=shape.new_tokens, include_prompt_in_result=False,
-            beam_size=shape.num_beams, num_hypotheses=shape.n, no_repeat_ngram_size=shape.no_repeat_ngram_size,
+            [tokens],
+            max_length=shape.new_tokens,
+            min_length=shape.new_tokens,
+            include_prompt_in_result=False,
+            beam_size=shape.num_beams,
+            num_hypotheses=shape.n,
+            no_repeat_ngram_size=shape.no_repeat_ngram_size,
             **sampling,
-        )  # fmt: skip
+        )
         return [len(seq) for seq in res[0].sequences_ids]
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bench_roofline import measure_read_bandwidth, wait_for_quiet  # noqa: E402
+from bench_roofline import foreign_cpu_ticks, measure_read_bandwidth, wait_for_quiet  # noqa: E402
 
 from gpt2serve.engine.linear import PackedLinear, quantize_int8  # noqa: E402
 
@@ -114,6 +114,8 @@ def _int8(w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Kernel]:
 def _int4(w: torch.Tensor, b: torch.Tensor | None, group: int = 64) -> dict[str, Kernel]:
     w_oi = w.t().contiguous()
     n, k = w_oi.shape
+    if n % 16 or k % group:
+        return {}  # the packing needs N divisible by 16 (not the 50257-row head)
     wg = w_oi.reshape(n, k // group, group)
     lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
     scale = ((hi - lo) / 15).clamp(min=1e-8)
@@ -168,21 +170,41 @@ def build(k: int, n: int, has_bias: bool, wanted: set[str] | None, cold_mb: floa
     return out
 
 
+def _timed_calls(fns: list[Kernel], x: torch.Tensor, budget_s: float) -> list[float]:
+    fns[0](x)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < budget_s and len(times) < 60):
+        fn = fns[len(times) % len(fns)]
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def time_rounds(kernels: dict[str, list[Kernel]], x: torch.Tensor, rounds: int, budget_s: float) -> dict:
-    """Median and best per-call ms of each method, over interleaved rounds."""
+    """Median and best per-call ms of each method over interleaved rounds.
+
+    A round during which other processes used the CPUs is run again (up to 3 tries, keeping the
+    least disturbed), since the machine may be shared; `foreign_ticks` sums what was left.
+    """
     times: dict[str, list[float]] = {m: [] for m in kernels}
+    foreign = dict.fromkeys(kernels, 0)
     for _ in range(rounds):
         wait_for_quiet()
         for m, fns in kernels.items():
-            fns[0](x)
-            start_round, i = time.perf_counter(), 0
-            while i < 5 or (time.perf_counter() - start_round < budget_s / rounds and i < 50):
-                fn = fns[i % len(fns)]
-                t0 = time.perf_counter()
-                fn(x)
-                times[m].append((time.perf_counter() - t0) * 1e3)
-                i += 1
-    return {m: (statistics.median(t), min(t)) for m, t in times.items()}
+            tries = []
+            for _ in range(3):
+                before = foreign_cpu_ticks()
+                calls = _timed_calls(fns, x, budget_s / rounds)
+                tries.append((foreign_cpu_ticks() - before, calls))
+                if tries[-1][0] <= 1:
+                    break
+                wait_for_quiet(max_wait_s=5.0)
+            ticks, calls = min(tries, key=lambda t: t[0])
+            times[m] += calls
+            foreign[m] += ticks
+    return {m: (statistics.median(t), min(t), foreign[m]) for m, t in times.items()}
 
 
 def rel_error(fn: Kernel, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> float:
@@ -203,13 +225,14 @@ def run(args: argparse.Namespace, read_gbps: float) -> list[dict]:
             for m_rows in (int(v) for v in args.ms.split(",")):
                 x = torch.randn(m_rows, k)
                 timed = time_rounds(kernels, x, args.rounds, args.budget_s)
-                for method, (med, best) in timed.items():
+                for method, (med, best, foreign) in timed.items():
                     gbps = weight_bytes(method, k, n) / med / 1e6
                     results.append({
                         "shape": f"{set_name}.{shape}", "in": k, "out": n, "M": m_rows, "method": method,
                         "ms_median": round(med, 4), "ms_best": round(best, 4), "GBps": round(gbps, 2),
                         "pct_roofline": round(100 * gbps / read_gbps, 1),
                         "rel_err": float(f"{rel_error(kernels[method][0], x, w, b):.2e}"),
+                        "foreign_cpu_ticks": foreign,
                     })
                     print(json.dumps(results[-1]), file=sys.stderr, flush=True)
             del kernels

@@ -34,6 +34,17 @@ def cpu_busy(interval_s: float = 0.1) -> float:
     return 1 - (idle1 - idle0) / max(1, total1 - total0)
 
 
+def foreign_cpu_ticks() -> int:
+    """CPU ticks used so far by every process but this one (Linux; 0 elsewhere): a contention meter."""
+    if not Path("/proc/stat").exists():
+        return 0
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    with open("/proc/self/stat") as f:
+        own = f.read().rsplit(")", 1)[1].split()
+    return sum(ticks) - ticks[3] - ticks[4] - int(own[11]) - int(own[12])  # minus idle, iowait, utime, stime
+
+
 def wait_for_quiet(max_wait_s: float = 20.0, threshold: float = 0.15) -> bool:
     """Wait (bounded) until other processes leave the CPUs idle, as the machine may be shared."""
     deadline = time.monotonic() + max_wait_s

@@ -1,4 +1,4 @@
-"""API test servers: the real app under uvicorn on 127.0.0.1, in a thread (shared by the session) or in a
+"""API test servers: the real app under uvicorn on 127.0.0.1, in a thread (one for all API tests) or in a
 subprocess started through the container entry point (for signals)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 from gpt2serve.api.app import create_app
@@ -24,7 +25,7 @@ from gpt2serve.settings import Settings
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 START_TIMEOUT_S = 60.0
-# The shared server's body limit: small, so the 413 test needs no big body.
+# The common server's body limit: small, so the 413 test needs no big body.
 SMALL_BODY_MB = 0.05
 
 
@@ -86,17 +87,22 @@ def make_settings(model: str, **changes: object) -> Settings:
     return replace(base, **changes)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def api_server(tiny_checkpoint: Path) -> Iterator[ThreadServer]:
-    """The tiny model behind the real app, shared by all API tests."""
+    """The tiny model behind the real app, used by all API tests. Torch runs one intra-op thread
+    meanwhile: where the few cores are busy with other work, two spinning threads made sampling 10x
+    slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     server = ThreadServer(make_settings(str(tiny_checkpoint), max_body_mb=SMALL_BODY_MB)).start()
     try:
         yield server.wait_ready()
     finally:
         server.stop()
+        torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client(api_server: ThreadServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=api_server.url, timeout=60) as c:
         yield c
@@ -129,6 +135,9 @@ class ProcessServer:
 
         wait_for(check, what="server listening")
         return answered[0]
+
+    def wait_ready(self) -> None:
+        wait_for(lambda: ping_status(self.url) == 200, what="GET /ping 200")
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

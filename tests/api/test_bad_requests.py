@@ -6,8 +6,11 @@ import json
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
-from gpt2serve.api.errors import describe
+from gpt2serve.api.errors import describe, install_error_handlers
+from gpt2serve.api.middleware import RequestContextMiddleware
 from gpt2serve.engine.errors import (
     EngineOverloadedError,
     EngineStoppedError,
@@ -152,6 +155,23 @@ def test_error_table(exc: Exception, status: int, kind: str) -> None:
     if status == 500:
         assert "rid-7" in info.body["error"]["message"]
         assert "secret internals" not in info.body["error"]["message"]
+
+
+def test_unhandled_error_is_a_500_envelope_with_the_request_id() -> None:
+    # The real middleware and handlers around a route that fails the way a bug would.
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=1000)
+
+    @app.get("/fails")
+    async def fails() -> None:
+        raise RuntimeError("secret internals")
+
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        r = test_client.get("/fails", headers={"X-Request-Id": "req-42"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "req-42"
+    assert r.json()["error"]["type"] == "server_error"
+    assert "req-42" in r.json()["error"]["message"] and "secret" not in r.text
 
 
 def _line_error(r: httpx.Response) -> httpx.Response:

@@ -12,7 +12,9 @@ import importlib
 import importlib.util
 import logging
 import math
+import os
 import signal
+import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,7 +31,11 @@ from gpt2serve.engine.engine import Engine
 from gpt2serve.settings import Settings
 
 # Route modules; one that is not installed is skipped (each must expose `router`).
-ROUTE_MODULES = ("gpt2serve.api.routes.seed", "gpt2serve.api.routes.openai")
+ROUTE_MODULES = (
+    "gpt2serve.api.routes.seed",
+    "gpt2serve.api.routes.response_stream",
+    "gpt2serve.api.routes.openai",
+)
 KEEP_ALIVE_S = 75  # longer than the 60 s idle timeout of the load balancers in front of endpoints
 
 
@@ -60,7 +66,12 @@ def configure_logging(level: str) -> None:
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
-    raise SystemExit(0)
+    """Runs once uvicorn has finished its graceful shutdown. Exit at once: a model still loading in the
+    background is abandoned, not waited for (interpreter exit would join its worker threads)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def serve(settings: Settings) -> None:
@@ -79,6 +90,6 @@ def serve(settings: Settings) -> None:
     server = uvicorn.Server(config)
     if threading.current_thread() is threading.main_thread():
         # uvicorn shuts down gracefully on SIGTERM, then restores this handler and raises the signal
-        # again: exit with 0 rather than die of the signal.
+        # again: exit with status 0 rather than die of the signal.
         signal.signal(signal.SIGTERM, _exit_cleanly)
     server.run()

@@ -1,4 +1,4 @@
-"""AWS event-stream framing (`application/vnd.amazon.eventstream`), the body of InvokeEndpointWithResponseStream.
+"""AWS event-stream framing (`application/vnd.amazon.eventstream`): InvokeEndpointWithResponseStream's body.
 
 A message is: a prelude (total length and headers length, big-endian uint32 each, then the CRC32 of
 those 8 bytes), the headers, the payload, and the CRC32 of everything before it. A header is: name

@@ -31,7 +31,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 class RequestContextMiddleware:
     """Tags each request with an id (the caller's X-Request-Id if it is sane, else a new one), sends it
-    back as X-Request-Id, enforces `max_body_bytes` and logs method, path, status and duration."""
+    back as X-Request-Id, enforces `max_body_bytes`, turns an unhandled exception into the 500 envelope
+    and logs method, path, status and duration."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int):
         self.app = app
@@ -45,7 +46,7 @@ class RequestContextMiddleware:
         request_id = given if given and _VALID_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
-        status = [500]
+        status = [0]  # 0: no answer started yet
 
         async def send_tagged(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -58,6 +59,12 @@ class RequestContextMiddleware:
                 await describe(BodyTooLargeError(self.max_body_bytes)).response()(scope, receive, send_tagged)
                 return
             await self.app(scope, self._limited(receive), send_tagged)
+        except Exception as exc:
+            if status[0]:  # the answer has begun: nothing better to send
+                raise
+            # Answer here rather than in Starlette's outer error middleware, so the 500 carries the
+            # request id header too (describe() logs the traceback).
+            await describe(exc, request_id).response()(scope, receive, send_tagged)
         finally:
             self._log(scope, status[0], started, request_id)
 

@@ -40,8 +40,8 @@ async def invoke_with_response_stream(endpoint_name: str, request: Request) -> R
     request_id = request_id_of(request)
     try:
         if content.request_media_type(request.headers.get("content-type")) != content.JSON:
-            raise APIError(415, "a streamed invocation takes one JSON request (Content-Type application/json)",
-                           "unsupported_media_type")  # fmt: skip
+            message = "a streamed invocation takes one JSON request (Content-Type application/json)"
+            raise APIError(415, message, "unsupported_media_type")
         content.check_custom_attributes(request.headers.get("x-amzn-sagemaker-custom-attributes"))
         body = content.parse_json(content.decode_body(await request.body()))
         chunks = open_native_stream(server_state(request), body)

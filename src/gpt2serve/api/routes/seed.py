@@ -1,6 +1,9 @@
 """The SageMaker container routes: /ping, /invocations (also as /endpoints/<name>/invocations, so boto3
 and the AWS CLI work with an endpoint URL override) and /execution-parameters for batch transform.
 
+A JSON body asking for a stream (`"stream": true`, or `Accept: text/event-stream`) is answered with
+server-sent events (see `gpt2serve.api.streaming`).
+
 JSON Lines bodies: each line is one request, answered on its own line, in order; the lines run through
 the engine concurrently (at most `max_batch_size` at once per body). A line that fails validation is
 answered with its `{"error": ...}` object and the other lines still run. A line refused because the
@@ -18,6 +21,7 @@ from gpt2serve.api import content
 from gpt2serve.api.errors import describe, request_id_of
 from gpt2serve.api.protocol import V1Request, parse_request
 from gpt2serve.api.state import ServerState, server_state
+from gpt2serve.api.streaming import native_sse_response, wants_stream
 from gpt2serve.engine.errors import EngineStoppedError
 
 router = APIRouter()
@@ -46,13 +50,18 @@ async def execution_parameters(request: Request) -> dict[str, Any]:
 @router.post("/endpoints/{endpoint_name}/invocations")
 async def invocations(request: Request) -> Response:
     request_type = content.request_media_type(request.headers.get("content-type"))
-    answer_type = content.answer_media_type(request.headers.get("accept"), request_type)
+    accept = request.headers.get("accept")
     content.check_custom_attributes(request.headers.get("x-amzn-sagemaker-custom-attributes"))
     text = content.decode_body(await request.body())
     state = server_state(request)
     if request_type == content.JSON:
-        answer = await answer_one(state, content.parse_json(text))
+        body = content.parse_json(text)
+        if wants_stream(accept, body):  # "stream": true or Accept: text/event-stream
+            return native_sse_response(state, body, request_id_of(request))
+        answer_type = content.answer_media_type(accept, request_type)
+        answer = await answer_one(state, body)
         return Response(content.render([answer], answer_type, single=True), media_type=answer_type)
+    answer_type = content.answer_media_type(accept, request_type)
     lines = content.split_lines(text)
     answers = await _answer_lines(state, lines, request_id_of(request))
     return Response(content.render(answers, answer_type, single=False), media_type=answer_type)

@@ -1,0 +1,333 @@
+"""End-to-end decode speed: gpt2serve's engine against transformers and CTranslate2, and against the roofline.
+
+Every engine gets the same weights (gpt2serve's `random:<size>` state dict, exported once as a Hugging Face
+checkpoint that transformers loads and CTranslate2 converts), the same 8-token prompt, the same decoding
+settings with EOS disabled (so all generate the same number of tokens) and the same number of threads.
+The figure of merit is ms per decode step = wall time of a whole request / new tokens per sequence (the
+8-token prefill included), the median over `--reps` repetitions after a warm-up; with a small model the
+repetitions of all engines are interleaved, so load from other processes hits them alike.
+
+The roofline is the time to stream the weights read per step (every matrix, and the output head) once
+from RAM at the read bandwidth that bench_roofline.py measures.
+
+    python benchmarks/bench_engine.py [--model random:gpt2] [--shapes greedy,top_p,beam,seed]
+        [--precisions float32,bfloat16,int8] [--peers transformers,ct2|none] [--reps 3] [--threads 2]
+        [--cold-start] [--out FILE.json] [--plot FILE.png]
+
+Prints one JSON object (see BENCHMARKS.md); `--out` also writes it to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from _cold_start import cold_start_report  # noqa: E402
+from _peers import SHAPES, CT2Runner, Shape, TransformersRunner, convert_ct2, export_hf, free  # noqa: E402
+from bench_roofline import measure_read_bandwidth  # noqa: E402
+
+from gpt2serve.engine.config import KNOWN_SHAPES, EngineConfig, ModelConfig  # noqa: E402
+from gpt2serve.engine.engine import Engine  # noqa: E402
+from gpt2serve.engine.params import SamplingParams  # noqa: E402
+from gpt2serve.engine.tokenizer import Tokenizer  # noqa: E402
+
+PROMPT = "The quick brown fox jumps over the lazy"  # 8 GPT-2 tokens
+PRECISIONS = ("float32", "bfloat16", "int8")
+BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
+WARMUP_TOKENS = 8
+BIG_MODEL_BYTES = 2e9  # fp32 weights above this: one engine in memory at a time
+
+
+class GPT2ServeRunner:
+    """gpt2serve's Engine.generate_sync, one request at a time."""
+
+    engine = "gpt2serve"
+
+    def __init__(self, spec: str, precision: str, threads: int):
+        torch.set_num_threads(threads)
+        self.precision = self.compute = precision
+        config = EngineConfig(dtype=precision, max_batch_size=8, request_timeout_s=None)
+        self.eng = Engine.load(spec, config)
+        self.eng.start()
+
+    def run(self, shape: Shape, prompt_ids: list[int], seed: int) -> list[int]:
+        params = SamplingParams(
+            do_sample=shape.do_sample,
+            top_k=shape.top_k,
+            top_p=shape.top_p,
+            temperature=shape.temperature,
+            num_beams=shape.num_beams,
+            n=shape.n,
+            max_new_tokens=shape.new_tokens,
+            no_repeat_ngram_size=shape.no_repeat_ngram_size,
+            stop_at_eos=False,
+            seed=seed if shape.do_sample else None,
+        )
+        result = self.eng.generate_sync(PROMPT, params)
+        return [len(o.token_ids) for o in result.outputs]
+
+    def close(self) -> None:
+        self.eng.stop()
+        del self.eng
+        free()
+
+
+# -- the model and its roofline --------------------------------------------------------------------------
+
+
+def model_config(spec: str) -> ModelConfig:
+    if spec.startswith("random:"):
+        return KNOWN_SHAPES[spec.removeprefix("random:")]
+    return ModelConfig.from_dict(json.loads((Path(spec) / "config.json").read_text()))
+
+
+def streamed_bytes(cfg: ModelConfig, precision: str) -> int:
+    """Weight bytes one decode step reads: the 4 matrices of every layer and the (tied) output head."""
+    return (cfg.n_layer * 12 * cfg.n_embd**2 + cfg.vocab_size * cfg.n_embd) * BYTES[precision]
+
+
+def machine() -> dict:
+    name = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    flags = Path("/proc/cpuinfo").read_text()
+    mem = int(
+        next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1]
+    )
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("transformers", "ctranslate2"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = None
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f" {f}" in flags]
+    return {"cpu": name, "cores": os.cpu_count(), "mem_GB": round(mem / 1e6, 1), "isa": isa, **versions}
+
+
+# -- peers' checkpoints ----------------------------------------------------------------------------------
+
+
+def peer_dirs(spec: str, peers: list[str], precisions: list[str], cache: Path) -> dict[str, Path]:
+    """Export the weights for transformers and convert them for CTranslate2 (reused when already there)."""
+    from gpt2serve.engine.loader import load_checkpoint
+
+    root = cache / spec.replace(":", "_").replace("/", "_")
+    hf = root / "hf"
+    if not (hf / "DONE").is_file() and not Path(spec).is_dir():
+        loaded = load_checkpoint(spec)
+        export_hf(loaded, hf)
+        del loaded
+        free()
+    hf = Path(spec) if Path(spec).is_dir() else hf
+    dirs = {"hf": hf}
+    if "ct2" in peers:
+        import ctranslate2
+
+        for p in set(precisions) & ctranslate2.get_supported_compute_types("cpu"):
+            dirs[f"ct2-{p}"] = convert_ct2(hf, root / f"ct2-{p}", p)
+            free()
+    return dirs
+
+
+def factories(args, dirs: dict[str, Path]) -> list[tuple[str, str, object]]:
+    out = [
+        ("gpt2serve", p, lambda p=p: GPT2ServeRunner(args.model, p, args.threads)) for p in args.precisions
+    ]
+    if "transformers" in args.peers:
+        for p in args.precisions:
+            if p in ("float32", "bfloat16"):
+                out.append(("transformers", p, lambda p=p: TransformersRunner(dirs["hf"], p, args.threads)))
+    if "ct2" in args.peers:
+        for p in args.precisions:
+            out.append(("ctranslate2", p, lambda p=p: CT2Runner(dirs.get(f"ct2-{p}"), p, args.threads)))
+    return out
+
+
+# -- timing ------------------------------------------------------------------------------------------------
+
+
+def time_one(runner, shape: Shape, prompt_ids: list[int], seed: int) -> tuple[float, list[int]]:
+    start = time.perf_counter()
+    lengths = runner.run(shape, prompt_ids, seed)
+    return time.perf_counter() - start, lengths
+
+
+def warm_up(runner, shapes: list[Shape], prompt_ids: list[int]) -> None:
+    for shape in shapes:
+        runner.run(Shape(**{**shape.__dict__, "new_tokens": WARMUP_TOKENS}), prompt_ids, 0)
+
+
+def measure(args, prompt_ids: list[int], dirs: dict[str, Path], log) -> tuple[dict, list[dict]]:
+    """{(engine, precision, shape): {"times": [...], "lengths": [...], "compute": ...}}, errors."""
+    shapes = [SHAPES[s] for s in args.shapes]
+    samples: dict[tuple, dict] = {}
+    errors: list[dict] = []
+
+    def open_runner(engine, precision, make):
+        try:
+            runner = make()
+        except Exception as exc:  # e.g. a compute type this CPU lacks: recorded, not fatal
+            errors.append({"engine": engine, "precision": precision, "error": str(exc)[:300]})
+            log(f"skip {engine} {precision}: {exc}")
+            return None
+        warm_up(runner, shapes, prompt_ids)
+        return runner
+
+    def record(runner, shape, rep):
+        seconds, lengths = time_one(runner, shape, prompt_ids, seed=1234 + rep)
+        key = (runner.engine, runner.precision, shape.name)
+        entry = samples.setdefault(key, {"times": [], "lengths": lengths, "compute": str(runner.compute)})
+        entry["times"].append(seconds)
+        log(f"{key} rep {rep}: {seconds / max(lengths) * 1e3:.1f} ms/step, lengths {lengths}")
+
+    if args.interleave:
+        runners = [r for e, p, f in factories(args, dirs) if (r := open_runner(e, p, f)) is not None]
+        for shape in shapes:
+            for rep in range(args.reps):
+                for runner in runners:
+                    record(runner, shape, rep)
+        for runner in runners:
+            runner.close()
+    else:
+        for engine, precision, make in factories(args, dirs):
+            runner = open_runner(engine, precision, make)
+            if runner is None:
+                continue
+            for shape in shapes:
+                for rep in range(args.reps):
+                    record(runner, shape, rep)
+            runner.close()
+    return samples, errors
+
+
+# -- the report --------------------------------------------------------------------------------------------
+
+
+def summarize(samples: dict, roofline_ms: dict[str, float]) -> tuple[list[dict], list[dict]]:
+    rows = []
+    for (engine, precision, shape_name), entry in samples.items():
+        steps = max(entry["lengths"])
+        step_ms = [t / steps * 1e3 for t in entry["times"]]
+        med = statistics.median(step_ms)
+        rows.append(
+            {
+                "engine": engine,
+                "precision": precision,
+                "compute_type": entry["compute"],
+                "shape": shape_name,
+                "label": SHAPES[shape_name].label,
+                "new_tokens_per_seq": entry["lengths"],
+                "tokens_generated": sum(entry["lengths"]),
+                "reps": len(step_ms),
+                "step_ms_median": round(med, 2),
+                "step_ms_min": round(min(step_ms), 2),
+                "step_ms_all": [round(x, 2) for x in step_ms],
+                "x_roofline": round(med / roofline_ms[precision], 2),
+            }
+        )
+    by = {(r["engine"], r["precision"], r["shape"]): r["step_ms_median"] for r in rows}
+    ratios = []
+    for (engine, precision, shape), ours in by.items():
+        if engine != "gpt2serve":
+            continue
+        entry = {"shape": shape, "precision": precision, "gpt2serve_ms": ours}
+        for peer in ("ctranslate2", "transformers"):
+            if (peer, precision, shape) in by:
+                entry[f"speedup_vs_{peer}"] = round(by[(peer, precision, shape)] / ours, 2)
+        if ("transformers", "float32", shape) in by:
+            entry["speedup_vs_transformers_fp32"] = round(by[("transformers", "float32", shape)] / ours, 2)
+        ratios.append(entry)
+    return rows, ratios
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="random:gpt2", help="random:<size> or a checkpoint directory")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--precisions", default=",".join(PRECISIONS))
+    ap.add_argument("--peers", default="transformers,ct2", help="transformers,ct2 or none")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one engine in memory at a time (automatic for models over 2 GB)",
+    )
+    ap.add_argument(
+        "--cache-dir",
+        default=str(Path(tempfile.gettempdir()) / "gpt2serve-bench"),
+        help="where the exported and converted checkpoints are kept between runs",
+    )
+    ap.add_argument("--cold-start", action="store_true", help="also time `gpt2serve serve` to /ping 200")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode benchmark (with --cold-start)")
+    ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--plot", help="also draw the plot (plot_engine.py) to this PNG")
+    args = ap.parse_args(argv)
+    args.shapes = [s for s in args.shapes.split(",") if s]
+    args.precisions = [p for p in args.precisions.split(",") if p]
+    args.peers = [] if args.peers in ("", "none") else args.peers.split(",")
+    unknown = set(args.shapes) - set(SHAPES) or set(args.precisions) - set(PRECISIONS)
+    unknown = unknown or set(args.peers) - {"transformers", "ct2"}
+    if unknown:
+        ap.error(f"unknown value(s): {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    torch.set_num_threads(args.threads)
+    cfg = model_config(args.model)
+    args.interleave = not args.sequential and cfg.n_params * 4 < BIG_MODEL_BYTES
+    report: dict = {"machine": machine(), "model": args.model, "threads": args.threads, "prompt": PROMPT}
+    bandwidth = measure_read_bandwidth()
+    log(f"read bandwidth {bandwidth:.1f} GB/s")
+    if not args.no_decode:
+        prompt_ids = Tokenizer.bundled().encode(PROMPT)
+        dirs = peer_dirs(args.model, args.peers, args.precisions, Path(args.cache_dir)) if args.peers else {}
+        samples, errors = measure(args, prompt_ids, dirs, log)
+        bandwidth = max(bandwidth, measure_read_bandwidth())  # the best of before and after
+        roofline = {p: streamed_bytes(cfg, p) / (bandwidth * 1e9) * 1e3 for p in PRECISIONS}
+        rows, ratios = summarize(samples, roofline)
+        report |= {
+            "prompt_tokens": len(prompt_ids),
+            "reps": args.reps,
+            "interleaved": args.interleave,
+            "read_GBps": round(bandwidth, 2),
+            "streamed_bytes": {p: streamed_bytes(cfg, p) for p in args.precisions},
+            "roofline_ms": {p: round(roofline[p], 2) for p in args.precisions},
+            "results": rows,
+            "ratios": ratios,
+            "errors": errors,
+        }
+    if args.cold_start:
+        report["cold_start"] = cold_start_report(args.model, args.precisions, cfg, log)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.plot and "results" in report:
+        from plot_engine import plot
+
+        plot(report, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Serving benchmark: concurrent streaming clients against a gpt2serve server.
+
+    python benchmarks/bench_serving.py [--url http://127.0.0.1:8080] [--model random:gpt2] [--clients 1,16]
+                                       [--requests 32] [--max-tokens 32] [--api openai|native]
+                                       [--temperature 0] [--device cpu] [--max-batch-size 32]
+
+Without --url it starts a server itself (the container entry point, on a free loopback port, serving
+--model) and stops it at the end. For each concurrency level in --clients, that many clients send
+--requests streamed requests in all, back to back (each client starts its next request when the last one
+ends), after one warm-up request.
+
+Per level: requests/s, generated tokens/s over the level's wall time, time to first token (request sent
+-> first text piece) p50/p99, and per-token latency ((last piece - first piece) / (tokens - 1), per
+request) p50/p99. Tokens are counted by the server (OpenAI stream with `include_usage`), or for the native
+stream by tokenizing the generated text with the bundled GPT-2 tokenizer. Prints one JSON object; its
+`scaling` field gives tokens/s and requests/s of the last level relative to the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PROMPT = "Request {i}: the history of the printing press begins in"
+
+
+@dataclass
+class Sample:
+    ok: bool
+    ttft: float = 0.0
+    tpot: float | None = None
+    tokens: int = 0
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 100])."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(min(rank, len(ordered))) - 1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, object]:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    log = tempfile.TemporaryFile()
+    cmd = [sys.executable, "-m", "gpt2serve.api.container", "serve", "--host", "127.0.0.1",
+           "--port", str(port), "--model", args.model, "--device", args.device,
+           "--max-batch-size", str(args.max_batch_size), "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + args.start_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            output = log.read().decode(errors="replace")
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{output}")
+        try:
+            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                return proc, url, log
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise TimeoutError(f"the server did not answer /ping with 200 within {args.start_timeout} s")
+
+
+def request_for(args: argparse.Namespace, i: int) -> tuple[str, dict]:
+    prompt = PROMPT.format(i=i)
+    if args.api == "openai":
+        body = {"model": "gpt-2", "prompt": prompt, "max_tokens": args.max_tokens, "stream": True,
+                "temperature": args.temperature, "seed": i,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        return "/v1/completions", body
+    mode = {"mode": "greedy"}
+    if args.temperature > 0:
+        mode = {"mode": "sample", "temperature": args.temperature, "top_k": 0, "top_p": 1.0, "seed": i}
+    body = {"input": prompt, "max_new_tokens": args.max_tokens, "num_return_sequences": 1, "stream": True}
+    body.update(mode)
+    return "/invocations", body
+
+
+async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, i: int, tokenizer) -> Sample:
+    path, body = request_for(args, i)
+    started = time.perf_counter()
+    first = last = None
+    tokens, text = 0, ""
+    async with client.stream("POST", path, json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return Sample(ok=False)
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if "error" in data:
+                return Sample(ok=False)
+            piece = data["choices"][0]["text"] if data.get("choices") else data.get("text", "")
+            if data.get("usage"):
+                tokens = data["usage"]["completion_tokens"]
+            if piece:
+                last = time.perf_counter()
+                first = first or last
+                text += piece
+    if first is None:
+        return Sample(ok=False)
+    if args.api == "native":
+        tokens = len(tokenizer.encode(text[len(body["input"]) :]))
+    tpot = (last - first) / (tokens - 1) if tokens > 1 else None
+    return Sample(ok=True, ttft=first - started, tpot=tpot, tokens=tokens)
+
+
+async def run_level(url: str, args: argparse.Namespace, clients: int, tokenizer) -> dict:
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits) as client:
+        await one_request(client, args, -1, tokenizer)  # warm-up
+        counter = iter(range(args.requests))
+        samples: list[Sample] = []
+
+        async def worker() -> None:
+            for i in counter:
+                samples.append(await one_request(client, args, i, tokenizer))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - started
+    good = [s for s in samples if s.ok]
+    tokens = sum(s.tokens for s in good)
+    ttft = [s.ttft * 1000 for s in good]
+    tpot = [s.tpot * 1000 for s in good if s.tpot is not None]
+
+    def ms(values: list[float], q: float) -> float | None:
+        v = percentile(values, q)
+        return None if v is None else round(v, 2)
+
+    return {
+        "clients": clients, "requests": len(samples), "errors": len(samples) - len(good),
+        "wall_s": round(wall, 3), "requests_per_s": round(len(good) / wall, 3),
+        "generated_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+        "ttft_ms": {"p50": ms(ttft, 50), "p99": ms(ttft, 99)},
+        "per_token_ms": {"p50": ms(tpot, 50), "p99": ms(tpot, 99)},
+    }  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="a running server; without it one is started with --model")
+    p.add_argument("--model", default="random:gpt2", help="model for the server started here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--clients", default="1,16", help="comma-separated concurrency levels")
+    p.add_argument("--requests", type=int, default=32, help="requests per level")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--api", choices=("openai", "native"), default="openai")
+    p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
+    p.add_argument("--start-timeout", type=float, default=300.0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    levels = [int(c) for c in args.clients.split(",")]
+    sys.path.insert(0, str(SRC))
+    from gpt2serve.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.bundled()
+    proc = log = None
+    url = args.url
+    if url is None:
+        proc, url, log = start_server(args)
+    try:
+        results = [asyncio.run(run_level(url.rstrip("/"), args, c, tokenizer)) for c in levels]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+            log.close()
+    first, last = results[0], results[-1]
+
+    def ratio(key: str) -> float | None:
+        return round(last[key] / first[key], 2) if first[key] else None
+
+    report = {
+        "url": args.url or f"(started here) {args.model} on {args.device}",
+        "api": args.api, "max_tokens": args.max_tokens, "temperature": args.temperature,
+        "levels": results,
+        "scaling": {
+            "clients": f"{first['clients']} -> {last['clients']}",
+            "tokens_per_s_ratio": ratio("tokens_per_s"),
+            "requests_per_s_ratio": ratio("requests_per_s"),
+        },
+    }  # fmt: skip
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Plot bench_engine.py's JSON: grouped bars of ms per decode step by request shape and engine/precision,
+with each precision's roofline as a dashed line.
+
+    python benchmarks/plot_engine.py RESULTS.json [--out benchmarks/engine_cpu.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+COLORS = {  # engine -> precision -> colour (one hue per engine, darker for wider types)
+    "gpt2serve": {"float32": "#08519c", "bfloat16": "#3182bd", "int8": "#9ecae1"},
+    "ctranslate2": {"float32": "#a63603", "bfloat16": "#e6550d", "int8": "#fdae6b"},
+    "transformers": {"float32": "#54278f", "bfloat16": "#9e9ac8", "int8": "#dadaeb"},
+}
+ROOF_STYLE = {"float32": "-", "bfloat16": "--", "int8": ":"}
+
+
+def plot(report: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    series = list(dict.fromkeys((r["engine"], r["precision"]) for r in rows))
+    value = {(r["engine"], r["precision"], r["shape"]): r["step_ms_median"] for r in rows}
+    labels = {r["shape"]: r["label"] for r in rows}
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(8, 2.6 * len(shapes)), 5.5))
+    for i, (engine, precision) in enumerate(series):
+        xs = [s + (i - (len(series) - 1) / 2) * width for s in range(len(shapes))]
+        ys = [value.get((engine, precision, shape), 0) for shape in shapes]
+        bars = ax.bar(xs, ys, width, label=f"{engine} {precision}", color=COLORS[engine][precision])
+        ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
+    for precision, ms in report["roofline_ms"].items():
+        ax.axhline(
+            ms,
+            color="black",
+            linestyle=ROOF_STYLE[precision],
+            linewidth=0.9,
+            label=f"roofline {precision} ({ms:.1f} ms)",
+        )
+    ax.set_xticks(range(len(shapes)), [labels[s].replace(", ", "\n", 1) for s in shapes], fontsize=8)
+    ax.set_ylabel("ms per decode step (median)")
+    cpu = report["machine"]["cpu"]
+    ax.set_title(
+        f"{report['model']} on {cpu}, {report['threads']} threads, read {report['read_GBps']} GB/s",
+        fontsize=10,
+    )
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.grid(axis="y", alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", help="JSON written by bench_engine.py --out")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("engine_cpu.png")))
+    args = ap.parse_args()
+    print(plot(json.loads(Path(args.results).read_text()), Path(args.out)))
+
+
+if __name__ == "__main__":
+    main()
