@@ -23,7 +23,8 @@ def _add_request_flags(parser: argparse.ArgumentParser) -> None:
         kind = next((k for k in (int, float, str) if k in kinds), str)
         extra = {"action": "append"} if name == "stop" else {"type": kind}
         default = "" if field.default is None else f" (default {field.default})"
-        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=f"{name}{default}", **extra)
+        help = f"{field.description or name}{default}"
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help, **extra)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -147,6 +147,10 @@ class Settings:
         "MaxConcurrentTransforms advertised to batch transform (GET /execution-parameters)",
         _positive(int), default=4,
     )
+    threads: int | None = _setting(
+        "--threads", ("GPT2SERVE_THREADS",), "CPU threads for the model's matrix products", _positive(int),
+        shown="torch's default (the machine's cores)",
+    )
     log_level: str = _setting(
         "--log-level", ("GPT2SERVE_LOG_LEVEL",), "logging level", _choice(*LOG_LEVELS), default="info"
     )

@@ -28,17 +28,17 @@ PROMPTS = (
     "over the hills and far away.",
     "In 1905, Albert Einstein published four papers that changed physics forever, including the one on "
     "special relativity and the equivalence of mass and energy.",
-    "def main():\n    args = parse_args()\n    for item in args.items:\n        print(item, file=sys.stderr)\n"
-    "    return 0\n",
+    "def main():\n    args = parse_args()\n    for item in args.items:\n"
+    "        print(item, file=sys.stderr)\n    return 0\n",
     "She said that the weather would be fine tomorrow, but nobody believed her after what had happened last "
     "week at the lake near the old mill.",
     "Prices rose by 3.5% in March, the fastest pace since 2008, according to figures released on Tuesday by "
     "the statistics office.",
-    "Il était une fois une petite fille qui vivait dans un village près de la forêt avec sa grand-mère et son "
-    "chat noir.",
+    "Il était une fois une petite fille qui vivait dans un village près de la forêt avec sa "
+    "grand-mère et son chat noir.",
     '{"id": 42, "name": "widget", "tags": ["red", "small"], "price": 9.99, "stock": {"warehouse": 17}}',
-    "Water boils at 100 degrees Celsius at sea level; at higher altitudes, where the air pressure is lower, it "
-    "boils sooner.",
+    "Water boils at 100 degrees Celsius at sea level; at higher altitudes, where the air pressure "
+    "is lower, it boils sooner.",
 )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from gpt2serve.api.errors import APIError
 from gpt2serve.engine.errors import InvalidParameterError
@@ -50,22 +50,26 @@ class SeedRequest(BaseModel):
 
     model_config = _STRICT
 
-    input: str
-    max_length: int | None = None  # counts the prompt's tokens; 100 unless max_new_tokens is given
-    max_new_tokens: int | None = None
-    num_return_sequences: int = 3
-    mode: str = "sample-top-p"
-    top_p: float = 0.92
-    top_k: int = 50
-    temperature: float = 0.7
-    num_beams: int = 5
+    input: str = Field(description="text to be completed")
+    max_length: int | None = Field(
+        None, description="length limit in tokens, counting the prompt's (100 unless max_new_tokens is given)"
+    )
+    max_new_tokens: int | None = Field(None, description="tokens to generate, the prompt not counted")
+    num_return_sequences: int = Field(3, description="how many completions to return")
+    mode: str = Field("sample-top-p", description="sample-top-p | sample-top-k | sample | beam | greedy")
+    top_p: float = Field(0.92, description="nucleus probability (sample, sample-top-p)")
+    top_k: int = Field(50, description="top-k cut-off (sample, sample-top-k)")
+    temperature: float = Field(0.7, description="logits temperature (sample)")
+    num_beams: int = Field(5, description="beams in beam mode")
     # None: 2 in beam mode; in the other modes no n-gram ban unless the caller asks for one. The original
     # endpoint's beam mode used 2 (its documented default); applying it to sampling too would change
     # every sampled text, so there it applies only when given explicitly.
-    no_repeat_ngram_size: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int | None = Field(
+        None, description="every n-gram of this size may occur only once (2 in beam mode, else off)"
+    )
+    seed: int | None = Field(None, description="seed for repeatable text; -1 or absent: not seeded")
+    stop: str | list[str] | None = Field(None, description="cut the text before this string (repeatable)")
+    repetition_penalty: float = Field(1.0, description="penalty for tokens already present (1.0: off)")
     stream: bool = False
 
     def to_params(self) -> SamplingParams:

@@ -31,6 +31,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         request_timeout_s=settings.request_timeout_s,
         device=settings.device,
         dtype=None if settings.dtype == "auto" else settings.dtype,
+        threads=settings.threads,
     )
 
 

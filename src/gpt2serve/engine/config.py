@@ -70,6 +70,7 @@ class EngineConfig:
     request_timeout_s: float | None = 50.0
     device: str = "cpu"
     dtype: str | None = None  # float32 | bfloat16 | float16 | int8; None: the device's default
+    threads: int | None = None  # torch intra-op threads; None: torch's default
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

@@ -66,6 +66,8 @@ def resolve_device(name: str) -> torch.device:
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
         self.device = resolve_device(self.config.device)
         self.dtype = self.config.dtype or ("float16" if self.device.type == "cuda" else "float32")
         self.model_name, self.is_random = loaded.name, loaded.is_random
