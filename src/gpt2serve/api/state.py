@@ -69,7 +69,7 @@ class ServerState:
                 engine.stop()
                 return
             self.ready = True
-        random = " (random weights)" if engine.is_random else ""
+        random = " (random weights: its text is gibberish, for tests and benchmarks)" if engine.is_random else ""
         took = time.monotonic() - started
         logger.info("model %s%s ready in %.1f s on %s", name, random, took, engine.device)
 
