@@ -14,7 +14,7 @@ Per level: requests/s, generated tokens/s over the level's wall time, time to fi
 request) p50/p99. Tokens are counted by the server (OpenAI stream with `include_usage`), or for the native
 stream by tokenizing the generated text with the bundled GPT-2 tokenizer. Prints one JSON object; its
 `scaling` field gives tokens/s and requests/s of the last level relative to the first. Each level also
-records the 1-minute load average at its end: on a shared machine, compare levels only at similar load.
+records the 1-minute load average at its end: on a busy machine, compare levels only at similar load.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ async def run_level(url: str, args: argparse.Namespace, clients: int, tokenizer)
         "generated_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
         "ttft_ms": {"p50": ms(ttft, 50), "p99": ms(ttft, 99)},
         "per_token_ms": {"p50": ms(tpot, 50), "p99": ms(tpot, 99)},
-        "load_avg_1m": round(os.getloadavg()[0], 2),  # the machine may be shared: read numbers with this
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # other work on the machine skews the numbers
     }  # fmt: skip
 
 

@@ -11,7 +11,7 @@ Documented choices:
 - `prompt` is a string or a list of strings; token-id prompts are refused. Choice `prompt_idx * n + i` is
   the i-th completion of prompt `prompt_idx`.
 - `logprobs` (0-5) gives OpenAI's legacy object: `tokens`, `token_logprobs`, `top_logprobs` (the
-  `logprobs` most likely tokens at each position), `text_offset`. A token that is only part of a
+  `logprobs` most likely tokens at each position; empty for 0), `text_offset`. A token that is only part of a
   multi-byte character is shown as `bytes:\\xNN...`. With `echo`, the prompt's tokens are listed with
   `null` log-probabilities (prompt scoring is not computed). The end-of-text token is not listed.
   `logprobs` with `stream` is refused.

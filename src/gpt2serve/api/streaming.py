@@ -1,4 +1,4 @@
-"""Streaming answers: server-sent events (SSE) shared by the native and the OpenAI streams.
+"""Streaming answers: server-sent events (SSE), for both the native and the OpenAI streams.
 
 `EngineBatch` submits one engine request per prompt, all at once, so every validation error and a full
 queue (503) surface before the first byte is sent; then it yields the requests' StreamDeltas and results
@@ -150,15 +150,18 @@ async def _native_events(
     started: set[int] = set()
     # Greedy decoding runs one sequence for n identical answers: its pieces go to every index.
     copies = params.n if params.is_greedy else 1
-    async for _, item in batch.items():
-        if isinstance(item, GenerationResult):
-            yield sse_event({"outputs": answer(item)}, event="done")
-            continue
-        for i in range(copies) if copies > 1 else (item.index,):
-            text = item.text if i in started else prefix + item.text
-            started.add(i)
-            if text or item.finish_reason:
-                yield sse_event({"index": i, "text": text, "finish_reason": item.finish_reason})
+    try:
+        async for _, item in batch.items():
+            if isinstance(item, GenerationResult):
+                yield sse_event({"outputs": answer(item)}, event="done")
+                continue
+            for i in range(copies) if copies > 1 else (item.index,):
+                text = item.text if i in started else prefix + item.text
+                started.add(i)
+                if text or item.finish_reason:
+                    yield sse_event({"index": i, "text": text, "finish_reason": item.finish_reason})
+    finally:
+        batch.cancel()  # at once, even when closed while suspended at a `yield`
 
 
 async def _canned(req: V1Request) -> AsyncIterator[bytes]:

@@ -141,6 +141,7 @@ async def _stream(
         yield sse_event(json.loads(openai_error(exc, request_id).body))
     finally:
         await items.aclose()
+        batch.cancel()  # a client that hung up frees its slots at the engine's next step
 
 
 def _chunk(cid: str, created: int, model: str, choices: list[dict], with_usage: bool) -> dict[str, Any]:
