@@ -135,6 +135,10 @@ def _packed(w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Kernel]:
 
 
 FAMILIES = [_f32, _f32_extra, _bf16, _int8, _int4, _packed]
+# The default selection: the kernels chosen by PackedLinear and their main rivals (--methods all: every one).
+MAIN = ["f32_F.linear", "f32_addmm_io", "f32_mkldnn_packed", "fp16w_fbgemm", "bf16_F.linear",
+        "bf16_mkldnn_packed", "int8_int8pack_mm_bf16x", "int8_onednn_dynamic_act", "int8_fbgemm_dynamic_act",
+        "PackedLinear_float32", "PackedLinear_bfloat16", "PackedLinear_int8"]
 BYTES_PER_WEIGHT = {"f32": 4, "fp16w": 2, "bf16": 2, "int8": 1, "int4": 0.5,
                     "PackedLinear_float32": 4, "PackedLinear_bfloat16": 2, "PackedLinear_int8": 1}
 
@@ -191,7 +195,7 @@ def time_rounds(kernels: dict[str, list[Kernel]], x: torch.Tensor, rounds: int, 
     times: dict[str, list[float]] = {m: [] for m in kernels}
     foreign = dict.fromkeys(kernels, 0)
     for _ in range(rounds):
-        wait_for_quiet()
+        wait_for_quiet(max_wait_s=3.0)
         for m, fns in kernels.items():
             tries = []
             for _ in range(3):
@@ -200,7 +204,7 @@ def time_rounds(kernels: dict[str, list[Kernel]], x: torch.Tensor, rounds: int, 
                 tries.append((foreign_cpu_ticks() - before, calls))
                 if tries[-1][0] <= 1:
                     break
-                wait_for_quiet(max_wait_s=5.0)
+                wait_for_quiet(max_wait_s=1.0)
             ticks, calls = min(tries, key=lambda t: t[0])
             times[m] += calls
             foreign[m] += ticks
@@ -214,7 +218,7 @@ def rel_error(fn: Kernel, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
 
 def run(args: argparse.Namespace, read_gbps: float) -> list[dict]:
     results = []
-    wanted = set(args.methods.split(",")) if args.methods else None
+    wanted = None if args.methods == "all" else set(args.methods.split(",") if args.methods else MAIN)
     shape_sets = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
     for set_name in shape_sets:
         for shape, (k, n, has_bias) in SHAPES[set_name].items():
@@ -244,10 +248,10 @@ def main() -> None:
     parser.add_argument("--shapes", default="gpt2", help="gpt2, gpt2-xl, a comma list, or all")
     parser.add_argument("--only", default="", help="comma list of matrices: attn,proj,fc,mlp_proj,head")
     parser.add_argument("--ms", default="1,2,3,5,8,16", help="comma list of activation row counts")
-    parser.add_argument("--methods", default="", help="comma list of method names (default: all)")
+    parser.add_argument("--methods", default="", help="comma list of method names, or all (default: MAIN)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--budget-s", type=float, default=0.15, help="seconds per method per (shape, M)")
+    parser.add_argument("--budget-s", type=float, default=0.1, help="seconds per method per (shape, M)")
     parser.add_argument("--cold-mb", type=float, default=128.0, help="weight bytes cycled through per method")
     args = parser.parse_args()
     if args.threads:

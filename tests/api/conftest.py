@@ -21,6 +21,7 @@ import torch
 import uvicorn
 
 from gpt2serve.api.app import create_app
+from gpt2serve.api.state import ServerState
 from gpt2serve.settings import Settings
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -62,6 +63,11 @@ class ThreadServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.settings.port}"
+
+    @property
+    def state(self) -> ServerState:
+        """The app's server state (its engine, once loaded)."""
+        return self.server.config.app.state.server
 
     def start(self) -> ThreadServer:
         config = uvicorn.Config(

@@ -187,7 +187,7 @@ def check_error(
     assert r.status_code == status, r.text
     assert "Traceback" not in r.text
     error = r.json()["error"]
-    assert set(error) == {"message", "type", "param"}
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] is None
     assert fragment in error["message"], error
     if param is not None:
         assert error["param"] == param, error

@@ -15,7 +15,6 @@ import boto3
 import httpx
 import pytest
 from botocore.config import Config
-from botocore.exceptions import ClientError
 
 from gpt2serve.api.container import build_parser
 from gpt2serve.settings import Settings, add_arguments
@@ -56,12 +55,32 @@ def test_boto3_jsonlines(api_server: ThreadServer) -> None:
     assert [json.loads(line)["input"] for line in lines] == ["a", "b"]
 
 
-def test_boto3_sees_errors(api_server: ThreadServer) -> None:
-    with pytest.raises(ClientError) as info:
-        runtime_client(api_server.url).invoke_endpoint(
+def test_boto3_sees_errors_as_model_error(api_server: ThreadServer) -> None:
+    client = runtime_client(api_server.url)
+    with pytest.raises(client.exceptions.ModelError) as info:
+        client.invoke_endpoint(
             EndpointName="gpt2", ContentType="application/json", Body=b'{"input": "a", "mode": "fast"}'
         )
-    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    error = info.value.response
+    assert error["ResponseMetadata"]["HTTPStatusCode"] == 424
+    assert error["OriginalStatusCode"] == 400 and "`mode`" in error["Error"]["Message"]
+    assert json.loads(error["OriginalMessage"])["error"]["param"] == "mode"
+
+
+def test_runtime_path_answers_424_where_the_container_path_answers_the_status(client: httpx.Client) -> None:
+    body = {"input": "a", "top_p": 2.0}
+    plain = client.post("/invocations", json=body)
+    runtime = client.post("/endpoints/gpt2/invocations", json=body)
+    assert plain.status_code == 400 and "x-amzn-errortype" not in plain.headers
+    assert runtime.status_code == 424 and runtime.headers["x-amzn-errortype"] == "ModelError"
+    answer = runtime.json()
+    assert answer["OriginalStatusCode"] == 400 and json.loads(answer["OriginalMessage"]) == plain.json()
+    assert answer["error"] == plain.json()["error"] and "Received client error (400)" in answer["Message"]
+    # A bad Content-Type too; a body over the size limit is refused by the runtime itself: 413.
+    text = client.post("/endpoints/gpt2/invocations", content=b"{}", headers={"content-type": "text/plain"})
+    assert text.status_code == 424 and text.json()["OriginalStatusCode"] == 415
+    big = client.post("/endpoints/gpt2/invocations", json={"input": "a" * 60_000})
+    assert big.status_code == 413 and "x-amzn-errortype" not in big.headers
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +103,9 @@ def test_failed_load_keeps_ping_503(broken_server: ThreadServer) -> None:
     r = httpx.post(f"{broken_server.url}/invocations", json={"input": "Hello"})
     assert r.status_code == 503
     assert "/nonexistent/gpt2-checkpoint" in r.json()["error"]["message"]
+    runtime = httpx.post(f"{broken_server.url}/endpoints/gpt2/invocations", json={"input": "Hello"})
+    assert runtime.status_code == 424 and runtime.headers["retry-after"]
+    assert runtime.json()["OriginalStatusCode"] == 503
 
 
 def test_ping_is_503_while_loading_and_sigterm_then_exits_0(process_server) -> None:

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gpt2serve import __version__
 from gpt2serve.api.errors import install_error_handlers
+from gpt2serve.api.metrics import ServerMetrics
 from gpt2serve.api.middleware import RequestContextMiddleware
 from gpt2serve.api.state import ServerState
 from gpt2serve.engine.engine import Engine
@@ -35,6 +36,7 @@ ROUTE_MODULES = (
     "gpt2serve.api.routes.seed",
     "gpt2serve.api.routes.response_stream",
     "gpt2serve.api.routes.openai",
+    "gpt2serve.api.routes.metrics",
 )
 KEEP_ALIVE_S = 75  # longer than the 60 s idle timeout of the load balancers in front of endpoints
 
@@ -51,8 +53,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="gpt2serve", version=__version__, lifespan=lifespan)
     app.state.server = state
+    app.state.metrics = metrics = ServerMetrics(state)
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, observer=metrics.observe
+    )
     for name in ROUTE_MODULES:
         if importlib.util.find_spec(name) is not None:
             app.include_router(importlib.import_module(name).router)

@@ -1,15 +1,19 @@
 """One error envelope and one table from exception classes to HTTP statuses.
 
-Every error answer has the body `{"error": {"message": ..., "type": ..., "param": ...}}` (the shape
-OpenAI clients expect too). Unexpected exceptions become 500 with the request id in the message and a
-logged traceback; no traceback ever reaches the client.
+Every error answer has the body `{"error": {"message": ..., "type": ..., "param": ..., "code": null}}`
+(the shape OpenAI clients expect too). Unexpected exceptions become 500 with the request id in the
+message and a logged traceback; no traceback ever reaches the client.
 
 Documented choice: a request that runs past `request_timeout_s` gets 504 (the server's own deadline for
 its generation backend ran out; 408 would blame the client for sending the request too slowly).
+
+`model_error()` answers as the SageMaker runtime service reports a container's error to its callers:
+HTTP 424 `ModelError` carrying the container's status and body.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -60,7 +64,7 @@ class ErrorInfo:
 
 
 def envelope(message: str, type: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param}}
+    return {"error": {"message": message, "type": type, "param": param, "code": None}}
 
 
 # exception class -> (status, error type); the first matching row wins.
@@ -96,6 +100,22 @@ def describe(exc: BaseException, request_id: str = "-") -> ErrorInfo:
     logger.error("request %s failed", request_id, exc_info=exc)
     message = f"internal server error (request id {request_id}); the server log has the details"
     return ErrorInfo(500, envelope(message, "server_error"))
+
+
+def model_error(exc: BaseException, request_id: str = "-") -> JSONResponse:
+    """424 ModelError (header `x-amzn-ErrorType: ModelError`) carrying the status and body the container's
+    /invocations would have answered, plus the usual `error` object; a 503 keeps its Retry-After."""
+    info = describe(exc, request_id)
+    original = json.dumps(info.body, ensure_ascii=False)
+    side = "client" if info.status < 500 else "server"
+    body = {
+        **info.body,
+        "Message": f'Received {side} error ({info.status}) from primary with message "{original}".',
+        "OriginalStatusCode": info.status,
+        "OriginalMessage": original,
+    }
+    headers = {**info.headers, "x-amzn-ErrorType": "ModelError"}
+    return JSONResponse(body, status_code=424, headers=headers)
 
 
 def _validation_error(errors: list[dict]) -> ErrorInfo:

@@ -1,4 +1,5 @@
-"""ASGI middleware: a request id on every answer, the request body size limit, one log line per request.
+"""ASGI middleware: a request id on every answer, the request body size limit, one log line per request
+(and one observation for the metrics).
 
 Pure ASGI (no BaseHTTPMiddleware) so streamed answers pass through untouched.
 """
@@ -9,6 +10,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,6 +22,8 @@ access_log = logging.getLogger("gpt2serve.access")
 REQUEST_ID_HEADER = "X-Request-Id"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 QUIET_PATHS = ("/ping", "/health")  # polled every few seconds: logged at DEBUG unless they fail
+# Called with (method, route path template or None, status, seconds) when an answer ends.
+Observer = Callable[[str, str | None, int, float], None]
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -32,11 +36,12 @@ def _header(scope: Scope, name: bytes) -> str | None:
 class RequestContextMiddleware:
     """Tags each request with an id (the caller's X-Request-Id if it is sane, else a new one), sends it
     back as X-Request-Id, enforces `max_body_bytes`, turns an unhandled exception into the 500 envelope
-    and logs method, path, status and duration."""
+    and logs method, path, status and duration (and hands them to `observer`, if given)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, observer: Observer | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.observer = observer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,6 +72,9 @@ class RequestContextMiddleware:
             await describe(exc, request_id).response()(scope, receive, send_tagged)
         finally:
             self._log(scope, status[0], started, request_id)
+            if self.observer is not None:
+                route = getattr(scope.get("route"), "path", None)  # set by the router on a match
+                self.observer(scope.get("method", "-"), route, status[0], time.perf_counter() - started)
 
     def _declared_too_large(self, scope: Scope) -> bool:
         length = _header(scope, b"content-length")

@@ -69,7 +69,9 @@ class ServerState:
                 engine.stop()
                 return
             self.ready = True
-        random = " (random weights: its text is gibberish, for tests and benchmarks)" if engine.is_random else ""
+        random = ""
+        if engine.is_random:
+            random = " (random weights: its text is gibberish, for tests and benchmarks)"
         took = time.monotonic() - started
         logger.info("model %s%s ready in %.1f s on %s", name, random, took, engine.device)
 

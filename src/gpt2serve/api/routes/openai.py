@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 
 from gpt2serve.api import content
 from gpt2serve.api import openai_protocol as proto
+from gpt2serve.api.disconnect import until_disconnected
 from gpt2serve.api.errors import APIError, describe, request_id_of
 from gpt2serve.api.state import server_state
 from gpt2serve.api.streaming import DONE, EngineBatch, SSEResponse, sse_event
@@ -42,12 +43,10 @@ CHAT_MESSAGE = (
 
 
 def openai_error(exc: BaseException, request_id: str) -> JSONResponse:
-    """The server's error answer, in OpenAI's field names and with its `code` field."""
+    """The server's error answer, in OpenAI's field names."""
     if isinstance(exc, InvalidParameterError):
         exc = proto.in_openai_terms(exc)
-    info = describe(exc, request_id)
-    info.body["error"].setdefault("code", None)
-    return info.response()
+    return describe(exc, request_id).response()
 
 
 def _model_card(request: Request) -> dict[str, Any]:
@@ -105,7 +104,7 @@ async def completions(request: Request) -> Any:
     if req.stream:
         return SSEResponse(_stream(batch, req, prompts, params, model, request_id))
     try:
-        results = await batch.wait()
+        results = await until_disconnected(request, batch.wait())  # 499 if the client left
     except Exception as exc:
         return openai_error(exc, request_id)
     return JSONResponse(proto.completion(req, results, model, engine.tokenizer))

@@ -11,21 +11,20 @@ Errors, as the runtime service reports a container's errors:
 - before the stream starts (bad request, busy, loading): HTTP 424 `ModelError` (header
   `x-amzn-ErrorType: ModelError`) whose body carries `OriginalStatusCode` and `OriginalMessage` (the
   status and JSON body `/invocations` would have answered), plus the usual `error` object; a 503 keeps
-  its Retry-After header. boto3 raises `ModelError`.
+  its Retry-After header. boto3 raises `ModelError`. (A body over the size limit gets 413, as the runtime
+  service refuses one itself.)
 - after it started: a `ModelStreamError` event (ErrorCode `ModelInvocationTimeExceeded` for a request that
   ran past its deadline, else `StreamBroken`); boto3 raises it while the caller iterates.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 
 from gpt2serve.api import content, eventstream
-from gpt2serve.api.errors import APIError, describe, request_id_of
+from gpt2serve.api.errors import APIError, BodyTooLargeError, describe, model_error, request_id_of
 from gpt2serve.api.state import server_state
 from gpt2serve.api.streaming import SSE_MEDIA_TYPE, SSEResponse, open_native_stream
 from gpt2serve.engine.errors import RequestTimeoutError
@@ -45,6 +44,8 @@ async def invoke_with_response_stream(endpoint_name: str, request: Request) -> R
         content.check_custom_attributes(request.headers.get("x-amzn-sagemaker-custom-attributes"))
         body = content.parse_json(content.decode_body(await request.body()))
         chunks = open_native_stream(server_state(request), body)
+    except BodyTooLargeError:
+        raise  # the runtime itself refuses a body over its limit with 413
     except Exception as exc:
         return model_error(exc, request_id)
     headers = {
@@ -52,21 +53,6 @@ async def invoke_with_response_stream(endpoint_name: str, request: Request) -> R
         "x-Amzn-Invoked-Production-Variant": PRODUCTION_VARIANT,
     }
     return SSEResponse(_framed(chunks, request_id), headers=headers, media_type=eventstream.CONTENT_TYPE)
-
-
-def model_error(exc: BaseException, request_id: str) -> JSONResponse:
-    """424 ModelError carrying the status and body the container's /invocations would have answered."""
-    info = describe(exc, request_id)
-    original = json.dumps(info.body, ensure_ascii=False)
-    side = "client" if info.status < 500 else "server"
-    body = {
-        **info.body,
-        "Message": f'Received {side} error ({info.status}) from primary with message "{original}".',
-        "OriginalStatusCode": info.status,
-        "OriginalMessage": original,
-    }
-    headers = {**info.headers, "x-amzn-ErrorType": "ModelError"}
-    return JSONResponse(body, status_code=424, headers=headers)
 
 
 async def _framed(chunks: AsyncIterator[bytes], request_id: str) -> AsyncIterator[bytes]:

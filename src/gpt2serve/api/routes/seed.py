@@ -8,6 +8,12 @@ JSON Lines bodies: each line is one request, answered on its own line, in order;
 the engine concurrently (at most `max_batch_size` at once per body). A line that fails validation is
 answered with its `{"error": ...}` object and the other lines still run. A line refused because the
 server is busy or stopping fails the whole body with 503, so batch transform retries it.
+
+Errors: `/invocations` answers the status of the error (400, 503 ...), as a container does;
+`/endpoints/<name>/invocations` answers as the SageMaker runtime service does, with HTTP 424 `ModelError`
+whose `OriginalStatusCode` and `OriginalMessage` carry that status and body (boto3 raises ModelError);
+a body over the size limit gets 413 on both paths, as the runtime service refuses one itself.
+A client that disconnects while its non-streamed request runs cancels the generation.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from gpt2serve.api import content
-from gpt2serve.api.errors import describe, request_id_of
+from gpt2serve.api.disconnect import ClientDisconnectedError, until_disconnected
+from gpt2serve.api.errors import BodyTooLargeError, describe, model_error, request_id_of
 from gpt2serve.api.protocol import V1Request, parse_request
 from gpt2serve.api.state import ServerState, server_state
 from gpt2serve.api.streaming import native_sse_response, wants_stream
@@ -47,8 +54,23 @@ async def execution_parameters(request: Request) -> dict[str, Any]:
 
 
 @router.post("/invocations")
-@router.post("/endpoints/{endpoint_name}/invocations")
 async def invocations(request: Request) -> Response:
+    """The container's inference call: errors answer with their own status."""
+    return await _invoke(request)
+
+
+@router.post("/endpoints/{endpoint_name}/invocations")
+async def invoke_endpoint(endpoint_name: str, request: Request) -> Response:
+    """The runtime service's InvokeEndpoint: an error is a 424 ModelError carrying the container's answer."""
+    try:
+        return await _invoke(request)
+    except (BodyTooLargeError, ClientDisconnectedError):
+        raise  # the runtime itself refuses a body over its limit with 413, before the model sees it
+    except Exception as exc:
+        return model_error(exc, request_id_of(request))
+
+
+async def _invoke(request: Request) -> Response:
     request_type = content.request_media_type(request.headers.get("content-type"))
     accept = request.headers.get("accept")
     content.check_custom_attributes(request.headers.get("x-amzn-sagemaker-custom-attributes"))
@@ -59,11 +81,11 @@ async def invocations(request: Request) -> Response:
         if wants_stream(accept, body):  # "stream": true or Accept: text/event-stream
             return native_sse_response(state, body, request_id_of(request))
         answer_type = content.answer_media_type(accept, request_type)
-        answer = await answer_one(state, body)
+        answer = await until_disconnected(request, answer_one(state, body))
         return Response(content.render([answer], answer_type, single=True), media_type=answer_type)
     answer_type = content.answer_media_type(accept, request_type)
     lines = content.split_lines(text)
-    answers = await _answer_lines(state, lines, request_id_of(request))
+    answers = await until_disconnected(request, _answer_lines(state, lines, request_id_of(request)))
     return Response(content.render(answers, answer_type, single=False), media_type=answer_type)
 
 
@@ -96,4 +118,3 @@ async def _answer_lines(state: ServerState, lines: list[tuple[int, str]], reques
     finally:  # after a 503, the other lines need not run on
         for task in tasks:
             task.cancel()
-

@@ -1,0 +1,104 @@
+"""PackedLinear computes x @ W + b in every weight format, for 2-D and 3-D inputs and the tied LM head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2serve.engine.linear import FORMATS, PackedLinear, quantize_int8
+
+# Relative (Frobenius) error allowed per format: float32 is exact up to summation order; bfloat16 rounds
+# activations and outputs to 8 mantissa bits; int8 rounds weights (and, with fbgemm, activations).
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1.5e-2, "int8": 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)
+
+
+def _conv1d(n_in: int, n_out: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n_in, n_out, generator=gen) * 0.02, torch.randn(n_out, generator=gen) * 0.02
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_matches_x_at_w_plus_b(fmt: str, rows: int) -> None:
+    weight, bias = _conv1d(64, 96)
+    layer = PackedLinear(weight, bias, fmt)
+    x = torch.randn(rows, 64)
+    y = layer(x)
+    assert y.shape == (rows, 96) and y.dtype == torch.float32
+    assert _rel_err(y, x.double() @ weight.double() + bias.double()) < TOLERANCE[fmt]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_three_dim_input_keeps_leading_dims(fmt: str) -> None:
+    weight, bias = _conv1d(64, 48, seed=1)
+    x = torch.randn(2, 5, 64)
+    y = PackedLinear(weight, bias, fmt)(x)
+    assert y.shape == (2, 5, 48)
+    assert _rel_err(y, x.double() @ weight.double() + bias.double()) < TOLERANCE[fmt]
+
+
+def test_float32_exact_on_a_gpt2_sized_matrix() -> None:
+    weight, bias = _conv1d(768, 2304, seed=2)
+    x = torch.randn(3, 768)
+    y = PackedLinear(weight, bias, "float32")(x)
+    assert _rel_err(y, x.double() @ weight.double() + bias.double()) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_lm_head_uses_the_embedding_without_bias(fmt: str) -> None:
+    embedding = torch.randn(200, 64, generator=torch.Generator().manual_seed(3)) * 0.02
+    head = PackedLinear.lm_head(embedding, fmt)
+    x = torch.randn(4, 64)
+    logits = head(x)
+    assert logits.shape == (4, 200)
+    assert _rel_err(logits, x.double() @ embedding.double().T) < TOLERANCE[fmt]
+
+
+def test_int8_weight_only_kernel() -> None:
+    weight, bias = _conv1d(64, 96, seed=4)
+    layer = PackedLinear(weight, bias, "int8", int8_weight_only=True)
+    assert layer.kernel == "weight_int8pack_mm"
+    x = torch.randn(3, 64)
+    assert _rel_err(layer(x), x.double() @ weight.double() + bias.double()) < 2e-2
+
+
+def test_quantize_int8_rounds_each_weight_to_the_nearest_step() -> None:
+    weight = torch.randn(32, 48)
+    q, scale = quantize_int8(weight)
+    assert q.dtype == torch.int8 and scale.shape == (32,)
+    assert int(q.abs().amax(dim=1).min()) == 127  # every row uses the full range
+    assert torch.all((q.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_empty_and_non_contiguous_inputs(fmt: str) -> None:
+    weight, bias = _conv1d(64, 96, seed=5)
+    layer = PackedLinear(weight, bias, fmt)
+    assert layer(torch.randn(0, 64)).shape == (0, 96)
+    x = torch.randn(64, 3).T  # a transposed view
+    assert _rel_err(layer(x), x.double() @ weight.double() + bias.double()) < TOLERANCE[fmt]
+
+
+def test_unknown_format_is_rejected() -> None:
+    weight, bias = _conv1d(8, 8)
+    with pytest.raises(ValueError, match="float16"):
+        PackedLinear(weight, bias, "float16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cuda_matches_cpu_reference(fmt: str) -> None:
+    weight, bias = _conv1d(64, 96, seed=6)
+    layer = PackedLinear(weight, bias, fmt, device="cuda")
+    x = torch.randn(3, 64)
+    y = layer(x.cuda()).cpu()
+    assert _rel_err(y, x.double() @ weight.double() + bias.double()) < TOLERANCE[fmt]
