@@ -6,11 +6,14 @@ The weights of one method are replicated into a set of copies larger than the L3
 through them, so every call reads its weight from RAM as in a real decode step. Methods are timed in
 interleaved rounds (the machine is shared and noisy) and the median call time is reported.
 
-    python benchmarks/bench_linear.py [--shapes gpt2|gpt2-xl|all] [--ms 1,3,8,16] [--methods a,b]
-                                      [--threads N] [--rounds 3] [--cold-mb 128]
+    python benchmarks/bench_linear.py [--shapes gpt2|gpt2-xl|all] [--only fc,head] [--ms 1,3,8,16]
+                                      [--methods a,b|all] [--threads N] [--rounds 3] [--cold-mb 128]
 
-Prints one JSON object: {"roofline_read_GBps", "threads", "results": [{shape, M, method, format,
-ms_median, ms_best, GBps, pct_roofline, rel_err}, ...]}.
+One matrix takes 15-60 s on a quiet 2-core machine (`--only` picks matrices). Prints one JSON object:
+{"roofline_read_GBps", "threads", "torch", "results": [{shape, in, out, M, method, ms_median, ms_best,
+GBps, pct_roofline, rel_err, foreign_cpu_ticks}, ...]}; GBps counts the weight bytes in the method's
+format, rel_err is the Frobenius error against a float64 x @ W + b, foreign_cpu_ticks the CPU time other
+processes took during the timed calls (10 ms ticks: large values mean a disturbed measurement).
 """
 
 from __future__ import annotations
@@ -31,16 +34,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bench_roofline import foreign_cpu_ticks, measure_read_bandwidth, wait_for_quiet  # noqa: E402
 
-from gpt2serve.engine.linear import PackedLinear, quantize_int8  # noqa: E402
+from gpt2serve.engine.linear import PackedLinear, _fbgemm_pack, quantize_int8  # noqa: E402
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 mkldnn = torch.ops.mkldnn
 
 SHAPES = {  # name -> (in, out, has_bias)
-    "gpt2": {"attn": (768, 2304, True), "proj": (768, 768, True), "fc": (768, 3072, True),
-             "mlp_proj": (3072, 768, True), "head": (768, 50257, False)},
-    "gpt2-xl": {"attn": (1600, 4800, True), "proj": (1600, 1600, True), "fc": (1600, 6400, True),
-                "mlp_proj": (6400, 1600, True), "head": (1600, 50257, False)},
+    "gpt2": {
+        "attn": (768, 2304, True),
+        "proj": (768, 768, True),
+        "fc": (768, 3072, True),
+        "mlp_proj": (3072, 768, True),
+        "head": (768, 50257, False),
+    },
+    "gpt2-xl": {
+        "attn": (1600, 4800, True),
+        "proj": (1600, 1600, True),
+        "fc": (1600, 6400, True),
+        "mlp_proj": (6400, 1600, True),
+        "head": (1600, 50257, False),
+    },
 }
 
 
@@ -60,8 +73,12 @@ def _f32_extra(w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Kernel]:
     fp16 = torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(w_oi)
     return {
         "f32_mkl_packed_bs8": lambda x: torch.ops.mkl._mkl_linear(x, mkl, w_oi, b, 8),
-        "f32_addmm_io_rows": lambda x: torch.cat([torch.addmm(b, x[i : i + 1], w) if b is not None
-                                                  else x[i : i + 1] @ w for i in range(x.shape[0])]),
+        "f32_addmm_io_rows": lambda x: torch.cat(
+            [
+                torch.addmm(b, x[i : i + 1], w) if b is not None else x[i : i + 1] @ w
+                for i in range(x.shape[0])
+            ]
+        ),
         "fp16w_fbgemm": lambda x: torch.ops.aten.fbgemm_linear_fp16_weight_fp32_activation(x, fp16, b),
     }
 
@@ -78,8 +95,9 @@ def _bf16(w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Kernel]:
 
     return {
         "bf16_F.linear": lambda x: F.linear(x.bfloat16(), w_oi, b16).float(),
-        "bf16_mkldnn_packed": lambda x: mkldnn._linear_pointwise(x.bfloat16(), packed, b16, "none", [], "")
-        .float(),
+        "bf16_mkldnn_packed": lambda x: mkldnn._linear_pointwise(
+            x.bfloat16(), packed, b16, "none", [], ""
+        ).float(),
         "bf16_upcast_chunks": upcast,
     }
 
@@ -88,16 +106,16 @@ def _int8(w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Kernel]:
     q, scale = quantize_int8(w.t())
     qw = torch.ops.onednn.qlinear_prepack(q, None)
     zeros = torch.zeros(q.shape[0], dtype=torch.long)
-    fb = torch.ops.quantized.linear_prepack(
-        torch.quantize_per_channel(w.t().contiguous(), scale.double(), zeros, 0, torch.qint8), b)
+    fb = _fbgemm_pack(w.t(), b)  # per-channel int8 weight, as PackedLinear packs it
 
     def onednn_dynamic(x: torch.Tensor) -> torch.Tensor:  # per-tensor uint8 activations
         lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
         xs = float((hi - lo) / 255) or 1.0
         xz = int(round(-float(lo) / xs))
         qx = (x / xs).round_().add_(xz).clamp_(0, 255).to(torch.uint8)
-        return torch.ops.onednn.qlinear_pointwise(qx, xs, xz, qw, scale, zeros, b, 1.0, 0, torch.float32,
-                                                  "none", [], "")
+        return torch.ops.onednn.qlinear_pointwise(
+            qx, xs, xz, qw, scale, zeros, b, 1.0, 0, torch.float32, "none", [], ""
+        )
 
     def add_b(y: torch.Tensor) -> torch.Tensor:
         return y + b if b is not None else y
@@ -136,11 +154,30 @@ def _packed(w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Kernel]:
 
 FAMILIES = [_f32, _f32_extra, _bf16, _int8, _int4, _packed]
 # The default selection: the kernels chosen by PackedLinear and their main rivals (--methods all: every one).
-MAIN = ["f32_F.linear", "f32_addmm_io", "f32_mkldnn_packed", "fp16w_fbgemm", "bf16_F.linear",
-        "bf16_mkldnn_packed", "int8_int8pack_mm_bf16x", "int8_onednn_dynamic_act", "int8_fbgemm_dynamic_act",
-        "PackedLinear_float32", "PackedLinear_bfloat16", "PackedLinear_int8"]
-BYTES_PER_WEIGHT = {"f32": 4, "fp16w": 2, "bf16": 2, "int8": 1, "int4": 0.5,
-                    "PackedLinear_float32": 4, "PackedLinear_bfloat16": 2, "PackedLinear_int8": 1}
+MAIN = [
+    "f32_F.linear",
+    "f32_addmm_io",
+    "f32_mkldnn_packed",
+    "fp16w_fbgemm",
+    "bf16_F.linear",
+    "bf16_mkldnn_packed",
+    "int8_int8pack_mm_bf16x",
+    "int8_onednn_dynamic_act",
+    "int8_fbgemm_dynamic_act",
+    "PackedLinear_float32",
+    "PackedLinear_bfloat16",
+    "PackedLinear_int8",
+]
+BYTES_PER_WEIGHT = {
+    "f32": 4,
+    "fp16w": 2,
+    "bf16": 2,
+    "int8": 1,
+    "int4": 0.5,
+    "PackedLinear_float32": 4,
+    "PackedLinear_bfloat16": 2,
+    "PackedLinear_int8": 1,
+}
 
 
 def weight_bytes(method: str, k: int, n: int) -> float:
@@ -231,13 +268,21 @@ def run(args: argparse.Namespace, read_gbps: float) -> list[dict]:
                 timed = time_rounds(kernels, x, args.rounds, args.budget_s)
                 for method, (med, best, foreign) in timed.items():
                     gbps = weight_bytes(method, k, n) / med / 1e6
-                    results.append({
-                        "shape": f"{set_name}.{shape}", "in": k, "out": n, "M": m_rows, "method": method,
-                        "ms_median": round(med, 4), "ms_best": round(best, 4), "GBps": round(gbps, 2),
-                        "pct_roofline": round(100 * gbps / read_gbps, 1),
-                        "rel_err": float(f"{rel_error(kernels[method][0], x, w, b):.2e}"),
-                        "foreign_cpu_ticks": foreign,
-                    })
+                    results.append(
+                        {
+                            "shape": f"{set_name}.{shape}",
+                            "in": k,
+                            "out": n,
+                            "M": m_rows,
+                            "method": method,
+                            "ms_median": round(med, 4),
+                            "ms_best": round(best, 4),
+                            "GBps": round(gbps, 2),
+                            "pct_roofline": round(100 * gbps / read_gbps, 1),
+                            "rel_err": float(f"{rel_error(kernels[method][0], x, w, b):.2e}"),
+                            "foreign_cpu_ticks": foreign,
+                        }
+                    )
                     print(json.dumps(results[-1]), file=sys.stderr, flush=True)
             del kernels
     return results
@@ -258,8 +303,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     read_gbps = measure_read_bandwidth(gb=0.5, repeats=5)
     results = run(args, read_gbps)
-    print(json.dumps({"roofline_read_GBps": round(read_gbps, 2), "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "results": results}))
+    print(
+        json.dumps(
+            {
+                "roofline_read_GBps": round(read_gbps, 2),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -91,13 +91,17 @@ def main() -> None:
     read = measure_read_bandwidth(args.gb, args.repeats)
     copy = measure_copy_bandwidth(args.gb, args.repeats)
     gpt2_fp32_bytes = 124.4e6 * 4
-    print(json.dumps({
-        "read_GBps": round(read, 2),
-        "copy_GBps": round(copy, 2),
-        "threads": torch.get_num_threads(),
-        "gb": args.gb,
-        "gpt2_fp32_step_ms_at_read_bw": round(gpt2_fp32_bytes / (read * 1e9) * 1e3, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "read_GBps": round(read, 2),
+                "copy_GBps": round(copy, 2),
+                "threads": torch.get_num_threads(),
+                "gb": args.gb,
+                "gpt2_fp32_step_ms_at_read_bw": round(gpt2_fp32_bytes / (read * 1e9) * 1e3, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

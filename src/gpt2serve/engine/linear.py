@@ -2,23 +2,25 @@
 
 Decoding streams every weight from memory once per step for only 1-16 activation rows, so a kernel is
 judged by the weight bytes it reads per second. Measured by benchmarks/bench_linear.py (torch 2.13 CPU,
-2-core AMD EPYC Zen 4 with AVX-512 / AVX512-BF16 / VNNI, ~30-35 GB/s read bandwidth, 2 threads, weights
-cold in RAM; gpt2's 768x3072 c_fc at M = 1 / 3 / 8 / 16 rows, median ms):
+2-core AMD EPYC Zen 4 with AVX-512, AVX512-BF16 and VNNI, ~31 GB/s read bandwidth, 2 threads, weights
+cold in RAM), median ms for gpt2's 768x3072 c_fc at M = 1 / 3 / 8 / 16 rows:
 
-- float32: oneDNN inner product on a prepacked weight (`mkldnn._linear_pointwise`):
-  0.42 / 0.35 / 0.46 / 0.57 ms (22-27 GB/s). `F.linear` / `addmm` go to MKL sgemm, whose path on AMD
-  falls apart beyond one row: 0.68 / 1.63 / 0.94 / 1.23 ms. Exact: same fp32 sums, ~4e-7 relative error.
-- bfloat16: the same oneDNN kernel with bf16 activations (AVX512-BF16 dot products), output cast back:
-  0.20 / 0.17 / 0.22 / 0.29 ms, about twice as fast as float32; ~3e-3 relative error (bf16 activations).
-- int8: fbgemm dynamic quantization (int8 weights per output channel, activations quantized per call
-  to uint8 per tensor, VNNI int8 GEMM): 0.10 / 0.10 / 0.12 / 0.18 ms, the only int8 kernel faster than
-  bfloat16. Weight-only `torch._weight_int8pack_mm` is slower than bfloat16 once M > 1 (0.17 / 0.23 /
-  0.46 / 0.75 ms with bf16 activations; 10x worse with fp32 ones), int4 (`_weight_int4pack_mm_for_cpu`)
-  is 10-100x slower still. The cost of fbgemm's speed is accuracy: ~1e-2 relative error on Gaussian
-  inputs (weight-only: 8e-3), but ~5e-2 when a few input channels are 30x larger than the rest, as
-  GPT-2's outlier features are; `int8_weight_only=True` picks the weight-only kernel instead.
+- float32: oneDNN's inner product on a prepacked weight (`mkldnn._linear_pointwise`), 0.34 / 0.34 /
+  0.36 / 0.49 ms (28-19 GB/s). `F.linear` and `addmm` call MKL sgemm, whose code path on this AMD CPU
+  falls apart beyond one row: 0.70 / 1.69 / 1.07 / 1.26 ms; for the 768x50257 LM head at M = 3,
+  37 ms against 4.9 ms. Exact: the same fp32 sums, ~4e-7 relative error.
+- bfloat16: the same oneDNN kernel on bf16 activations (AVX512-BF16 dot products), output cast back to
+  float32: 0.20 / 0.21 / 0.23 / 0.32 ms; ~3e-3 relative error from rounding activations and outputs.
+- int8: fbgemm's dynamic quantization (weights int8 per output channel, activations quantized to uint8
+  per call, VNNI int8 GEMM): 0.11 / 0.11 / 0.13 / 0.19 ms, the only int8 kernel that beats bfloat16.
+  Weight-only `torch._weight_int8pack_mm` gets 0.17 / 0.22 / 0.56 / 0.83 ms (bf16 activations; fp32
+  ones are 10x slower), int4 `_weight_int4pack_mm_for_cpu` 10-100x slower still. The price of fbgemm is
+  accuracy: ~1.2e-2 relative error on Gaussian inputs (weight-only: 8e-3), ~5e-2 where a few input
+  channels are 30x the rest, as GPT-2's outlier features are. `int8_weight_only=True` trades speed back.
 
-On CUDA every format is a plain `F.linear` (cuBLAS); int8 there dequantizes its weight on the fly.
+For all of gpt2's matrices at M = 1 that is 17.8 / 10.7 / 5.7 ms per step (float32 / bfloat16 / int8)
+against 34.7 ms with `F.linear`; the float32 figure is ~90% of the bandwidth bound. On CUDA every format
+is a plain `F.linear` (cuBLAS); int8 there dequantizes its weight on the fly.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 FORMATS = ("float32", "bfloat16", "int8")
+# oneDNN streams the weight 10-25% slower for 1-2 rows than for 4; padding to 4 rows is cheaper.
+MKLDNN_MIN_ROWS = 4
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,72 +65,95 @@ class PackedLinear(torch.nn.Module):
     repacked, so the module is built for one device and not moved afterwards.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, fmt: str = "float32",
-                 device: str | torch.device = "cpu", int8_weight_only: bool = False) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        fmt: str = "float32",
+        device: str | torch.device = "cpu",
+        int8_weight_only: bool = False,
+    ) -> None:
         super().__init__()
         self._pack(weight.detach().t(), bias, fmt, torch.device(device), int8_weight_only)
 
     @classmethod
-    def lm_head(cls, embedding: torch.Tensor, fmt: str = "float32", device: str | torch.device = "cpu",
-                int8_weight_only: bool = False) -> PackedLinear:
+    def lm_head(
+        cls,
+        embedding: torch.Tensor,
+        fmt: str = "float32",
+        device: str | torch.device = "cpu",
+        int8_weight_only: bool = False,
+    ) -> PackedLinear:
         """The tied output projection: logits = x @ embedding.T, from the (vocab, n_embd) embedding."""
         head = cls.__new__(cls)
         torch.nn.Module.__init__(head)
         head._pack(embedding.detach(), None, fmt, torch.device(device), int8_weight_only)
         return head
 
-    def _pack(self, w: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device,
-              int8_weight_only: bool) -> None:
+    def _pack(
+        self,
+        w: torch.Tensor,
+        bias: torch.Tensor | None,
+        fmt: str,
+        device: torch.device,
+        int8_weight_only: bool,
+    ) -> None:
         """Store the (out, in) matrix `w` in the layout of the kernel chosen for (fmt, device)."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown weight format {fmt!r}; expected one of {FORMATS}")
         self.fmt, self.device = fmt, device
         self.out_features, self.in_features = w.shape
         w = w.float().contiguous()
-        b = None if bias is None else bias.detach().float().to(device)
-        self.bias = b
-        self.compute_dtype = torch.float32 if fmt == "int8" else getattr(torch, fmt)
-        if device.type != "cpu":
-            self.kernel = "F.linear"
-            if fmt == "int8":
-                self.weight, self.scale = (t.to(device) for t in quantize_int8(w))
-            else:
-                self.weight = w.to(device, dtype=getattr(torch, fmt))
-        elif fmt == "int8" and not int8_weight_only and (packed := _fbgemm_pack(w, b)) is not None:
+        self.bias = None if bias is None else bias.detach().float().to(device)
+        if device.type != "cpu" or (fmt != "int8" and not torch.backends.mkldnn.is_available()):
+            self._pack_dense(w, fmt, device)
+        elif fmt != "int8":
+            self.kernel, dtype = "mkldnn_packed", getattr(torch, fmt)
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype))
+            self.bias = None if self.bias is None else self.bias.to(dtype)
+        elif not int8_weight_only and (packed := _fbgemm_pack(w, self.bias)) is not None:
             self.kernel, self.weight = "fbgemm_dynamic_int8", packed
-        elif fmt == "int8":
+        else:
             self.kernel = "weight_int8pack_mm"
             self.weight, scale = quantize_int8(w)
-            self.scale = scale.bfloat16()  # the kernel wants bf16 scales: keep the rounding to fix it later
+            self.scale = scale.bfloat16()  # the kernel takes bf16 scales: undo their rounding afterwards
             self.scale_fix = scale / self.scale.float()
-        elif torch.backends.mkldnn.is_available():
-            self.kernel = "mkldnn_packed"
-            self.bias = None if b is None else b.to(self.compute_dtype)
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(w.to(self.compute_dtype))
+
+    def _pack_dense(self, w: torch.Tensor, fmt: str, device: torch.device) -> None:
+        """For `F.linear`: CUDA (cuBLAS), or a CPU build without oneDNN."""
+        if fmt == "int8":
+            self.kernel = "dense_int8"
+            self.weight, self.scale = (t.to(device) for t in quantize_int8(w))
         else:
-            self.kernel = "F.linear"
-            self.weight = w.to(self.compute_dtype)
+            self.kernel, self.weight = "dense", w.to(device, getattr(torch, fmt))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
+        leading = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = self._matmul(x2 if x2.is_contiguous() else x2.contiguous())
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        y = getattr(self, "_" + self.kernel)(x2 if x2.is_contiguous() else x2.contiguous())
+        return y.to(x.dtype).reshape(*leading, self.out_features)
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "mkldnn_packed":
-            xc = x.to(self.compute_dtype)
-            return torch.ops.mkldnn._linear_pointwise(xc, self.weight, self.bias, "none", [], "")
-        if self.kernel == "fbgemm_dynamic_int8":
-            return torch.ops.quantized.linear_dynamic(x.float(), self.weight)
-        if self.kernel == "weight_int8pack_mm":
-            y = torch._weight_int8pack_mm(x.bfloat16(), self.weight, self.scale).float()
-            return y * self.scale_fix if self.bias is None else torch.addcmul(self.bias, y, self.scale_fix)
-        if self.fmt == "int8":  # CUDA: dequantize on the fly
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
-            return y + self.bias.to(x.dtype) if self.bias is not None else y
+    def _mkldnn_packed(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if 0 < rows < MKLDNN_MIN_ROWS:  # zero rows leave the real rows' sums unchanged
+            x = torch.cat([x, x.new_zeros(MKLDNN_MIN_ROWS - rows, x.shape[1])])
+        x = x.to(self.weight.dtype)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")[:rows]
+
+    def _fbgemm_dynamic_int8(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float(), self.weight)
+
+    def _weight_int8pack_mm(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.bfloat16(), self.weight, self.scale).float()
+        return y * self.scale_fix if self.bias is None else torch.addcmul(self.bias, y, self.scale_fix)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(self.weight.dtype)
         return F.linear(x.to(self.weight.dtype), self.weight, b)
+
+    def _dense_int8(self, x: torch.Tensor) -> torch.Tensor:  # dequantizes on the fly (CUDA)
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, kernel={self.kernel}"
