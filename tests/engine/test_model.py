@@ -59,3 +59,18 @@ def test_full_sequence_logits(pair):
     with torch.no_grad():
         expected = ref(ids[None]).logits[0]
     assert torch.allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_prefill_in_chunks_and_on_consecutive_slots(pair):
+    """A prompt fed in two chunks, and two slots decoded together at one position, match the reference."""
+    ours, ref = pair
+    ids = torch.arange(200, 240)
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0]
+    cache = ours.new_cache(n_slots=3)
+    ours(make_batch([ids[:25].tolist()], [1], [0], "cpu"), cache)
+    got = ours(make_batch([ids[25:39].tolist()], [1], [25], "cpu"), cache, last_only=False)[0]
+    assert torch.allclose(got, expected[25:39], atol=1e-4, rtol=0)
+    cache.copy_slots([1], [2], 39)
+    got = ours(make_batch([[int(ids[39])]] * 2, [1, 2], [39, 39], "cpu"), cache)
+    assert torch.allclose(got, expected[39].expand(2, -1), atol=1e-4, rtol=0)

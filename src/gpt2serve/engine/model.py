@@ -55,6 +55,8 @@ class Batch:
     slots: torch.Tensor  # (B,) long
     starts: torch.Tensor  # (B,) long: positions of tokens[:, 0]
     max_len: int  # max(starts) + T: the cache length attention reads
+    slot_range: tuple[int, int] | None = None  # (first, end) when the slots are first, first+1, ...
+    start: int | None = None  # the position every row starts at, when they share one
 
 
 class Block(torch.nn.Module):
@@ -86,17 +88,16 @@ class Block(torch.nn.Module):
 
 def _attend(q, k, v, k_cache, v_cache, batch: Batch) -> torch.Tensor:
     """Write this call's keys/values into their slots, then attend over each slot's used length."""
-    B, nh, T, hs = q.shape
-    if B == 1:  # one slot: plain slicing, no gather
-        slot, start = int(batch.slots[0]), int(batch.starts[0])
-        k_cache[slot, :, start : start + T] = k[0]
-        v_cache[slot, :, start : start + T] = v[0]
-        keys = k_cache[slot : slot + 1, :, : start + T]
-        vals = v_cache[slot : slot + 1, :, : start + T]
-        if T == 1:
-            return F.scaled_dot_product_attention(q, keys, vals)
-        mask = _causal_mask(batch, T, q.device)
-        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+    T = q.shape[2]
+    if batch.slot_range is not None and batch.start is not None:  # consecutive slots, one position: views
+        first, end = batch.slot_range
+        start = batch.start
+        k_cache[first:end, :, start : start + T] = k
+        v_cache[first:end, :, start : start + T] = v
+        keys, vals = k_cache[first:end, :, : start + T], v_cache[first:end, :, : start + T]
+        if T == 1 or start == 0:
+            return F.scaled_dot_product_attention(q, keys, vals, is_causal=T > 1)
+        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=_causal_mask(batch, T, q.device))
     pos = batch.starts[:, None] + torch.arange(T, device=q.device)  # (B, T)
     k_cache[batch.slots[:, None], :, pos] = k.transpose(1, 2)  # cache[slot, :, pos] is (nh, hs)
     v_cache[batch.slots[:, None], :, pos] = v.transpose(1, 2)
@@ -152,9 +153,12 @@ class GPT2(torch.nn.Module):
 def make_batch(tokens: list[list[int]], slots: list[int], starts: list[int], device) -> Batch:
     """A forward batch from Python lists; every row must hold the same number of tokens."""
     T = len(tokens[0])
+    consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
     return Batch(
         tokens=torch.tensor(tokens, dtype=torch.long, device=device),
         slots=torch.tensor(slots, dtype=torch.long, device=device),
         starts=torch.tensor(starts, dtype=torch.long, device=device),
         max_len=max(starts) + T,
+        slot_range=(slots[0], slots[0] + len(slots)) if consecutive else None,
+        start=starts[0] if all(s == starts[0] for s in starts) else None,
     )
