@@ -242,6 +242,7 @@ class Engine:
         rows = [(r, s) for r in self.scheduler.running for s in r.active]
         if not rows:
             return
+        rows.sort(key=lambda row: row[1].slot)  # consecutive slots let attention read cache views
         batch = make_batch(
             [[s.history[-1]] for _, s in rows],
             [s.slot for _, s in rows],
@@ -271,6 +272,7 @@ class Engine:
             if r.beam is not None:
                 beams.setdefault(r.id, (r, []))[1].append(i)
         for req, idx in beams.values():
+            idx.sort(key=lambda i: rows[i][1].index)  # beam order
             self._beam_step(req, logits[idx])
         for req in {id(r): r for r, _ in rows}.values():
             if not req.active:

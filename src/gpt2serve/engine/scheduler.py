@@ -58,11 +58,20 @@ class Scheduler:
             if self.reserved_tokens + req.token_cost > self.max_total_tokens:
                 break
             self.waiting.popleft()
-            req.slots = [self.free_slots.pop() for _ in range(req.n_slots)]
+            req.slots = self._take_slots(req.n_slots)
             self.reserved_tokens += req.token_cost
             self.running.append(req)
             admitted.append(req)
         return admitted
+
+    def _take_slots(self, k: int) -> list[int]:
+        """k free slots, consecutive where possible: attention then reads cache views, not gathered copies."""
+        free = sorted(self.free_slots)
+        start = next((i for i in range(len(free) - k + 1) if free[i + k - 1] - free[i] == k - 1), 0)
+        chosen = free[start : start + k]
+        taken = set(chosen)
+        self.free_slots = [s for s in self.free_slots if s not in taken]
+        return chosen
 
     def release_slot(self, req: Schedulable, slot: int) -> None:
         """Give back one slot of a running request early (a sequence that finished before its siblings)."""
