@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -76,52 +77,47 @@ def runtime_floor_mb() -> float:
     return round(kb / 1024, 1)
 
 
+def _serve_command(spec: str, dtype: str, port: int) -> list[str]:
+    flags = {"--model": spec, "--port": str(port), "--host": "127.0.0.1", "--device": "cpu", "--dtype": dtype,
+             "--request-timeout-s": "590", "--log-level": "warning"}  # fmt: skip
+    return [sys.executable, "-m", "gpt2serve.cli", "serve", *(x for kv in flags.items() for x in kv)]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def serve_cold_start(spec: str, dtype: str) -> dict:
     port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "gpt2serve.cli",
-        "serve",
-        "--model",
-        spec,
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        "--device",
-        "cpu",
-        "--dtype",
-        dtype,
-        "--request-timeout-s",
-        "590",
-        "--log-level",
-        "warning",
-    ]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
-    try:
-        while _get(base + "/ping") != 200:
-            if proc.poll() is not None or time.perf_counter() - start > READY_TIMEOUT_S:
-                return {
-                    "ok": False,
-                    "error": (proc.stderr.read() if proc.poll() is not None else "timeout")[-500:],
-                }
-            time.sleep(0.05)
-        ready_s = time.perf_counter() - start
-        hwm_ready, rss_ready = _status_kb(proc.pid, "VmHWM"), _status_kb(proc.pid, "VmRSS")
-        t = time.perf_counter()
-        status = _get(base + "/invocations", json.dumps({"input": PROMPT}).encode(), timeout=READY_TIMEOUT_S)
-        first_s = time.perf_counter() - t
-        hwm = _status_kb(proc.pid, "VmHWM")
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            _serve_command(spec, dtype, port), env=_env(), stdout=log, stderr=log, text=True
+        )
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            while _get(base + "/ping") != 200:
+                if proc.poll() is not None or time.perf_counter() - start > READY_TIMEOUT_S:
+                    log.seek(0)
+                    return {
+                        "ok": False,
+                        "error": (log.read() if proc.poll() is not None else "timeout")[-500:],
+                    }
+                time.sleep(0.05)
+            ready_s = time.perf_counter() - start
+            hwm_ready, rss_ready = _status_kb(proc.pid, "VmHWM"), _status_kb(proc.pid, "VmRSS")
+            t = time.perf_counter()
+            body = json.dumps({"input": PROMPT}).encode()
+            status = _get(base + "/invocations", body, timeout=READY_TIMEOUT_S)
+            first_s = time.perf_counter() - t
+            hwm = _status_kb(proc.pid, "VmHWM")
+        finally:
+            _stop(proc)
     return {
         "ok": True,
         "how": "gpt2serve serve -> GET /ping 200",

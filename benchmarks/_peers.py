@@ -1,16 +1,26 @@
 """Request shapes and the runners that execute them: gpt2serve's engine, transformers and CTranslate2.
 
-Every runner takes the same prompt token ids and a `Shape` and returns how many tokens each returned
-sequence got, so bench_engine.py can time them alike. EOS is disabled everywhere (min_new_tokens in
-transformers, min_length in CTranslate2, stop_at_eos=False in gpt2serve), so every engine generates
-exactly `shape.new_tokens` tokens per sequence.
+Every runner takes the same prompt and a `Shape` and returns how many tokens each returned sequence got,
+so bench_engine.py can time them alike. EOS is disabled everywhere (min_new_tokens in transformers,
+min_length in CTranslate2, stop_at_eos=False in gpt2serve), so every engine generates exactly
+`shape.new_tokens` tokens per sequence.
+
+Each runner lives in its own process (`RemoteRunner`), as each engine would in production. This matters
+beyond memory: torch's OpenMP runtime (libgomp) spins its idle worker threads between parallel regions
+only while the process's OpenMP threads do not outnumber the cores, so a process that has run torch code
+on two threads (say transformers in the main thread and gpt2serve's engine thread) makes every worker
+sleep between operations, which costs gpt2serve ~10% per step. gpt2serve's runner therefore loads its
+engine in a loader thread that exits, as `gpt2serve serve` does.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,12 +115,57 @@ def convert_ct2(hf_dir: Path, out: Path, quantization: str) -> Path:
 # -- runners --------------------------------------------------------------------------------------------
 
 
+class GPT2ServeRunner:
+    """gpt2serve's Engine.generate_sync, one request at a time."""
+
+    engine = "gpt2serve"
+
+    def __init__(self, spec: str, precision: str, threads: int, prompt: str):
+        from gpt2serve.engine.config import EngineConfig
+        from gpt2serve.engine.engine import Engine
+
+        self.precision = self.compute = precision
+        self.prompt = prompt
+        config = EngineConfig(dtype=precision, max_batch_size=8, request_timeout_s=None, threads=threads)
+        loaded: dict = {}
+        loader = threading.Thread(target=lambda: loaded.update(engine=Engine.load(spec, config)))
+        loader.start()
+        loader.join()
+        if "engine" not in loaded:
+            raise RuntimeError(f"Engine.load({spec!r}, dtype={precision}) failed; see the log above")
+        self.eng = loaded["engine"]
+        self.eng.start()
+
+    def run(self, shape: Shape, prompt_ids: list[int], seed: int) -> list[int]:
+        from gpt2serve.engine.params import SamplingParams
+
+        params = SamplingParams(
+            do_sample=shape.do_sample,
+            top_k=shape.top_k,
+            top_p=shape.top_p,
+            temperature=shape.temperature,
+            num_beams=shape.num_beams,
+            n=shape.n,
+            max_new_tokens=shape.new_tokens,
+            no_repeat_ngram_size=shape.no_repeat_ngram_size,
+            stop_at_eos=False,
+            seed=seed if shape.do_sample else None,
+        )
+        result = self.eng.generate_sync(self.prompt, params)
+        return [len(o.token_ids) for o in result.outputs]
+
+    def close(self) -> None:
+        self.eng.stop()
+        del self.eng
+        free()
+
+
 class TransformersRunner:
     """transformers' GPT2LMHeadModel.generate."""
 
     engine = "transformers"
 
-    def __init__(self, hf_dir: Path, precision: str, threads: int):
+    def __init__(self, hf_dir: Path, precision: str, threads: int, prompt: str):
         from transformers import GPT2LMHeadModel
 
         torch.set_num_threads(threads)
@@ -155,7 +210,7 @@ class CT2Runner:
 
     engine = "ctranslate2"
 
-    def __init__(self, ct2_dir: Path, precision: str, threads: int):
+    def __init__(self, ct2_dir: Path | None, precision: str, threads: int, prompt: str):
         import ctranslate2
 
         self.precision = precision
@@ -198,3 +253,59 @@ class CT2Runner:
     def close(self) -> None:
         del self.gen
         free()
+
+
+RUNNERS = {"gpt2serve": GPT2ServeRunner, "transformers": TransformersRunner, "ctranslate2": CT2Runner}
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _worker(conn, engine: str, precision: str, source, threads: int, prompt: str) -> None:
+    """The loop of a runner's process: build the runner, then time the requests it is sent."""
+    try:
+        runner = RUNNERS[engine](source, precision, threads, prompt)
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", str(runner.compute)))
+    while (msg := conn.recv()) is not None:
+        shape, prompt_ids, seed = msg
+        start = time.perf_counter()
+        lengths = runner.run(shape, prompt_ids, seed)
+        conn.send((time.perf_counter() - start, lengths, _status_kb("VmHWM")))
+    runner.close()
+    conn.send("closed")
+
+
+class RemoteRunner:
+    """A runner in a process of its own (spawned: a fresh interpreter, no inherited thread pools)."""
+
+    def __init__(self, engine: str, precision: str, source, threads: int, prompt: str):
+        self.engine, self.precision = engine, precision
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        args = (child, engine, precision, source, threads, prompt)
+        self.proc = ctx.Process(target=_worker, args=args, daemon=True)
+        self.proc.start()
+        kind, info = self.conn.recv()
+        if kind == "error":
+            self.proc.join()
+            raise RuntimeError(info)
+        self.compute = info
+        self.peak_rss_kb = 0
+
+    def run(self, shape: Shape, prompt_ids: list[int], seed: int) -> tuple[float, list[int]]:
+        """(seconds, new tokens of each returned sequence), timed inside the runner's process."""
+        self.conn.send((shape, prompt_ids, seed))
+        seconds, lengths, self.peak_rss_kb = self.conn.recv()
+        return seconds, lengths
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.conn.recv()
+        self.proc.join()

@@ -11,10 +11,12 @@ The roofline is the time to stream the weights read per step (every matrix, and 
 from RAM at the read bandwidth that bench_roofline.py measures.
 
     python benchmarks/bench_engine.py [--model random:gpt2] [--shapes greedy,top_p,beam,seed]
-        [--precisions float32,bfloat16,int8] [--peers transformers,ct2|none] [--reps 3] [--threads 2]
-        [--cold-start] [--out FILE.json] [--plot FILE.png]
+        [--precisions float32,bfloat16,int8] [--peers transformers,ct2|none] [--only-peers] [--reps 3]
+        [--threads 2] [--sequential] [--cold-start [--no-decode]] [--out FILE.json] [--plot FILE.png]
 
-Prints one JSON object (see BENCHMARKS.md); `--out` also writes it to a file.
+Each engine runs in a process of its own (see _peers.py); a model over 2 GB has one engine in memory at a
+time. `--cold-start` also times `gpt2serve serve` from launch to /ping 200 and reads its peak RSS
+(_cold_start.py). Prints one JSON object (see BENCHMARKS.md); `--out` also writes it to a file.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -34,13 +35,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import bench_roofline  # noqa: E402
 from _cold_start import cold_start_report  # noqa: E402
-from _peers import SHAPES, CT2Runner, Shape, TransformersRunner, convert_ct2, export_hf, free  # noqa: E402
+from _peers import SHAPES, RemoteRunner, Shape, convert_ct2, export_hf, free  # noqa: E402
 from bench_roofline import measure_read_bandwidth  # noqa: E402
 
-from gpt2serve.engine.config import KNOWN_SHAPES, EngineConfig, ModelConfig  # noqa: E402
-from gpt2serve.engine.engine import Engine  # noqa: E402
-from gpt2serve.engine.params import SamplingParams  # noqa: E402
+from gpt2serve.engine.config import KNOWN_SHAPES, ModelConfig  # noqa: E402
 from gpt2serve.engine.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy"  # 8 GPT-2 tokens
@@ -48,40 +48,6 @@ PRECISIONS = ("float32", "bfloat16", "int8")
 BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 WARMUP_TOKENS = 8
 BIG_MODEL_BYTES = 2e9  # fp32 weights above this: one engine in memory at a time
-
-
-class GPT2ServeRunner:
-    """gpt2serve's Engine.generate_sync, one request at a time."""
-
-    engine = "gpt2serve"
-
-    def __init__(self, spec: str, precision: str, threads: int):
-        torch.set_num_threads(threads)
-        self.precision = self.compute = precision
-        config = EngineConfig(dtype=precision, max_batch_size=8, request_timeout_s=None)
-        self.eng = Engine.load(spec, config)
-        self.eng.start()
-
-    def run(self, shape: Shape, prompt_ids: list[int], seed: int) -> list[int]:
-        params = SamplingParams(
-            do_sample=shape.do_sample,
-            top_k=shape.top_k,
-            top_p=shape.top_p,
-            temperature=shape.temperature,
-            num_beams=shape.num_beams,
-            n=shape.n,
-            max_new_tokens=shape.new_tokens,
-            no_repeat_ngram_size=shape.no_repeat_ngram_size,
-            stop_at_eos=False,
-            seed=seed if shape.do_sample else None,
-        )
-        result = self.eng.generate_sync(PROMPT, params)
-        return [len(o.token_ids) for o in result.outputs]
-
-    def close(self) -> None:
-        self.eng.stop()
-        del self.eng
-        free()
 
 
 # -- the model and its roofline --------------------------------------------------------------------------
@@ -147,26 +113,16 @@ def peer_dirs(spec: str, peers: list[str], precisions: list[str], cache: Path) -
 
 
 def factories(args, dirs: dict[str, Path]) -> list[tuple[str, str, object]]:
-    out = [
-        ("gpt2serve", p, lambda p=p: GPT2ServeRunner(args.model, p, args.threads)) for p in args.precisions
-    ]
+    """(engine, precision, what its runner loads) for every engine and precision asked for."""
+    out = [] if args.only_peers else [("gpt2serve", p, args.model) for p in args.precisions]
     if "transformers" in args.peers:
-        for p in args.precisions:
-            if p in ("float32", "bfloat16"):
-                out.append(("transformers", p, lambda p=p: TransformersRunner(dirs["hf"], p, args.threads)))
+        out += [("transformers", p, dirs["hf"]) for p in args.precisions if p in ("float32", "bfloat16")]
     if "ct2" in args.peers:
-        for p in args.precisions:
-            out.append(("ctranslate2", p, lambda p=p: CT2Runner(dirs.get(f"ct2-{p}"), p, args.threads)))
+        out += [("ctranslate2", p, dirs.get(f"ct2-{p}")) for p in args.precisions]
     return out
 
 
 # -- timing ------------------------------------------------------------------------------------------------
-
-
-def time_one(runner, shape: Shape, prompt_ids: list[int], seed: int) -> tuple[float, list[int]]:
-    start = time.perf_counter()
-    lengths = runner.run(shape, prompt_ids, seed)
-    return time.perf_counter() - start, lengths
 
 
 def warm_up(runner, shapes: list[Shape], prompt_ids: list[int]) -> None:
@@ -180,9 +136,9 @@ def measure(args, prompt_ids: list[int], dirs: dict[str, Path], log) -> tuple[di
     samples: dict[tuple, dict] = {}
     errors: list[dict] = []
 
-    def open_runner(engine, precision, make):
+    def open_runner(engine, precision, source):
         try:
-            runner = make()
+            runner = RemoteRunner(engine, precision, source, args.threads, PROMPT)
         except Exception as exc:  # e.g. a compute type this CPU lacks: recorded, not fatal
             errors.append({"engine": engine, "precision": precision, "error": str(exc)[:300]})
             log(f"skip {engine} {precision}: {exc}")
@@ -191,10 +147,13 @@ def measure(args, prompt_ids: list[int], dirs: dict[str, Path], log) -> tuple[di
         return runner
 
     def record(runner, shape, rep):
-        seconds, lengths = time_one(runner, shape, prompt_ids, seed=1234 + rep)
+        if hasattr(bench_roofline, "wait_for_quiet"):  # the machine may be shared: start when it is idle
+            bench_roofline.wait_for_quiet(max_wait_s=args.quiet_wait)
+        seconds, lengths = runner.run(shape, prompt_ids, seed=1234 + rep)
         key = (runner.engine, runner.precision, shape.name)
         entry = samples.setdefault(key, {"times": [], "lengths": lengths, "compute": str(runner.compute)})
         entry["times"].append(seconds)
+        entry["peak_rss_MB"] = round(runner.peak_rss_kb / 1024, 1)
         log(f"{key} rep {rep}: {seconds / max(lengths) * 1e3:.1f} ms/step, lengths {lengths}")
 
     if args.interleave:
@@ -206,8 +165,8 @@ def measure(args, prompt_ids: list[int], dirs: dict[str, Path], log) -> tuple[di
         for runner in runners:
             runner.close()
     else:
-        for engine, precision, make in factories(args, dirs):
-            runner = open_runner(engine, precision, make)
+        for engine, precision, source in factories(args, dirs):
+            runner = open_runner(engine, precision, source)
             if runner is None:
                 continue
             for shape in shapes:
@@ -240,6 +199,7 @@ def summarize(samples: dict, roofline_ms: dict[str, float]) -> tuple[list[dict],
                 "step_ms_min": round(min(step_ms), 2),
                 "step_ms_all": [round(x, 2) for x in step_ms],
                 "x_roofline": round(med / roofline_ms[precision], 2),
+                "process_peak_rss_MB": entry.get("peak_rss_MB"),
             }
         )
     by = {(r["engine"], r["precision"], r["shape"]): r["step_ms_median"] for r in rows}
@@ -263,8 +223,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--peers", default="transformers,ct2", help="transformers,ct2 or none")
+    ap.add_argument("--only-peers", action="store_true", help="skip gpt2serve (peers measured on their own)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--interleave", action="store_true", help="all engines in memory at once, even for big models"
+    )
+    ap.add_argument("--quiet-wait", type=float, default=3.0, help="seconds to wait for an idle CPU per rep")
     ap.add_argument(
         "--sequential",
         action="store_true",
@@ -295,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     torch.set_num_threads(args.threads)
     cfg = model_config(args.model)
-    args.interleave = not args.sequential and cfg.n_params * 4 < BIG_MODEL_BYTES
+    args.interleave = args.interleave or (not args.sequential and cfg.n_params * 4 < BIG_MODEL_BYTES)
     report: dict = {"machine": machine(), "model": args.model, "threads": args.threads, "prompt": PROMPT}
     bandwidth = measure_read_bandwidth()
     log(f"read bandwidth {bandwidth:.1f} GB/s")
