@@ -37,6 +37,8 @@ from gpt2serve.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
+# The dtype checkpoints are read in for each weight format (int8 quantizes from float32: reading it in
+# bfloat16 would halve the memory loading needs, but cost 1.5 points of top-1 agreement).
 LOAD_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,

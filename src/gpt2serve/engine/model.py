@@ -140,8 +140,9 @@ class GPT2(torch.nn.Module):
             if fmt in ("float32", "int8") or self.device.type == "cpu"
             else {"bfloat16": torch.bfloat16, "float16": torch.float16}[fmt]
         )
-        self.wte = sd.pop("wte.weight").to(self.device, self.act_dtype)  # (V, C)
-        self.wpe = sd.pop("wpe.weight").to(self.device, self.act_dtype)  # (P, C)
+        # Embedding tables keep the loaded dtype; looked-up rows are cast to the activations' dtype.
+        self.wte = sd.pop("wte.weight").to(self.device)  # (V, C)
+        self.wpe = sd.pop("wpe.weight").to(self.device)  # (P, C)
         self.blocks = torch.nn.ModuleList(
             Block(cfg, sd, f"h.{i}.", fmt, self.device) for i in range(cfg.n_layer)
         )
@@ -156,7 +157,7 @@ class GPT2(torch.nn.Module):
         """Logits (B, V) float32 of each row's last token (or (B, T, V) with last_only=False)."""
         B, T = batch.tokens.shape
         pos = batch.starts[:, None] + torch.arange(T, device=self.device)  # (B, T)
-        x = self.wte[batch.tokens] + self.wpe[pos]  # (B, T, C)
+        x = self.wte[batch.tokens].to(self.act_dtype) + self.wpe[pos].to(self.act_dtype)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, i, cache, batch)
         if last_only:
