@@ -132,6 +132,11 @@ class Settings:
         "requests that may wait for a slot; past this, callers get 503 at once", _non_negative_int,
         default=256,
     )
+    kv_cache_gb: float = _setting(
+        "--kv-cache-gb", ("GPT2SERVE_KV_CACHE_GB",),
+        "memory for the KV cache; caps the KV slots when max-batch-size full-context slots would not fit",
+        _positive(float), default=8.0,
+    )
     max_total_tokens: int | None = _setting(
         "--max-total-tokens", ("GPT2SERVE_MAX_TOTAL_TOKENS",),
         "tokens (prompt + new) reserved over all running sequences", _positive(int),

@@ -10,6 +10,7 @@ from transformers import GPT2LMHeadModel
 
 from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.engine import Engine
+from gpt2serve.engine.errors import InvalidParameterError
 from gpt2serve.engine.params import SamplingParams
 
 N_PROMPTS = 20
@@ -163,3 +164,24 @@ def test_seeded_sampling_matches_reference_sampling(setup):
             top_p=params.top_p,
         )
         assert got == expected
+
+
+def test_kv_cache_budget_caps_the_slots(tiny_checkpoint):
+    """Slots are full-context; a small memory budget gives fewer slots, and a request needing more is
+    refused with a message naming the limit."""
+    per_slot = 2 * 2 * 128 * 64 * 4  # layers x context x width x float32, keys and values
+    engine = Engine.load(
+        str(tiny_checkpoint), EngineConfig(max_batch_size=16, kv_cache_gb=3.5 * per_slot / 2**30)
+    )
+    engine.start()
+    try:
+        assert engine.scheduler.n_slots == 3 and engine.cache.n_slots == 3
+        assert (
+            len(engine.generate_sync("Hi", SamplingParams.for_mode("sample", n=3, max_new_tokens=4)).outputs)
+            == 3
+        )
+        with pytest.raises(InvalidParameterError) as e:
+            engine.generate_sync("Hi", SamplingParams.for_mode("beam", n=3, max_new_tokens=4))
+        assert "at most 3" in str(e.value)
+    finally:
+        engine.stop()

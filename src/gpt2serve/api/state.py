@@ -26,6 +26,7 @@ WARMUP_PROMPT = "Hello"
 def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(
         max_batch_size=settings.max_batch_size,
+        kv_cache_gb=settings.kv_cache_gb,
         max_queue=settings.max_queue,
         max_total_tokens=settings.max_total_tokens,
         request_timeout_s=settings.request_timeout_s,

@@ -65,6 +65,7 @@ class EngineConfig:
     """Limits of the batching engine. `None` fields are sized from the model when the engine starts."""
 
     max_batch_size: int = 32  # KV slots: sequences decoded together in one step
+    kv_cache_gb: float = 8.0  # fewer slots than max_batch_size where full-context slots would not fit
     max_queue: int = 256  # requests waiting for slots; past this, callers get "busy" at once
     max_total_tokens: int | None = None  # prompt + new tokens reserved over running sequences
     request_timeout_s: float | None = 50.0

@@ -75,7 +75,7 @@ class Engine:
         self.model_name, self.is_random = loaded.name, loaded.is_random
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.model = GPT2(loaded.config, loaded.state_dict, self.dtype, self.device)
-        n_slots = self.config.max_batch_size
+        n_slots = self._slots_that_fit()
         self.cache = self.model.new_cache(n_slots)
         max_tokens = self.config.max_total_tokens or n_slots * loaded.config.n_positions
         self.scheduler = Scheduler(n_slots, self.config.max_queue, max_tokens)
@@ -83,6 +83,21 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+
+    def _slots_that_fit(self) -> int:
+        """max_batch_size, or fewer where that many full-context KV slots exceed kv_cache_gb."""
+        cfg = self.model_config
+        per_slot = 2 * cfg.n_layer * cfg.n_positions * cfg.n_embd * self.model.act_dtype.itemsize
+        fit = max(1, int(self.config.kv_cache_gb * 2**30 // per_slot))
+        if fit < self.config.max_batch_size:
+            log.warning(
+                "KV cache: %d slots of %d MB fit in %.1f GB (max_batch_size %d); --kv-cache-gb for more",
+                fit,
+                per_slot >> 20,
+                self.config.kv_cache_gb,
+                self.config.max_batch_size,
+            )
+        return min(self.config.max_batch_size, fit)
 
     @classmethod
     def load(cls, model: str, config: EngineConfig | None = None) -> Engine:
