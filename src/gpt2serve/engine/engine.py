@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -107,8 +108,15 @@ class Engine:
         dtype = config.dtype or ("float16" if device.type == "cuda" else "float32")
         if dtype not in LOAD_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(LOAD_DTYPES)}, got {dtype!r}")
-        loaded = load_checkpoint(model, dtype=LOAD_DTYPES[dtype])
-        return cls(loaded, config)
+
+        def build() -> Engine:
+            return cls(load_checkpoint(model, dtype=LOAD_DTYPES[dtype]), config)
+
+        # Built in a short-lived thread: OpenMP keeps a worker pool per calling thread, and a pool left
+        # in the caller's thread makes the engine thread's workers sleep between parallel regions
+        # instead of spinning (10-20 % slower decode steps, measured on 2 cores).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpt2serve-load") as pool:
+            return pool.submit(build).result()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
