@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from gpt2serve.engine.sampling import (
+    EXACT_DRAW_MAX_SURVIVORS,
+    NEG_INF,
     apply_presence_frequency,
     apply_repetition_penalty,
     ban_repeated_ngrams,
     banned_ngram_tokens,
+    draw,
     greedy,
     sample,
     warp,
@@ -217,3 +220,32 @@ def test_sample_never_draws_filtered_tokens_and_follows_probabilities() -> None:
     two = torch.log(torch.tensor([[0.8, 0.2]]))
     counts = Counter(sample(two, [gen])[0].item() for _ in range(400))
     assert 0.7 < counts[0] / 400 < 0.9
+
+
+@pytest.mark.parametrize("survivors", [1, 2, 50, 640, EXACT_DRAW_MAX_SURVIVORS, EXACT_DRAW_MAX_SURVIVORS + 1])
+def test_draw_is_torch_multinomial_token_and_generator_state(survivors: int) -> None:
+    """The fast draw picks torch.multinomial's token and leaves the generator where torch leaves it."""
+    for seed in range(12):
+        logits = make_logits("ties" if seed % 3 == 0 else "normal", 1, 50257, seed=seed)[0]
+        cut = torch.topk(logits, survivors).values[-1]
+        probs = torch.softmax(logits.masked_fill(logits < cut, NEG_INF), dim=-1)
+        ours, theirs = generators(seed, seed)
+        for _ in range(3):
+            assert draw(probs, ours) == int(torch.multinomial(probs, 1, generator=theirs))
+            assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+def test_draw_on_the_global_generator_and_bad_rows() -> None:
+    probs = torch.softmax(run_warp(make_logits("normal", 1, 3000, seed=4), [(1.0, 20, 1.0)]), dim=-1)[0]
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(77)
+        ours = [draw(probs, None) for _ in range(5)]
+        torch.manual_seed(77)
+        theirs = [int(torch.multinomial(probs, 1)) for _ in range(5)]
+    finally:
+        torch.random.set_rng_state(state)
+    assert ours == theirs
+    for bad in (torch.zeros(10), torch.tensor([0.5, float("nan"), 0.0]), torch.tensor([0.5, -0.1, 0.0])):
+        with pytest.raises(RuntimeError):
+            draw(bad, torch.Generator().manual_seed(0))

