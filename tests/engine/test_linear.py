@@ -102,3 +102,24 @@ def test_cuda_matches_cpu_reference(fmt: str) -> None:
     x = torch.randn(3, 64)
     y = layer(x.cuda()).cpu()
     assert _rel_err(y, x.double() @ weight.double() + bias.double()) < TOLERANCE[fmt]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 4, 7])
+def test_fused_gelu_and_residual_add(fmt: str, rows: int) -> None:
+    """`gelu=True` applies GELU (tanh form) to x @ W + b and `add=` adds a residual, as torch would."""
+    weight, bias = _conv1d(64, 96, seed=4)
+    layer = PackedLinear(weight, bias, fmt)
+    x, residual = torch.randn(rows, 64), torch.randn(rows, 96)
+    product = x.double() @ weight.double() + bias.double()
+    gelu = layer(x, gelu=True)
+    assert gelu.shape == (rows, 96)
+    assert _rel_err(gelu, torch.nn.functional.gelu(product, approximate="tanh")) < TOLERANCE[fmt]
+    added = layer(x, add=residual)
+    assert added.shape == (rows, 96) and added.dtype == torch.float32
+    assert _rel_err(added, product + residual.double()) < TOLERANCE[fmt] / 5
+    # A bfloat16 GELU output feeds the next bfloat16 layer, whose residual stays float32.
+    second = PackedLinear(*_conv1d(96, 64, seed=5), fmt)
+    out = second(gelu, add=x)
+    assert out.dtype == torch.float32
+    assert _rel_err(out, second(gelu.float()).double() + x.double()) < TOLERANCE[fmt]

@@ -30,6 +30,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+mkldnn = torch.ops.mkldnn
+
 FORMATS = ("float32", "bfloat16", "int8")
 # oneDNN streams the weight 10-25% slower for 1-2 rows than for 4; padding to 4 rows is cheaper.
 MKLDNN_MIN_ROWS = 4
@@ -109,7 +111,7 @@ class PackedLinear(torch.nn.Module):
             self._pack_dense(w, fmt, device)
         elif fmt != "int8":
             self.kernel, dtype = "mkldnn_packed", getattr(torch, fmt)
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype))
+            self.weight = mkldnn._reorder_linear_weight(w.to(dtype))
             self.bias = None if self.bias is None else self.bias.to(dtype)
         elif not int8_weight_only and (packed := _fbgemm_pack(w, self.bias)) is not None:
             self.kernel, self.weight = "fbgemm_dynamic_int8", packed
@@ -127,18 +129,38 @@ class PackedLinear(torch.nn.Module):
         else:
             self.kernel, self.weight = "dense", w.to(device, getattr(torch, fmt))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gelu: bool = False, add: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., in) -> (..., out): x @ W + b, then GELU (tanh form) if `gelu`, plus `add` if given.
+
+        oneDNN applies GELU and the addition inside the matrix product where that keeps float32 results
+        (GELU for bfloat16, which then returns bfloat16 for the next bfloat16 layer); else torch does."""
         leading = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = getattr(self, "_" + self.kernel)(x2 if x2.is_contiguous() else x2.contiguous())
-        return y.to(x.dtype).reshape(*leading, self.out_features)
+        x2 = x2 if x2.is_contiguous() else x2.contiguous()
+        if self.kernel == "mkldnn_packed":
+            y = self._mkldnn_packed(x2, gelu, add)
+        else:
+            y = getattr(self, "_" + self.kernel)(x2).to(x.dtype)
+            y = F.gelu(y, approximate="tanh") if gelu else y
+            y = y if add is None else y + add.reshape(y.shape)
+        return y.reshape(*leading, self.out_features)
 
-    def _mkldnn_packed(self, x: torch.Tensor) -> torch.Tensor:
+    def _mkldnn_packed(self, x: torch.Tensor, gelu: bool, add: torch.Tensor | None) -> torch.Tensor:
         rows = x.shape[0]
+        out_dtype = x.dtype if add is None else add.dtype
         if 0 < rows < MKLDNN_MIN_ROWS:  # zero rows leave the real rows' sums unchanged
             x = torch.cat([x, x.new_zeros(MKLDNN_MIN_ROWS - rows, x.shape[1])])
         x = x.to(self.weight.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")[:rows]
+        if add is not None and not gelu and rows == x.shape[0] and self.weight.dtype == out_dtype:
+            return mkldnn._linear_pointwise.binary(x, add.reshape(rows, -1), self.weight, self.bias, "add")
+        if gelu:
+            y = mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")[:rows]
+            if add is None:
+                return y  # in the weight's dtype: a bfloat16 GELU output feeds the next bfloat16 layer as is
+        else:
+            y = mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")[:rows]
+        y = y.to(out_dtype)
+        return y if add is None else y + add.reshape(y.shape)
 
     def _fbgemm_dynamic_int8(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x.float(), self.weight)

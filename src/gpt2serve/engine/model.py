@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2serve.engine.config import ModelConfig
-from gpt2serve.engine.linear import PackedLinear
+from gpt2serve.engine.linear import MKLDNN_MIN_ROWS, PackedLinear
 
 
 class KVCache:
@@ -85,17 +85,22 @@ class Block(torch.nn.Module):
         self.c_fc, self.mlp_proj = lin("mlp.c_fc"), lin("mlp.c_proj")
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, batch: Batch) -> torch.Tensor:
-        B, T, C = x.shape
-        nh = self.n_head
+        """x: (N, C), the batch's B * T token rows in order, then any padding rows (copies of row 0)."""
+        B, T = batch.tokens.shape
+        C, nh, n = x.shape[1], self.n_head, B * T
         h = F.layer_norm(x, (C,), *self.ln_1, self.eps)
-        q, k, v = self.c_attn(h).split(C, dim=2)  # (B, T, C) each
-        q = q.view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nh, C // nh).transpose(1, 2)
-        v = v.view(B, T, nh, C // nh).transpose(1, 2)
+        q, k, v = self.c_attn(h)[:n].view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
         y = _attend(q, k, v, cache.k[layer], cache.v[layer], batch)  # (B, nh, T, hs)
-        x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = y.transpose(1, 2).reshape(n, C)
+        x = self.attn_proj(_pad_rows(y, x.shape[0]), add=x)
         h = F.layer_norm(x, (C,), *self.ln_2, self.eps)
-        return x + self.mlp_proj(F.gelu(self.c_fc(h), approximate="tanh"))
+        return self.mlp_proj(self.c_fc(h, gelu=True), add=x)
+
+
+def _pad_rows(y: torch.Tensor, rows: int) -> torch.Tensor:
+    """(n, C) -> (max(n, rows), C): copies of the first row appended."""
+    extra = rows - y.shape[0]
+    return torch.cat([y, y[:1].expand(extra, -1)]) if extra > 0 else y
 
 
 def _attend(q, k, v, k_cache, v_cache, batch: Batch) -> torch.Tensor:
@@ -148,6 +153,7 @@ class GPT2(torch.nn.Module):
         )
         self.ln_f = _norm(sd, "ln_f", self.device)
         self.lm_head = PackedLinear.lm_head(self.wte, layer_format(fmt, "lm_head"), self.device)
+        self.min_rows = MKLDNN_MIN_ROWS if self.device.type == "cpu" else 1
 
     def new_cache(self, n_slots: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, n_slots, max_len or self.cfg.n_positions, self.act_dtype, self.device)
@@ -156,14 +162,19 @@ class GPT2(torch.nn.Module):
     def forward(self, batch: Batch, cache: KVCache, last_only: bool = True) -> torch.Tensor:
         """Logits (B, V) float32 of each row's last token (or (B, T, V) with last_only=False)."""
         B, T = batch.tokens.shape
+        C = self.cfg.n_embd
         pos = batch.starts[:, None] + torch.arange(T, device=self.device)  # (B, T)
         x = self.wte[batch.tokens].to(self.act_dtype) + self.wpe[pos].to(self.act_dtype)  # (B, T, C)
+        # Rows run through the layers as one (N, C) matrix, padded once (with copies of row 0, so every
+        # row-wise result stays the same) up to the rows the CPU kernels stream weights fastest for.
+        x = _pad_rows(x.view(B * T, C), self.min_rows)
         for i, block in enumerate(self.blocks):
             x = block(x, i, cache, batch)
-        if last_only:
-            x = x[:, -1]
-        x = F.layer_norm(x, (self.cfg.n_embd,), *self.ln_f, self.cfg.layer_norm_epsilon)
-        return self.lm_head(x).float()
+        if T > 1 or not last_only:
+            x = x[: B * T].view(B, T, C)
+            x = x[:, -1] if last_only else x
+        x = F.layer_norm(x, (C,), *self.ln_f, self.cfg.layer_norm_epsilon)
+        return self.lm_head(x)[:B].float()
 
 
 def make_batch(tokens: list[list[int]], slots: list[int], starts: list[int], device) -> Batch:
