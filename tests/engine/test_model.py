@@ -34,16 +34,24 @@ def test_incremental_decode_matches_reference_logits(pair):
             assert torch.allclose(got, expected[t], atol=1e-4, rtol=0)
 
 
-def test_mixed_batch_of_slots_at_different_positions(pair):
-    """One decode step over slots of different lengths equals each slot decoded alone."""
+@pytest.mark.parametrize(
+    "slots",
+    [[0, 1, 2], [4, 0, 2], [1, 7, 3]],
+    ids=["consecutive", "span-with-gaps", "sparse-gathered"],
+)
+def test_mixed_batch_of_slots_at_different_positions(pair, slots):
+    """One decode step over slots of different lengths equals each slot decoded alone, whether attention
+    reads the slots' span of the cache (slots close together) or gathers them (slots far apart)."""
     ours, ref = pair
     gen = torch.Generator().manual_seed(1)
     lengths = [3, 17, 9]
     seqs = [torch.randint(0, 50257, (n + 1,), generator=gen) for n in lengths]
-    cache = ours.new_cache(n_slots=3)
-    for slot, s in enumerate(seqs):
+    cache = ours.new_cache(n_slots=8)
+    for other in range(8):  # every slot holds something, so a wrong read cannot go unnoticed
+        ours(make_batch([[other + 5] * 20], [other], [0], "cpu"), cache)
+    for slot, s in zip(slots, seqs):
         ours(make_batch([s[:-1].tolist()], [slot], [0], "cpu"), cache)
-    batch = make_batch([[int(s[-1])] for s in seqs], [0, 1, 2], lengths, "cpu")
+    batch = make_batch([[int(s[-1])] for s in seqs], slots, lengths, "cpu")
     got = ours(batch, cache)
     for row, s in enumerate(seqs):
         with torch.no_grad():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,30 @@ class Batch:
     max_len: int  # max(starts) + T: the cache length attention reads
     slot_range: tuple[int, int] | None = None  # (first, end) when the slots are first, first+1, ...
     start: int | None = None  # the position every row starts at, when they share one
+    span: tuple[int, int] = (0, 0)  # (min(slots), max(slots) + 1)
+
+    @cached_property
+    def causal_mask(self) -> torch.Tensor:
+        """(B, 1, T, L) bool: query t of row b sees cache positions <= starts[b] + t."""
+        T, device = self.tokens.shape[1], self.tokens.device
+        pos = self.starts[:, None] + torch.arange(T, device=device)  # (B, T)
+        cols = torch.arange(self.max_len, device=device)
+        return (cols[None, None, :] <= pos[:, :, None])[:, None]
+
+    @cached_property
+    def span_rows(self) -> torch.Tensor:
+        """(B,) each row's index within the slot span."""
+        return self.slots - self.span[0]
+
+    @cached_property
+    def span_mask(self) -> torch.Tensor:
+        """(S, 1, 1, L) bool over the S slots of the span, one query each: a slot of the batch sees positions
+        <= its start; a slot outside it sees position 0 (its output is dropped)."""
+        first, end = self.span
+        limit = torch.zeros(end - first, dtype=torch.long, device=self.starts.device)
+        limit[self.span_rows] = self.starts
+        cols = torch.arange(self.max_len, device=limit.device)
+        return (cols[None, :] <= limit[:, None])[:, None, None, :]
 
 
 def layer_format(fmt: str, name: str) -> str:
@@ -105,7 +130,7 @@ def _pad_rows(y: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _attend(q, k, v, k_cache, v_cache, batch: Batch) -> torch.Tensor:
     """Write this call's keys/values into their slots, then attend over each slot's used length."""
-    T = q.shape[2]
+    B, T = q.shape[0], q.shape[2]
     if batch.slot_range is not None and batch.start is not None:  # consecutive slots, one position: views
         first, end = batch.slot_range
         start = batch.start
@@ -114,20 +139,19 @@ def _attend(q, k, v, k_cache, v_cache, batch: Batch) -> torch.Tensor:
         keys, vals = k_cache[first:end, :, : start + T], v_cache[first:end, :, : start + T]
         if T == 1 or start == 0:
             return F.scaled_dot_product_attention(q, keys, vals, is_causal=T > 1)
-        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=_causal_mask(batch, T, q.device))
+        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=batch.causal_mask)
     pos = batch.starts[:, None] + torch.arange(T, device=q.device)  # (B, T)
     k_cache[batch.slots[:, None], :, pos] = k.transpose(1, 2)  # cache[slot, :, pos] is (nh, hs)
     v_cache[batch.slots[:, None], :, pos] = v.transpose(1, 2)
+    first, end = batch.span
+    if T == 1 and end - first <= 2 * B:  # one token per row, slots close together: read cache views
+        queries = q.new_zeros(end - first, *q.shape[1:]).index_copy_(0, batch.span_rows, q)
+        keys, vals = k_cache[first:end, :, : batch.max_len], v_cache[first:end, :, : batch.max_len]
+        y = F.scaled_dot_product_attention(queries, keys, vals, attn_mask=batch.span_mask)
+        return y.index_select(0, batch.span_rows)
     keys = k_cache[:, :, : batch.max_len].index_select(0, batch.slots)  # (B, nh, L, hs)
     vals = v_cache[:, :, : batch.max_len].index_select(0, batch.slots)
-    return F.scaled_dot_product_attention(q, keys, vals, attn_mask=_causal_mask(batch, T, q.device))
-
-
-def _causal_mask(batch: Batch, T: int, device) -> torch.Tensor:
-    """(B, 1, T, L) bool: query t of row b sees cache positions <= starts[b] + t."""
-    pos = batch.starts[:, None] + torch.arange(T, device=device)  # (B, T)
-    cols = torch.arange(batch.max_len, device=device)
-    return (cols[None, None, :] <= pos[:, :, None])[:, None]
+    return F.scaled_dot_product_attention(q, keys, vals, attn_mask=batch.causal_mask)
 
 
 class GPT2(torch.nn.Module):
@@ -188,4 +212,5 @@ def make_batch(tokens: list[list[int]], slots: list[int], starts: list[int], dev
         max_len=max(starts) + T,
         slot_range=(slots[0], slots[0] + len(slots)) if consecutive else None,
         start=starts[0] if all(s == starts[0] for s in starts) else None,
+        span=(min(slots), max(slots) + 1),
     )
