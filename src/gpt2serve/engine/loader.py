@@ -4,18 +4,28 @@ Every source yields a `LoadedModel` whose state dict uses Hugging Face GPT-2 nam
 `transformer.` prefix (`wte.weight`, `h.0.attn.c_attn.weight` in Conv1D (in, out) layout, ...). The
 output head is tied to `wte`, so `lm_head.weight` and the `attn.bias` / `attn.masked_bias` buffers are
 dropped.
+
+The state dict is lazy (`LazyStateDict`): shapes come from file headers (or the model's shape for random
+weights) and each tensor is read, or generated, and converted only when it is first accessed. The engine
+pops the tensors one by one as it packs them, so loading holds the packed weights plus the few source
+tensors being read (`PREFETCH` ahead) and packed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
 import os
 import pickle
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,6 +41,7 @@ RANDOM_SEED = 0
 INIT_STD = 0.02
 HUB_TIMEOUT_S = 5.0  # per request to the hub: an unreachable hub fails within seconds
 _RANDOM_CHUNK = 1 << 22  # elements generated (in float32) per step of a random tensor
+PREFETCH = 3  # tensors read ahead while the model packs the previous ones
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -41,19 +52,96 @@ _SAFE_INDEX, _BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.ind
 _WEIGHT_FILES = ("model.safetensors", _SAFE_INDEX, "pytorch_model.bin", _BIN_INDEX)
 
 
+class LazyStateDict(MutableMapping[str, torch.Tensor]):
+    """A state dict whose tensors are produced only when first accessed; their shapes are known up front.
+
+    Each entry is a shape and a function that returns the tensor. An accessed tensor is kept until it is
+    removed, as in a dict; `pop` hands it over without keeping it. `shape()` and `numel()` read nothing.
+    With `prefetch`, a background thread reads that many of the first unread entries ahead of time (a
+    consumer that takes the tensors about in order then waits less), holding them until they are accessed.
+    """
+
+    def __init__(self, prefetch: int = 0) -> None:
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._read: dict[str, Callable[[], torch.Tensor]] = {}  # not started
+        self._pending: dict[str, Future[torch.Tensor]] = {}  # being read ahead
+        self._held: dict[str, torch.Tensor] = {}
+        self._prefetch = prefetch
+        self._pool: ThreadPoolExecutor | None = None
+
+    def add(self, name: str, shape: tuple[int, ...], read: Callable[[], torch.Tensor]) -> None:
+        self._forget(name)
+        self._shapes[name], self._read[name] = tuple(shape), read
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def numel(self) -> int:
+        return sum(math.prod(shape) for shape in self._shapes.values())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self._held.get(name)
+        if tensor is None:
+            future = self._pending.pop(name, None)
+            tensor = future.result() if future is not None else self._read.pop(name)()
+            self._held[name] = tensor
+            self._read_ahead()
+        return tensor
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        self._forget(name)
+        self._shapes[name], self._held[name] = tuple(tensor.shape), tensor
+
+    def __delitem__(self, name: str) -> None:
+        del self._shapes[name]
+        self._forget(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._shapes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def __repr__(self) -> str:
+        return f"LazyStateDict({len(self)} tensors, {len(self._held)} read)"
+
+    def _forget(self, name: str) -> None:
+        self._read.pop(name, None)
+        self._held.pop(name, None)
+        future = self._pending.pop(name, None)
+        if future is not None:
+            future.cancel()
+
+    def _read_ahead(self) -> None:
+        if not self._prefetch:
+            return
+        for name in list(self._read)[: self._prefetch - len(self._pending)]:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpt2serve-read")
+            self._pending[name] = self._pool.submit(self._read.pop(name))
+        if self._pool is not None and not self._read and not self._pending:
+            self._pool.shutdown(wait=False)  # everything read: the thread exits
+            self._pool = None
+
+
 @dataclass
 class LoadedModel:
     """Weights, shape and tokenizer of one model, ready for the engine."""
 
     name: str
     config: ModelConfig
-    state_dict: dict[str, torch.Tensor]
+    state_dict: MutableMapping[str, torch.Tensor]  # a LazyStateDict from load_checkpoint
     tokenizer: Tokenizer
     is_random: bool
     source: str = ""  # where the weights came from (a directory, or "random")
 
     @property
     def n_params(self) -> int:
+        if isinstance(self.state_dict, LazyStateDict):
+            return self.state_dict.numel()
         return sum(t.numel() for t in self.state_dict.values())
 
 
@@ -178,42 +266,107 @@ def _weight_files(path: Path) -> list[Path]:
     return []
 
 
-def _read_weights(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path, dtype: torch.dtype) -> LazyStateDict:
+    """The checkpoint's tensors as a LazyStateDict: only headers are read here."""
     files = _weight_files(path)
     if not files:
         raise ModelLoadError(f"{path} holds no weights: looked for {', '.join(_WEIGHT_FILES)}")
-    state: dict[str, torch.Tensor] = {}
-    head: torch.Tensor | None = None
+    state = LazyStateDict(prefetch=PREFETCH)
+    head: Callable[[], torch.Tensor] | None = None
     for file in files:
         if not file.is_file():
             raise ModelLoadError(f"weight shard {file} is missing")
-        reader = _read_safetensors if file.suffix == ".safetensors" else _read_pickle
-        for key, tensor in reader(file):
+        index = _index_safetensors if file.suffix == ".safetensors" else _index_pickle
+        for key, shape, read in index(file, dtype):
             name = key.removeprefix("transformer.")
             if name == "lm_head.weight":
-                head = tensor
+                head = read
             elif not name.endswith((".attn.bias", ".attn.masked_bias")):
-                state[name] = _convert(tensor, dtype)
-    wte = state.get("wte.weight")
-    if head is not None and wte is not None and not _same(head, wte):
+                state.add(name, shape, read)
+    if head is not None and "wte.weight" in state and not _same(head(), state["wte.weight"]):
         log.warning("%s: lm_head.weight differs from wte.weight; gpt2serve ties the head to wte", path)
     return state
 
 
-def _read_safetensors(file: Path):
+TensorIndex = list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]  # (key, shape, read)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _index_safetensors(file: Path, dtype: torch.dtype) -> TensorIndex:
+    """Readers of each tensor in `file`, converted to `dtype`. Plain file reads fill memory of the
+    tensor's own, so the file's pages never count as the process's memory (as a mapping's would)."""
     from safetensors import safe_open
 
     try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in list(f.keys()):
-                yield key, f.get_tensor(key)
+        with safe_open(str(file), framework="pt", device="cpu") as f:  # validates the header
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
     except Exception as e:  # safetensors raises its own error types for bad headers / truncation
         raise ModelLoadError(f"could not read {file}: {e}") from None
+    index: TensorIndex = []
+    for key, shape in shapes.items():
+        source_dtype = _SAFETENSORS_DTYPES.get(header[key]["dtype"])
+        if source_dtype is None or sys.byteorder != "little":
+            read = partial(_read_mapped, partial(_get_safetensor, file, key), dtype)
+        else:
+            start, end = header[key]["data_offsets"]
+            read = partial(_read_file, file, 8 + size + start, end - start, source_dtype, shape, dtype)
+        index.append((key, shape, read))
+    return index
 
 
-def _read_pickle(file: Path):
+def _read_file(
+    file: Path, offset: int, nbytes: int, stored: torch.dtype, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    data = torch.empty(nbytes, dtype=torch.uint8)
+    buffer, done = memoryview(data.numpy()), 0
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        with open(file, "rb", buffering=0) as f:
+            f.seek(offset)
+            while done < nbytes:
+                n = f.readinto(buffer[done:])
+                if not n:
+                    raise EOFError("the file ends early")
+                done += n
+    except (OSError, EOFError) as e:
+        raise ModelLoadError(f"could not read {file}: {e}") from None
+    return _convert(data.view(stored).reshape(shape), dtype)
+
+
+def _get_safetensor(file: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    # Opened per tensor: the tensor is a view of a mapping of the whole file, and the file's pages stay
+    # resident while that mapping lives; per tensor, only this tensor's pages do.
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+    except Exception as e:
+        raise ModelLoadError(f"could not read {key} from {file}: {e}") from None
+
+
+def _index_pickle(file: Path, dtype: torch.dtype) -> TensorIndex:
+    obj = _torch_load(file)
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(f"{file} does not hold a state dict (a mapping of names to tensors)")
+    return [(k, tuple(t.shape), partial(_read_mapped, partial(_identity, t), dtype)) for k, t in obj.items()]
+
+
+def _torch_load(file: Path) -> object:
+    """torch.load(weights_only=True), memory-mapped where the file's format allows it."""
+    try:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # the legacy (non-zip) format cannot be mapped
+                raise
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = [line.strip() for line in str(e).splitlines() if "Unsupported" in line]
         reason = (found[0] if found else "torch.load(weights_only=True) failed")[:300]
@@ -223,9 +376,19 @@ def _read_pickle(file: Path):
         ) from None
     except Exception as e:
         raise ModelLoadError(f"could not read {file}: {e}") from None
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelLoadError(f"{file} does not hold a state dict (a mapping of names to tensors)")
-    yield from obj.items()
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _read_mapped(read: Callable[[], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of a memory-mapped file in `dtype`, copied unless converting already copied it."""
+    raw = read()
+    tensor = _convert(raw, dtype)
+    if tensor.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
+        tensor = tensor.clone()
+    return tensor
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -238,13 +401,13 @@ def _convert(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.contiguous()
 
 
-def _check_state(state: dict[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
+def _check_state(state: LazyStateDict, config: ModelConfig, path: Path) -> None:
     expected = expected_shapes(config)
     missing = [k for k in expected if k not in state]
     wrong = [
-        f"{k} has shape {tuple(state[k].shape)}, expected {shape}"
+        f"{k} has shape {state.shape(k)}, expected {shape}"
         for k, shape in expected.items()
-        if k in state and tuple(state[k].shape) != shape
+        if k in state and state.shape(k) != shape
     ]
     if missing or wrong:
         problems = [f"missing {k}" for k in missing] + wrong
@@ -352,9 +515,19 @@ def _load_random(size: str, dtype: torch.dtype) -> LoadedModel:
         raise ModelLoadError(
             f"unknown random model size {size!r}; choose one of {', '.join(KNOWN_SHAPES)} (e.g. random:gpt2)"
         )
-    state = random_state_dict(config, dtype, seed=RANDOM_SEED)
+    state = lazy_random_state_dict(config, dtype, seed=RANDOM_SEED)
     name = f"{RANDOM_PREFIX}{size}"
     return LoadedModel(name, config, state, Tokenizer.bundled(), is_random=True, source="random")
+
+
+def lazy_random_state_dict(
+    config: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> LazyStateDict:
+    """`random_state_dict`'s weights, each generated when first accessed."""
+    state = LazyStateDict(prefetch=PREFETCH)
+    for index, (name, shape) in enumerate(expected_shapes(config).items()):
+        state.add(name, shape, partial(_random_tensor, config, name, index, shape, dtype, seed))
+    return state
 
 
 def random_state_dict(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
@@ -363,22 +536,29 @@ def random_state_dict(config: ModelConfig, dtype: torch.dtype = torch.float32, s
     Weights ~ N(0, 0.02) (residual projections scaled by 1/sqrt(2 n_layer), as GPT-2 does); LayerNorm weights
     1, biases 0. Values are drawn in float32 chunk by chunk, so every dtype holds the same numbers rounded.
     """
-    state = {name: torch.empty(shape, dtype=dtype) for name, shape in expected_shapes(config).items()}
-    resid_std = INIT_STD / math.sqrt(2 * config.n_layer)
+    shapes = expected_shapes(config)
 
-    def fill(item: tuple[int, tuple[str, torch.Tensor]]) -> None:
-        index, (name, tensor) = item
-        if name.endswith(".bias"):
-            tensor.zero_()
-        elif name.startswith("ln_f.") or ".ln_" in name:
-            tensor.fill_(1.0)
-        else:
-            std = resid_std if name.endswith("c_proj.weight") else INIT_STD
-            _fill_normal(tensor.view(-1), std, torch.Generator().manual_seed(seed * 1_000_003 + index))
+    def make(item: tuple[int, tuple[str, tuple[int, ...]]]) -> torch.Tensor:
+        index, (name, shape) = item
+        return _random_tensor(config, name, index, shape, dtype, seed)
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, torch.get_num_threads()))) as pool:
-        list(pool.map(fill, enumerate(state.items())))
-    return state
+        return dict(zip(shapes, pool.map(make, enumerate(shapes.items()))))
+
+
+def _random_tensor(
+    config: ModelConfig, name: str, index: int, shape: tuple[int, ...], dtype: torch.dtype, seed: int
+) -> torch.Tensor:
+    """Tensor number `index` of `random_state_dict`: the same values whichever order they are made in."""
+    tensor = torch.empty(shape, dtype=dtype)
+    if name.endswith(".bias"):
+        tensor.zero_()
+    elif name.startswith("ln_f.") or ".ln_" in name:
+        tensor.fill_(1.0)
+    else:
+        std = INIT_STD / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else INIT_STD
+        _fill_normal(tensor.view(-1), std, torch.Generator().manual_seed(seed * 1_000_003 + index))
+    return tensor
 
 
 def _fill_normal(flat: torch.Tensor, std: float, generator: torch.Generator) -> None:
@@ -387,3 +567,42 @@ def _fill_normal(flat: torch.Tensor, std: float, generator: torch.Generator) -> 
         chunk = buffer[: min(_RANDOM_CHUNK, flat.numel() - lo)]
         chunk.normal_(0.0, std, generator=generator)
         flat[lo : lo + chunk.numel()].copy_(chunk)
+
+
+# -- memory while loading --------------------------------------------------------------------------
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
+LOAD_MMAP_THRESHOLD = 1 << 20
+SERVE_MMAP_THRESHOLD = 32 << 20  # the ceiling of glibc's own adjustment of the threshold (64-bit)
+
+
+@contextmanager
+def returning_freed_memory() -> Iterator[None]:
+    """Let memory freed while loading go back to the OS (glibc; elsewhere this does nothing).
+
+    glibc gives blocks above its mmap threshold their own mappings, unmapped when freed, but it raises
+    the threshold (up to 32 MB) whenever such a block is freed: the tensor-sized blocks that packing then
+    allocates and frees land on the heap, and stay resident once freed. While loading, the threshold is
+    held at 1 MB; afterwards it is set where glibc's adjustment would have taken it, and the heap trimmed.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, LOAD_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, SERVE_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * SERVE_MMAP_THRESHOLD)
+        libc.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)  # the symbols of the running process, its C library included
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "malloc_trim") else None
