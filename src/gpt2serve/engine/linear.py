@@ -105,19 +105,19 @@ class PackedLinear(torch.nn.Module):
             raise ValueError(f"unknown weight format {fmt!r}; expected one of {FORMATS}")
         self.fmt, self.device = fmt, device
         self.out_features, self.in_features = w.shape
-        w = w.float().contiguous()
         self.bias = None if bias is None else bias.detach().float().to(device)
         if device.type != "cpu" or (fmt != "int8" and not torch.backends.mkldnn.is_available()):
-            self._pack_dense(w, fmt, device)
-        elif fmt != "int8":
+            self._pack_dense(w.float().contiguous(), fmt, device)
+        elif fmt != "int8":  # converted straight to the kernel's dtype: no float32 copy of a bf16 weight
             self.kernel, dtype = "mkldnn_packed", getattr(torch, fmt)
-            self.weight = mkldnn._reorder_linear_weight(w.to(dtype))
+            w = w.to(dtype=dtype, memory_format=torch.contiguous_format)
+            self.weight = mkldnn._reorder_linear_weight(w)
             self.bias = None if self.bias is None else self.bias.to(dtype)
-        elif not int8_weight_only and (packed := _fbgemm_pack(w, self.bias)) is not None:
+        elif not int8_weight_only and (packed := _fbgemm_pack(w.float().contiguous(), self.bias)) is not None:
             self.kernel, self.weight = "fbgemm_dynamic_int8", packed
         else:
             self.kernel = "weight_int8pack_mm"
-            self.weight, scale = quantize_int8(w)
+            self.weight, scale = quantize_int8(w.float().contiguous())
             self.scale = scale.bfloat16()  # the kernel takes bf16 scales: undo their rounding afterwards
             self.scale_fix = scale / self.scale.float()
 
