@@ -82,3 +82,19 @@ def test_prefill_in_chunks_and_on_consecutive_slots(pair):
     cache.copy_slots([1], [2], 39)
     got = ours(make_batch([[int(ids[39])]] * 2, [1, 2], [39, 39], "cpu"), cache)
     assert torch.allclose(got, expected[39].expand(2, -1), atol=1e-4, rtol=0)
+
+
+def test_copy_slots_copies_only_the_prefix_of_the_named_slots(pair):
+    ours, _ = pair
+    cache = ours.new_cache(n_slots=5, max_len=16)
+    cache.k.copy_(torch.randn(cache.k.shape))
+    cache.v.copy_(torch.randn(cache.v.shape))
+    k, v = cache.k.clone(), cache.v.clone()
+    cache.copy_slots([0, 0, 3], [1, 2, 4], 10)
+    for s, d in ((0, 1), (0, 2), (3, 4)):
+        assert torch.equal(cache.k[:, d, :, :10], k[:, s, :, :10])
+        assert torch.equal(cache.v[:, d, :, :10], v[:, s, :, :10])
+        assert torch.equal(cache.k[:, d, :, 10:], k[:, d, :, 10:])  # past the prefix: untouched
+    assert torch.equal(cache.k[:, [0, 3]], k[:, [0, 3]]) and torch.equal(cache.v[:, [0, 3]], v[:, [0, 3]])
+    with pytest.raises(ValueError, match="both copied"):
+        cache.copy_slots([1, 2], [2, 3], 4)

@@ -38,14 +38,14 @@ class KVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
     def copy_slots(self, src: list[int], dst: list[int], length: int) -> None:
-        """Copy the first `length` positions of slots `src` into slots `dst` (beam reordering, n > 1)."""
-        if not src:
-            return
-        s = torch.tensor(src, device=self.k.device)
-        d = torch.tensor(dst, device=self.k.device)
-        for cache in (self.k, self.v):
-            part = cache[:, :, :, :length]  # (L, S, nh, T, hs)
-            part.index_copy_(1, d, part.index_select(1, s))
+        """Copy the first `length` positions of slots `src` into slots `dst` (beam forks, n > 1); no slot
+        may be both a source and a destination. Slot by slot: a gather over the slot axis of the cache
+        would walk every slot's full context."""
+        if set(src) & set(dst):
+            raise ValueError(f"slots {sorted(set(src) & set(dst))} are both copied from and into")
+        for s, d in zip(src, dst):
+            for cache in (self.k, self.v):
+                cache[:, d, :, :length].copy_(cache[:, s, :, :length])
 
 
 @dataclass
