@@ -134,32 +134,37 @@ class PackedLinear(torch.nn.Module):
 
         oneDNN applies GELU and the addition inside the matrix product where that keeps float32 results
         (GELU for bfloat16, which then returns bfloat16 for the next bfloat16 layer); else torch does."""
-        leading = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        flat = x.dim() == 2  # the model's own calls: (rows, in), no reshaping needed
+        x2 = x if flat else x.reshape(-1, self.in_features)
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
         if self.kernel == "mkldnn_packed":
             y = self._mkldnn_packed(x2, gelu, add)
         else:
-            y = getattr(self, "_" + self.kernel)(x2).to(x.dtype)
+            y = getattr(self, "_" + self.kernel)(x2)
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
             y = F.gelu(y, approximate="tanh") if gelu else y
             y = y if add is None else y + add.reshape(y.shape)
-        return y.reshape(*leading, self.out_features)
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
     def _mkldnn_packed(self, x: torch.Tensor, gelu: bool, add: torch.Tensor | None) -> torch.Tensor:
-        rows = x.shape[0]
+        # Called ~50 times per decode step: torch calls that would change nothing are skipped.
+        rows, dtype = x.shape[0], self.weight.dtype
         out_dtype = x.dtype if add is None else add.dtype
         if 0 < rows < MKLDNN_MIN_ROWS:  # zero rows leave the real rows' sums unchanged
             x = torch.cat([x, x.new_zeros(MKLDNN_MIN_ROWS - rows, x.shape[1])])
-        x = x.to(self.weight.dtype)
-        if add is not None and not gelu and rows == x.shape[0] and self.weight.dtype == out_dtype:
-            return mkldnn._linear_pointwise.binary(x, add.reshape(rows, -1), self.weight, self.bias, "add")
+        x = x if x.dtype == dtype else x.to(dtype)
+        padded = rows < x.shape[0]
+        if add is not None and not gelu and not padded and dtype == out_dtype:
+            add = add if add.dim() == 2 else add.reshape(rows, -1)
+            return mkldnn._linear_pointwise.binary(x, add, self.weight, self.bias, "add")
         if gelu:
-            y = mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")[:rows]
-            if add is None:
-                return y  # in the weight's dtype: a bfloat16 GELU output feeds the next bfloat16 layer as is
+            y = mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")
         else:
-            y = mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")[:rows]
-        y = y.to(out_dtype)
+            y = mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        y = y[:rows] if padded else y
+        if gelu and add is None:
+            return y  # in the weight's dtype: a bfloat16 GELU output feeds the next bfloat16 layer as is
+        y = y if y.dtype == out_dtype else y.to(out_dtype)
         return y if add is None else y + add.reshape(y.shape)
 
     def _fbgemm_dynamic_int8(self, x: torch.Tensor) -> torch.Tensor:
