@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
+from gpt2serve.engine import sampling
 from gpt2serve.engine.sampling import (
     EXACT_DRAW_MAX_SURVIVORS,
     NEG_INF,
@@ -249,3 +250,23 @@ def test_draw_on_the_global_generator_and_bad_rows() -> None:
     for bad in (torch.zeros(10), torch.tensor([0.5, float("nan"), 0.0]), torch.tensor([0.5, -0.1, 0.0])):
         with pytest.raises(RuntimeError):
             draw(bad, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind", ["normal", "flat", "peaked", "some_ties"])
+def test_draw_over_the_whole_vocabulary_is_torch_multinomial(kind: str) -> None:
+    """No top-k (the OpenAI API's sampling): every token is a candidate, the vectorized path decides."""
+    for seed in range(8):
+        probs = torch.softmax(make_logits(kind, 1, 50257, seed=seed)[0], dim=-1)
+        ours, theirs = generators(seed, seed)
+        for _ in range(3):
+            assert draw(probs, ours) == int(torch.multinomial(probs, 1, generator=theirs))
+            assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+def test_draw_recomputes_close_ratios_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a margin so wide that every draw looks close, the exact recomputation alone picks the token."""
+    monkeypatch.setattr(sampling, "DRAW_MARGIN", 0.9)
+    for seed in range(6):
+        probs = torch.softmax(make_logits("normal", 1, 5000, seed=seed)[0] / 4, dim=-1)
+        ours, theirs = generators(seed, seed)
+        assert draw(probs, ours) == int(torch.multinomial(probs, 1, generator=theirs))
