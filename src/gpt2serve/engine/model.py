@@ -58,7 +58,7 @@ class Batch:
     max_len: int  # max(starts) + T: the cache length attention reads
     slot_range: tuple[int, int] | None = None  # (first, end) when the slots are first, first+1, ...
     start: int | None = None  # the position every row starts at, when they share one
-    span: tuple[int, int] = (0, 0)  # (min(slots), max(slots) + 1)
+    span: tuple[int, int] | None = None  # (min(slots), max(slots) + 1), set by make_batch
 
     @cached_property
     def causal_mask(self) -> torch.Tensor:
@@ -143,8 +143,8 @@ def _attend(q, k, v, k_cache, v_cache, batch: Batch) -> torch.Tensor:
     pos = batch.starts[:, None] + torch.arange(T, device=q.device)  # (B, T)
     k_cache[batch.slots[:, None], :, pos] = k.transpose(1, 2)  # cache[slot, :, pos] is (nh, hs)
     v_cache[batch.slots[:, None], :, pos] = v.transpose(1, 2)
-    first, end = batch.span
-    if T == 1 and end - first <= 2 * B:  # one token per row, slots close together: read cache views
+    if T == 1 and batch.span is not None and batch.span[1] - batch.span[0] <= 2 * B:  # slots close together
+        first, end = batch.span  # read the keys and values of the slots' range in place
         queries = q.new_zeros(end - first, *q.shape[1:]).index_copy_(0, batch.span_rows, q)
         keys, vals = k_cache[first:end, :, : batch.max_len], v_cache[first:end, :, : batch.max_len]
         y = F.scaled_dot_product_attention(queries, keys, vals, attn_mask=batch.span_mask)
