@@ -140,7 +140,7 @@ print(json.dumps(rss))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status (Linux only)")
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 def test_load_peak_memory_is_close_to_the_packed_model(dtype: str) -> None:
     out = subprocess.run(

@@ -313,7 +313,7 @@ def _index_safetensors(file: Path, dtype: torch.dtype) -> TensorIndex:
     for key, shape in shapes.items():
         source_dtype = _SAFETENSORS_DTYPES.get(header[key]["dtype"])
         if source_dtype is None or sys.byteorder != "little":
-            read = partial(_read_mapped, partial(_get_safetensor, file, key), dtype)
+            read = partial(_get_safetensor, file, key, dtype)
         else:
             start, end = header[key]["data_offsets"]
             read = partial(_read_file, file, 8 + size + start, end - start, source_dtype, shape, dtype)
@@ -339,14 +339,14 @@ def _read_file(
     return _convert(data.view(stored).reshape(shape), dtype)
 
 
-def _get_safetensor(file: Path, key: str) -> torch.Tensor:
+def _get_safetensor(file: Path, key: str, dtype: torch.dtype) -> torch.Tensor:
     from safetensors import safe_open
 
     # Opened per tensor: the tensor is a view of a mapping of the whole file, and the file's pages stay
     # resident while that mapping lives; per tensor, only this tensor's pages do.
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            return f.get_tensor(key)
+            return _copy_out(f.get_tensor(key), dtype)
     except Exception as e:
         raise ModelLoadError(f"could not read {key} from {file}: {e}") from None
 
@@ -355,7 +355,7 @@ def _index_pickle(file: Path, dtype: torch.dtype) -> TensorIndex:
     obj = _torch_load(file)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelLoadError(f"{file} does not hold a state dict (a mapping of names to tensors)")
-    return [(k, tuple(t.shape), partial(_read_mapped, partial(_identity, t), dtype)) for k, t in obj.items()]
+    return [(k, tuple(t.shape), partial(_copy_out, t, dtype)) for k, t in obj.items()]
 
 
 def _torch_load(file: Path) -> object:
@@ -378,13 +378,8 @@ def _torch_load(file: Path) -> object:
         raise ModelLoadError(f"could not read {file}: {e}") from None
 
 
-def _identity(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
-
-
-def _read_mapped(read: Callable[[], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _copy_out(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A tensor of a memory-mapped file in `dtype`, copied unless converting already copied it."""
-    raw = read()
     tensor = _convert(raw, dtype)
     if tensor.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
         tensor = tensor.clone()
