@@ -8,7 +8,8 @@ embeddings to std 0.6 (logits of std ~5 after the final LayerNorm). The float32 
 next-token entropy of ~3.35 nats and a mean top-1 probability of ~0.33, the order of a trained GPT-2's
 loss on web text (~3 nats), and the test checks that it is peaked before it compares. Both models see
 the same prefixes (teacher forcing). The "int8" format is the one the engine serves: int8 matrices, with
-the q/k/v projection and the output head in bfloat16 (see `gpt2serve.engine.model.layer_format`).
+the q/k/v projection and the output head in bfloat16, and on CPUs without VNNI the MLP's input projection
+too (see `gpt2serve.engine.model.INT8_KEPT_IN_BFLOAT16`).
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2serve.engine.linear import FORMATS, PackedLinear, quantize_int8
+from gpt2serve.engine.linear import FLOAT16_MAX, FORMATS, PackedLinear, mkldnn_bf16, quantize_int8
 
 # Relative (Frobenius) error allowed per format: float32 is exact up to summation order; bfloat16 rounds
-# activations and outputs to 8 mantissa bits; int8 rounds weights (and, with fbgemm, activations).
-TOLERANCE = {"float32": 1e-5, "bfloat16": 1.5e-2, "int8": 3e-2}
+# activations and outputs to 8 mantissa bits (or, on CPUs without bf16 kernels, weights to float16's 11);
+# float16 rounds weights to 11 bits; int8 rounds weights (and, with fbgemm, activations).
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1.5e-2, "float16": 2e-3, "int8": 3e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -90,8 +91,24 @@ def test_empty_and_non_contiguous_inputs(fmt: str) -> None:
 
 def test_unknown_format_is_rejected() -> None:
     weight, bias = _conv1d(8, 8)
-    with pytest.raises(ValueError, match="float16"):
-        PackedLinear(weight, bias, "float16")
+    with pytest.raises(ValueError, match="float64"):
+        PackedLinear(weight, bias, "float64")
+
+
+def test_kernel_follows_the_cpu() -> None:
+    """bfloat16 takes oneDNN where the CPU has bf16 kernels, else fbgemm's float16 one, unless a weight is
+    beyond float16's range (then plain bf16 `F.linear`, still correct); float16 always takes fbgemm."""
+    weight, bias = _conv1d(64, 96, seed=7)
+    assert PackedLinear(weight, bias, "float32").kernel == "mkldnn_packed"
+    half_kernel = "mkldnn_packed" if mkldnn_bf16() else "fbgemm_fp16"
+    assert PackedLinear(weight, bias, "bfloat16").kernel == half_kernel
+    assert PackedLinear(weight, bias, "float16").kernel == "fbgemm_fp16"
+    huge = weight.clone()
+    huge[0, 0] = 4 * FLOAT16_MAX
+    layer = PackedLinear(huge, bias, "bfloat16")
+    x = torch.randn(3, 64)
+    assert layer.kernel == ("mkldnn_packed" if mkldnn_bf16() else "dense")
+    assert _rel_err(layer(x), x.double() @ huge.double() + bias.double()) < TOLERANCE["bfloat16"]
 
 
 @pytest.mark.gpu

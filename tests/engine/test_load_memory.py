@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from gpt2serve.engine import loader
 from gpt2serve.engine.config import KNOWN_SHAPES, ModelConfig
+from gpt2serve.engine.linear import INT8_REDUCE_RANGE
 from gpt2serve.engine.loader import (
     LazyStateDict,
     expected_shapes,
@@ -159,4 +160,6 @@ def test_load_peak_memory_is_close_to_the_packed_model(dtype: str) -> None:
     if dtype == "float32":  # the weights and the output head's packed copy of wte, plus the runtime's own
         assert peak <= 1.2 * (float32_state + wte), rss
     else:  # the float32 weights are never all held at once, and quantizing them leaves no heap behind
-        assert peak <= 0.85 * float32_state, rss
+        # Without VNNI the MLP input projection stays half-width too, and fbgemm's float16 packing pads
+        # the 768-wide inputs to 1024 (measured 0.94 of the float32 state on an AVX2-only Zen 3).
+        assert peak <= (1.0 if INT8_REDUCE_RANGE else 0.85) * float32_state, rss

@@ -21,6 +21,14 @@ cold in RAM), median ms for gpt2's 768x3072 c_fc at M = 1 / 3 / 8 / 16 rows:
 For all of gpt2's matrices at M = 1 that is 17.8 / 10.7 / 5.7 ms per step (float32 / bfloat16 / int8)
 against 34.7 ms with `F.linear`; the float32 figure is ~90% of the bandwidth bound. On CUDA every format
 is a plain `F.linear` (cuBLAS); int8 there dequantizes its weight on the fly.
+
+CPUs with AVX2 but no AVX-512 (Zen 3 here, ~16-23 GB/s) lack oneDNN's bf16 kernels and VNNI. There
+half-width weights (bfloat16, and float16) go to fbgemm's float16-weight kernel (`linear_dynamic_fp16`:
+float32 activations and sums), 0.35 / 0.44 / 0.67 ms for c_fc at M = 1 / 3 / 8 against 0.52 / 1.27 /
+2.4 ms for a bf16 `F.linear`; a bfloat16 checkpoint is stored as float16 (the same size, 3 more mantissa
+bits) unless a weight exceeds float16's range. fbgemm int8 quantizes activations to 7 bits
+(`reduce_range`): AVX2's int8 dot product sums pairs into int16, which 8-bit activations overflow. And
+oneDNN float32 streams 1 row 25% faster than 4, so rows are not padded there (`MKLDNN_MIN_ROWS`).
 """
 
 from __future__ import annotations
@@ -32,9 +40,18 @@ import torch.nn.functional as F
 
 mkldnn = torch.ops.mkldnn
 
-FORMATS = ("float32", "bfloat16", "int8")
-# oneDNN streams the weight 10-25% slower for 1-2 rows than for 4; padding to 4 rows is cheaper.
-MKLDNN_MIN_ROWS = 4
+FORMATS = ("float32", "bfloat16", "float16", "int8")
+AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+# With AVX-512, oneDNN streams the weight 10-25% slower for 1-2 rows than for 4: padding to 4 is cheaper.
+MKLDNN_MIN_ROWS = 4 if AVX512 else 1
+FLOAT16_MAX = torch.finfo(torch.float16).max
+# Without VNNI, fbgemm's int8 dot products saturate on 8-bit activations: quantize them to 7 bits.
+INT8_REDUCE_RANGE = not torch.cpu._is_vnni_supported()
+
+
+def mkldnn_bf16() -> bool:
+    """Whether oneDNN has bfloat16 matrix products on this CPU (AVX-512 or AVX-NE-CONVERT)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,13 +123,18 @@ class PackedLinear(torch.nn.Module):
         self.fmt, self.device = fmt, device
         self.out_features, self.in_features = w.shape
         self.bias = None if bias is None else bias.detach().float().to(device)
-        if device.type != "cpu" or (fmt != "int8" and not torch.backends.mkldnn.is_available()):
+        if device.type != "cpu":
             self._pack_dense(w.float().contiguous(), fmt, device)
-        elif fmt != "int8":  # converted straight to the kernel's dtype: no float32 copy of a bf16 weight
+        elif fmt == "float32" and torch.backends.mkldnn.is_available() or fmt == "bfloat16" and mkldnn_bf16():
             self.kernel, dtype = "mkldnn_packed", getattr(torch, fmt)
+            # converted straight to the kernel's dtype: no float32 copy of a bf16 weight
             w = w.to(dtype=dtype, memory_format=torch.contiguous_format)
             self.weight = mkldnn._reorder_linear_weight(w)
             self.bias = None if self.bias is None else self.bias.to(dtype)
+        elif fmt in ("bfloat16", "float16"):
+            self._pack_half(w, fmt)
+        elif fmt == "float32":
+            self._pack_dense(w.float().contiguous(), fmt, device)
         elif not int8_weight_only and (packed := _fbgemm_pack(w.float().contiguous(), self.bias)) is not None:
             self.kernel, self.weight = "fbgemm_dynamic_int8", packed
         else:
@@ -120,6 +142,15 @@ class PackedLinear(torch.nn.Module):
             self.weight, scale = quantize_int8(w.float().contiguous())
             self.scale = scale.bfloat16()  # the kernel takes bf16 scales: undo their rounding afterwards
             self.scale_fix = scale / self.scale.float()
+
+    def _pack_half(self, w: torch.Tensor, fmt: str) -> None:
+        """Half-width weights on a CPU without oneDNN bf16: fbgemm's float16 kernel, else `F.linear`."""
+        fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
+        if not fbgemm or (fmt == "bfloat16" and w.abs().max() > FLOAT16_MAX):
+            self._pack_dense(w.float().contiguous(), fmt, self.device)
+            return
+        self.kernel = "fbgemm_fp16"
+        self.weight = torch.ops.quantized.linear_prepack_fp16(w.float().contiguous(), self.bias)
 
     def _pack_dense(self, w: torch.Tensor, fmt: str, device: torch.device) -> None:
         """For `F.linear`: CUDA (cuBLAS), or a CPU build without oneDNN."""
@@ -168,7 +199,10 @@ class PackedLinear(torch.nn.Module):
         return y if add is None else y + add.reshape(y.shape)
 
     def _fbgemm_dynamic_int8(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x.float(), self.weight)
+        return torch.ops.quantized.linear_dynamic(x.float(), self.weight, INT8_REDUCE_RANGE)
+
+    def _fbgemm_fp16(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.weight)
 
     def _weight_int8pack_mm(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int8pack_mm(x.bfloat16(), self.weight, self.scale).float()
