@@ -41,7 +41,7 @@ from _peers import SHAPES, RemoteRunner, Shape, convert_ct2, export_hf, free  # 
 from bench_roofline import measure_read_bandwidth  # noqa: E402
 
 from gpt2serve.engine.config import KNOWN_SHAPES, ModelConfig  # noqa: E402
-from gpt2serve.engine.model import layer_format
+from gpt2serve.engine.model import kernel_family, layer_format  # noqa: E402
 from gpt2serve.engine.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy"  # 8 GPT-2 tokens
@@ -62,11 +62,12 @@ def model_config(spec: str) -> ModelConfig:
 
 def streamed_bytes(cfg: ModelConfig, precision: str) -> int:
     """Weight bytes one decode step reads: the 4 matrices of every layer and the (tied) output head, each
-    in the format the engine stores it in (int8 keeps q/k/v and the head in bfloat16)."""
+    in the format the engine stores it in on this machine (int8 keeps some matrices in bfloat16)."""
     e = cfg.n_embd
+    family = kernel_family("auto", cfg, torch.device("cpu"))
     sizes = {"attn.c_attn": 3 * e * e, "attn.c_proj": e * e, "mlp.c_fc": 4 * e * e, "mlp.c_proj": 4 * e * e}
-    layers = sum(n * BYTES[layer_format(precision, name)] for name, n in sizes.items())
-    return cfg.n_layer * layers + cfg.vocab_size * e * BYTES[layer_format(precision, "lm_head")]
+    layers = sum(n * BYTES[layer_format(precision, name, family)] for name, n in sizes.items())
+    return cfg.n_layer * layers + cfg.vocab_size * e * BYTES[layer_format(precision, "lm_head", family)]
 
 
 def machine() -> dict:

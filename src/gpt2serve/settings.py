@@ -18,6 +18,7 @@ MODEL_DIR_ENV = "GPT2SERVE_MODEL_DIR"
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
 FALLBACK_MODEL = "gpt2-xl"
 DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
+CPU_KERNELS = ("auto", "gemv", "torch")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -155,6 +156,12 @@ class Settings:
     threads: int | None = _setting(
         "--threads", ("GPT2SERVE_THREADS",), "CPU threads for the model's matrix products", _positive(int),
         shown="torch's default (the machine's cores)",
+    )
+    cpu_kernels: str = _setting(
+        "--cpu-kernels", ("GPT2SERVE_CPU_KERNELS",),
+        "few-row matrix kernels on CPU: gemv (gpt2serve's, built with the C compiler on first use), torch "
+        "(oneDNN/fbgemm), auto (gemv on CPUs without AVX-512 where a compiler is found)",
+        _choice(*CPU_KERNELS), default="auto",
     )
     log_level: str = _setting(
         "--log-level", ("GPT2SERVE_LOG_LEVEL",), "logging level", _choice(*LOG_LEVELS), default="info"

@@ -5,12 +5,31 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2serve.engine.linear import FLOAT16_MAX, FORMATS, PackedLinear, mkldnn_bf16, quantize_int8
+from gpt2serve.engine import gemv
+from gpt2serve.engine.linear import (
+    FLOAT16_MAX,
+    FORMATS,
+    GEMV_MAX_ROWS,
+    PackedLinear,
+    mkldnn_bf16,
+    quantize_int8,
+)
 
 # Relative (Frobenius) error allowed per format: float32 is exact up to summation order; bfloat16 rounds
 # activations and outputs to 8 mantissa bits (or, on CPUs without bf16 kernels, weights to float16's 11);
 # float16 rounds weights to 11 bits; int8 rounds weights (and, with fbgemm, activations).
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1.5e-2, "float16": 2e-3, "int8": 3e-2}
+
+
+NO_GEMV = "gemv.c needs AVX2 and a C compiler"
+# Every layer test runs on torch's kernels and on gemv.c's (where it builds: AVX2 and a C compiler).
+KERNELS = pytest.mark.parametrize(
+    "kernels",
+    [
+        "torch",
+        pytest.param("gemv", marks=pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)),
+    ],
+)
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +48,10 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 16])
-def test_matches_x_at_w_plus_b(fmt: str, rows: int) -> None:
+@KERNELS
+def test_matches_x_at_w_plus_b(kernels: str, fmt: str, rows: int) -> None:
     weight, bias = _conv1d(64, 96)
-    layer = PackedLinear(weight, bias, fmt)
+    layer = PackedLinear(weight, bias, fmt, kernels=kernels)
     x = torch.randn(rows, 64)
     y = layer(x)
     assert y.shape == (rows, 96) and y.dtype == torch.float32
@@ -39,25 +59,28 @@ def test_matches_x_at_w_plus_b(fmt: str, rows: int) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_three_dim_input_keeps_leading_dims(fmt: str) -> None:
+@KERNELS
+def test_three_dim_input_keeps_leading_dims(kernels: str, fmt: str) -> None:
     weight, bias = _conv1d(64, 48, seed=1)
     x = torch.randn(2, 5, 64)
-    y = PackedLinear(weight, bias, fmt)(x)
+    y = PackedLinear(weight, bias, fmt, kernels=kernels)(x)
     assert y.shape == (2, 5, 48)
     assert _rel_err(y, x.double() @ weight.double() + bias.double()) < TOLERANCE[fmt]
 
 
-def test_float32_exact_on_a_gpt2_sized_matrix() -> None:
+@KERNELS
+def test_float32_exact_on_a_gpt2_sized_matrix(kernels: str) -> None:
     weight, bias = _conv1d(768, 2304, seed=2)
     x = torch.randn(3, 768)
-    y = PackedLinear(weight, bias, "float32")(x)
+    y = PackedLinear(weight, bias, "float32", kernels=kernels)(x)
     assert _rel_err(y, x.double() @ weight.double() + bias.double()) < 1e-5
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_lm_head_uses_the_embedding_without_bias(fmt: str) -> None:
+@KERNELS
+def test_lm_head_uses_the_embedding_without_bias(kernels: str, fmt: str) -> None:
     embedding = torch.randn(200, 64, generator=torch.Generator().manual_seed(3)) * 0.02
-    head = PackedLinear.lm_head(embedding, fmt)
+    head = PackedLinear.lm_head(embedding, fmt, kernels=kernels)
     x = torch.randn(4, 64)
     logits = head(x)
     assert logits.shape == (4, 200)
@@ -66,7 +89,7 @@ def test_lm_head_uses_the_embedding_without_bias(fmt: str) -> None:
 
 def test_int8_weight_only_kernel() -> None:
     weight, bias = _conv1d(64, 96, seed=4)
-    layer = PackedLinear(weight, bias, "int8", int8_weight_only=True)
+    layer = PackedLinear(weight, bias, "int8", int8_weight_only=True, kernels="torch")
     assert layer.kernel == "weight_int8pack_mm"
     x = torch.randn(3, 64)
     assert _rel_err(layer(x), x.double() @ weight.double() + bias.double()) < 2e-2
@@ -81,9 +104,10 @@ def test_quantize_int8_rounds_each_weight_to_the_nearest_step() -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_empty_and_non_contiguous_inputs(fmt: str) -> None:
+@KERNELS
+def test_empty_and_non_contiguous_inputs(kernels: str, fmt: str) -> None:
     weight, bias = _conv1d(64, 96, seed=5)
-    layer = PackedLinear(weight, bias, fmt)
+    layer = PackedLinear(weight, bias, fmt, kernels=kernels)
     assert layer(torch.randn(0, 64)).shape == (0, 96)
     x = torch.randn(64, 3).T  # a transposed view
     assert _rel_err(layer(x), x.double() @ weight.double() + bias.double()) < TOLERANCE[fmt]
@@ -99,13 +123,13 @@ def test_kernel_follows_the_cpu() -> None:
     """bfloat16 takes oneDNN where the CPU has bf16 kernels, else fbgemm's float16 one, unless a weight is
     beyond float16's range (then plain bf16 `F.linear`, still correct); float16 always takes fbgemm."""
     weight, bias = _conv1d(64, 96, seed=7)
-    assert PackedLinear(weight, bias, "float32").kernel == "mkldnn_packed"
+    assert PackedLinear(weight, bias, "float32", kernels="torch").kernel == "mkldnn_packed"
     half_kernel = "mkldnn_packed" if mkldnn_bf16() else "fbgemm_fp16"
-    assert PackedLinear(weight, bias, "bfloat16").kernel == half_kernel
-    assert PackedLinear(weight, bias, "float16").kernel == "fbgemm_fp16"
+    assert PackedLinear(weight, bias, "bfloat16", kernels="torch").kernel == half_kernel
+    assert PackedLinear(weight, bias, "float16", kernels="torch").kernel == "fbgemm_fp16"
     huge = weight.clone()
     huge[0, 0] = 4 * FLOAT16_MAX
-    layer = PackedLinear(huge, bias, "bfloat16")
+    layer = PackedLinear(huge, bias, "bfloat16", kernels="torch")
     x = torch.randn(3, 64)
     assert layer.kernel == ("mkldnn_packed" if mkldnn_bf16() else "dense")
     assert _rel_err(layer(x), x.double() @ huge.double() + bias.double()) < TOLERANCE["bfloat16"]
@@ -123,10 +147,11 @@ def test_cuda_matches_cpu_reference(fmt: str) -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows", [1, 4, 7])
-def test_fused_gelu_and_residual_add(fmt: str, rows: int) -> None:
+@KERNELS
+def test_fused_gelu_and_residual_add(kernels: str, fmt: str, rows: int) -> None:
     """`gelu=True` applies GELU (tanh form) to x @ W + b and `add=` adds a residual, as torch would."""
     weight, bias = _conv1d(64, 96, seed=4)
-    layer = PackedLinear(weight, bias, fmt)
+    layer = PackedLinear(weight, bias, fmt, kernels=kernels)
     x, residual = torch.randn(rows, 64), torch.randn(rows, 96)
     product = x.double() @ weight.double() + bias.double()
     gelu = layer(x, gelu=True)
@@ -136,7 +161,34 @@ def test_fused_gelu_and_residual_add(fmt: str, rows: int) -> None:
     assert added.shape == (rows, 96) and added.dtype == torch.float32
     assert _rel_err(added, product + residual.double()) < TOLERANCE[fmt] / 5
     # A bfloat16 GELU output feeds the next bfloat16 layer, whose residual stays float32.
-    second = PackedLinear(*_conv1d(96, 64, seed=5), fmt)
+    second = PackedLinear(*_conv1d(96, 64, seed=5), fmt, kernels=kernels)
     out = second(gelu, add=x)
     assert out.dtype == torch.float32
     assert _rel_err(out, second(gelu.float()).double() + x.double()) < TOLERANCE[fmt]
+
+
+@pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1])
+def test_gemv_every_row_count_and_ragged_width(fmt: str, rows: int) -> None:
+    """gemv.c's blocks of 1-8 rows (and of 8, 4, 2, 1 weight rows, here with 101 outputs, not a multiple of
+    any), and the dense product past GEMV_MAX_ROWS, all against float64; int8 and float32 are weight-only
+    in gemv: the activations stay float32."""
+    weight, bias = _conv1d(64, 101, seed=8)
+    layer = PackedLinear(weight, bias, fmt, kernels="gemv")
+    assert layer.kernel == "gemv"
+    x = torch.randn(rows, 64)
+    ref = x.double() @ weight.double() + bias.double()
+    tolerance = {"float32": 1e-6, "bfloat16": 5e-3, "float16": 1e-3, "int8": 1e-2}[fmt]
+    assert _rel_err(layer(x), ref) < tolerance
+
+
+@pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)
+def test_gemv_refuses_what_it_cannot_read() -> None:
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="contiguous"):
+        gemv.gemv(x, torch.randn(64, 96).t(), None, None)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        gemv.gemv(torch.randn(2, 60), torch.randn(96, 60), None, None)
+    # A width that is not a multiple of 8 keeps torch's kernels.
+    assert PackedLinear(*_conv1d(60, 32), "float32", kernels="gemv").kernel == "mkldnn_packed"

@@ -33,6 +33,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         device=settings.device,
         dtype=None if settings.dtype == "auto" else settings.dtype,
         threads=settings.threads,
+        cpu_kernels=settings.cpu_kernels,
     )
 
 

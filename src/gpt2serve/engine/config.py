@@ -72,6 +72,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str | None = None  # float32 | bfloat16 | float16 | int8; None: the device's default
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    cpu_kernels: str = "auto"  # auto | gemv | torch: see gpt2serve.engine.linear.use_gemv
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

@@ -75,7 +75,7 @@ class Engine:
         self.dtype = self.config.dtype or ("float16" if self.device.type == "cuda" else "float32")
         self.model_name, self.is_random = loaded.name, loaded.is_random
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
-        self.model = GPT2(loaded.config, loaded.state_dict, self.dtype, self.device)
+        self.model = GPT2(loaded.config, loaded.state_dict, self.dtype, self.device, self.config.cpu_kernels)
         n_slots = self._slots_that_fit()
         self.cache = self.model.new_cache(n_slots)
         max_tokens = self.config.max_total_tokens or n_slots * loaded.config.n_positions

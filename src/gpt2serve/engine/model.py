@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2serve.engine.config import ModelConfig
-from gpt2serve.engine.linear import INT8_REDUCE_RANGE, MKLDNN_MIN_ROWS, PackedLinear
+from gpt2serve.engine.linear import INT8_REDUCE_RANGE, MKLDNN_MIN_ROWS, PackedLinear, use_gemv
 
 
 class KVCache:
@@ -84,16 +84,26 @@ class Batch:
         return (cols[None, :] <= limit[:, None])[:, None, None, :]
 
 
-# With int8, the q/k/v projection (its rounding error is amplified by the attention softmax) and the
-# output head (it decides the top token) stay in bfloat16; so does the MLP's input projection where int8
-# activations have 7 bits (no VNNI), at ~0.1 ms per gpt2 layer there. This keeps int8's next-token choices
-# within 97% of float32's (tests/engine/test_int8_accuracy.py).
-INT8_KEPT_IN_BFLOAT16 = ("attn.c_attn", "lm_head") + (("mlp.c_fc",) if INT8_REDUCE_RANGE else ())
+# With int8, the q/k/v projection (its rounding error is amplified by the attention softmax) stays in
+# bfloat16. With torch's kernels, whose int8 products quantize the activations too, so does the output
+# head (it decides the top token), and the MLP's input projection where those activations have 7 bits
+# (no VNNI). This keeps int8's next-token choices within 97% of float32's (test_int8_accuracy.py:
+# 99.0% with gemv.c's weight-only int8, whose activations stay float32).
+INT8_KEPT_IN_BFLOAT16 = {
+    "gemv": ("attn.c_attn",),
+    "torch": ("attn.c_attn", "lm_head") + (("mlp.c_fc",) if INT8_REDUCE_RANGE else ()),
+}
 
 
-def layer_format(fmt: str, name: str) -> str:
-    """The weight format of one matrix (`name` as in the checkpoint, without the block prefix)."""
-    return "bfloat16" if fmt == "int8" and name in INT8_KEPT_IN_BFLOAT16 else fmt
+def layer_format(fmt: str, name: str, kernels: str = "torch") -> str:
+    """The weight format of one matrix (`name` as in the checkpoint, without the block prefix) for the
+    kernel family ("gemv" or "torch") that runs it."""
+    return "bfloat16" if fmt == "int8" and name in INT8_KEPT_IN_BFLOAT16[kernels] else fmt
+
+
+def kernel_family(cpu_kernels: str, cfg: ModelConfig, device: torch.device) -> str:
+    """"gemv" where gemv.c runs this model's matrices (see linear.use_gemv), else "torch"."""
+    return "gemv" if device.type == "cpu" and use_gemv(cpu_kernels, cfg.n_embd) else "torch"
 
 
 def _norm(sd: dict[str, torch.Tensor], name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +111,9 @@ def _norm(sd: dict[str, torch.Tensor], name: str, device) -> tuple[torch.Tensor,
 
 
 class Block(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], prefix: str, fmt: str, device):
+    def __init__(
+        self, cfg: ModelConfig, sd: dict[str, torch.Tensor], prefix: str, fmt: str, device, kernels: str
+    ):
         super().__init__()
         self.n_head, self.eps = cfg.n_head, cfg.layer_norm_epsilon
         self.ln_1 = _norm(sd, prefix + "ln_1", device)
@@ -109,7 +121,7 @@ class Block(torch.nn.Module):
 
         def lin(name: str) -> PackedLinear:
             w, b = sd.pop(f"{prefix}{name}.weight"), sd.pop(f"{prefix}{name}.bias")
-            return PackedLinear(w, b, layer_format(fmt, name), device)
+            return PackedLinear(w, b, layer_format(fmt, name, kernels), device, kernels=kernels)
 
         self.c_attn, self.attn_proj = lin("attn.c_attn"), lin("attn.c_proj")
         self.c_fc, self.mlp_proj = lin("mlp.c_fc"), lin("mlp.c_proj")
@@ -165,7 +177,14 @@ class GPT2(torch.nn.Module):
     The state dict is consumed: each tensor is removed from it once packed, so the loaded weights and
     their packed copies are not all held at once. Pass `dict(sd)` to keep yours."""
 
-    def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], fmt: str = "float32", device="cpu"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        sd: dict[str, torch.Tensor],
+        fmt: str = "float32",
+        device="cpu",
+        cpu_kernels: str = "auto",
+    ):
         super().__init__()
         self.cfg = cfg
         self.device = torch.device(device)
@@ -174,15 +193,17 @@ class GPT2(torch.nn.Module):
             if fmt in ("float32", "int8") or self.device.type == "cpu"
             else {"bfloat16": torch.bfloat16, "float16": torch.float16}[fmt]
         )
+        self.kernels = family = kernel_family(cpu_kernels, cfg, self.device)
         # Embedding tables keep the loaded dtype; looked-up rows are cast to the activations' dtype.
         self.wte = sd.pop("wte.weight").to(self.device)  # (V, C)
         self.wpe = sd.pop("wpe.weight").to(self.device)  # (P, C)
         self.blocks = torch.nn.ModuleList(
-            Block(cfg, sd, f"h.{i}.", fmt, self.device) for i in range(cfg.n_layer)
+            Block(cfg, sd, f"h.{i}.", fmt, self.device, family) for i in range(cfg.n_layer)
         )
         self.ln_f = _norm(sd, "ln_f", self.device)
-        self.lm_head = PackedLinear.lm_head(self.wte, layer_format(fmt, "lm_head"), self.device)
-        self.min_rows = MKLDNN_MIN_ROWS if self.device.type == "cpu" else 1
+        head_fmt = layer_format(fmt, "lm_head", family)
+        self.lm_head = PackedLinear.lm_head(self.wte, head_fmt, self.device, kernels=family)
+        self.min_rows = MKLDNN_MIN_ROWS if self.lm_head.kernel == "mkldnn_packed" else 1
 
     def new_cache(self, n_slots: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, n_slots, max_len or self.cfg.n_positions, self.act_dtype, self.device)

@@ -1,0 +1,101 @@
+/* Few-row matrix products for decoding on AVX2 CPUs: y (M, N) = x (M, K) @ W (N, K)^T [* scale] [+ b].
+ *
+ * Decoding reads every weight once per step for a handful of activation rows, so the only cost that
+ * matters is how fast W streams from memory. Each task reads NR weight rows side by side (several
+ * streams in flight keep the memory system busy) and multiplies them with up to 8 activation rows held
+ * in registers; weights of any format are widened to float32 in registers and summed in float32.
+ * The OpenMP loop runs on the OpenMP runtime torch has already loaded, so it shares torch's threads.
+ *
+ * Built by gpt2serve/engine/gemv.py with: cc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC
+ */
+#include <immintrin.h>
+#include <stddef.h>
+#include <stdint.h>
+
+enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_F16 = 2, FMT_I8 = 3 };
+#define MAX_ROWS 8
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 consecutive weights of row p from column k, as float32. */
+#define LOAD_F32(p, k) _mm256_loadu_ps((const float *)(p) + (k))
+#define LOAD_BF16(p, k) _mm256_castsi256_ps(_mm256_slli_epi32( \
+    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)(p) + (k)))), 16))
+#define LOAD_F16(p, k) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(p) + (k))))
+#define LOAD_I8(p, k) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32( \
+    _mm_loadl_epi64((const __m128i *)((const int8_t *)(p) + (k)))))
+
+typedef void (*block_fn)(const float *x, int K, const void *W, const float *scale, const float *b,
+                         float *y, int N, int n0);
+
+/* Output columns n0 .. n0+NR-1 for MR activation rows (past N, the last row is read again, not stored). */
+#define DEFINE_BLOCK(NAME, T, LOAD, MR, NR)                                                              \
+    static void NAME##_##MR(const float *x, int K, const void *W, const float *scale, const float *b,  \
+                            float *y, int N, int n0) {                                                 \
+        __m256 acc[NR][MR];                                                                            \
+        const T *w[NR];                                                                                \
+        for (int j = 0; j < NR; ++j) {                                                                 \
+            int n = n0 + j < N ? n0 + j : N - 1;                                                       \
+            w[j] = (const T *)W + (size_t)n * K;                                                       \
+            for (int m = 0; m < MR; ++m) acc[j][m] = _mm256_setzero_ps();                              \
+        }                                                                                              \
+        const size_t ahead = (size_t)NR * K; /* the next task's rows: prefetched as these stream */    \
+        for (int k = 0; k < K; k += 8) {                                                               \
+            __m256 xv[MR];                                                                             \
+            for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + (size_t)m * K + k);               \
+            for (int j = 0; j < NR; ++j) {                                                             \
+                if ((sizeof(T) < 4 || MR > 1) && k % (64 / sizeof(T)) == 0) _mm_prefetch((const char *)(w[j] + ahead + k), _MM_HINT_T0); \
+                __m256 wv = LOAD(w[j], k);                                                             \
+                for (int m = 0; m < MR; ++m) acc[j][m] = _mm256_fmadd_ps(wv, xv[m], acc[j][m]);         \
+            }                                                                                          \
+        }                                                                                              \
+        for (int j = 0; j < NR && n0 + j < N; ++j) {                                                   \
+            float s = scale ? scale[n0 + j] : 1.0f, add = b ? b[n0 + j] : 0.0f;                        \
+            for (int m = 0; m < MR; ++m) y[(size_t)m * N + n0 + j] = hsum(acc[j][m]) * s + add;       \
+        }                                                                                              \
+    }
+
+/* Weight rows per task for MR activation rows: 8 accumulators in all (16 ymm registers). */
+static int rows_per_task(int mr) { return mr == 1 ? 8 : mr == 2 ? 4 : mr <= 4 ? 2 : 1; }
+
+#define DEFINE_FORMAT(NAME, T, LOAD)                                                                    \
+    DEFINE_BLOCK(NAME, T, LOAD, 1, 8)                                                                  \
+    DEFINE_BLOCK(NAME, T, LOAD, 2, 4)                                                                  \
+    DEFINE_BLOCK(NAME, T, LOAD, 3, 2)                                                                  \
+    DEFINE_BLOCK(NAME, T, LOAD, 4, 2)                                                                  \
+    DEFINE_BLOCK(NAME, T, LOAD, 5, 1)                                                                  \
+    DEFINE_BLOCK(NAME, T, LOAD, 6, 1)                                                                  \
+    DEFINE_BLOCK(NAME, T, LOAD, 7, 1)                                                                  \
+    DEFINE_BLOCK(NAME, T, LOAD, 8, 1)                                                                  \
+    static const block_fn NAME##_blocks[MAX_ROWS] = {NAME##_1, NAME##_2, NAME##_3, NAME##_4,          \
+                                                     NAME##_5, NAME##_6, NAME##_7, NAME##_8};
+
+DEFINE_FORMAT(f32, float, LOAD_F32)
+DEFINE_FORMAT(bf16, uint16_t, LOAD_BF16)
+DEFINE_FORMAT(f16, uint16_t, LOAD_F16)
+DEFINE_FORMAT(i8, int8_t, LOAD_I8)
+
+static const block_fn *const BLOCKS[] = {f32_blocks, bf16_blocks, f16_blocks, i8_blocks};
+
+/* x (M, K) and y (M, N) contiguous float32; W (N, K) contiguous in `fmt`; K a multiple of 8;
+ * scale (N,) multiplies each output column (int8) or is NULL; b (N,) or NULL. Returns 0, or -1 for
+ * arguments it does not take. */
+int gpt2serve_gemv(int fmt, const float *x, int M, int K, const void *W, const float *scale,
+                   const float *b, float *y, int N, int threads) {
+    if (fmt < FMT_F32 || fmt > FMT_I8 || M < 0 || K <= 0 || K % 8 || N <= 0 || threads < 1) return -1;
+    for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        int mr = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS, nr = rows_per_task(mr);
+        block_fn block = BLOCKS[fmt][mr - 1];
+        const float *xm = x + (size_t)m0 * K;
+        float *ym = y + (size_t)m0 * N;
+        int tasks = (N + nr - 1) / nr;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int t = 0; t < tasks; ++t) block(xm, K, W, scale, b, ym, N, t * nr);
+    }
+    return 0;
+}
