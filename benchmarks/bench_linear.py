@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bench_roofline import foreign_cpu_ticks, measure_read_bandwidth, wait_for_quiet  # noqa: E402
 
-from gpt2serve.engine.linear import PackedLinear, _fbgemm_pack, quantize_int8  # noqa: E402
+from gpt2serve.engine import gemv  # noqa: E402
+from gpt2serve.engine.linear import PackedLinear, _fbgemm_pack, mkldnn_bf16, quantize_int8  # noqa: E402
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 mkldnn = torch.ops.mkldnn
@@ -83,9 +84,24 @@ def _f32_extra(w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Kernel]:
     }
 
 
+def _gemv(w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Kernel]:
+    if not gemv.available():
+        return {}
+    w_oi = w.t().contiguous()
+    q, scale = quantize_int8(w_oi)
+    w16 = w_oi.bfloat16()
+    return {
+        "gemv_f32": lambda x: gemv.gemv(x, w_oi, None, b),
+        "gemv_bf16": lambda x: gemv.gemv(x, w16, None, b),
+        "gemv_int8": lambda x: gemv.gemv(x, q, scale, b),
+    }
+
+
 def _bf16(w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Kernel]:
     w_oi = w.t().contiguous().bfloat16()
     b16 = b.bfloat16() if b is not None else None
+    if not mkldnn_bf16():  # oneDNN's bf16 packing needs AVX-512 (or AVX-NE-CONVERT)
+        return {"bf16_F.linear": lambda x: F.linear(x.bfloat16(), w_oi, b16).float()}
     packed = mkldnn._reorder_linear_weight(w_oi)
     chunks = w_oi.split(256)  # 256 rows of 768 fp32 = 0.8 MB: upcast stays in L2
 
@@ -152,7 +168,7 @@ def _packed(w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Kernel]:
     return {f"PackedLinear_{fmt}": PackedLinear(w, b, fmt) for fmt in ("float32", "bfloat16", "int8")}
 
 
-FAMILIES = [_f32, _f32_extra, _bf16, _int8, _int4, _packed]
+FAMILIES = [_f32, _f32_extra, _bf16, _gemv, _int8, _int4, _packed]
 # The default selection: the kernels chosen by PackedLinear and their main rivals (--methods all: every one).
 MAIN = [
     "f32_F.linear",
@@ -164,6 +180,9 @@ MAIN = [
     "int8_int8pack_mm_bf16x",
     "int8_onednn_dynamic_act",
     "int8_fbgemm_dynamic_act",
+    "gemv_f32",
+    "gemv_bf16",
+    "gemv_int8",
     "PackedLinear_float32",
     "PackedLinear_bfloat16",
     "PackedLinear_int8",
@@ -174,6 +193,9 @@ BYTES_PER_WEIGHT = {
     "bf16": 2,
     "int8": 1,
     "int4": 0.5,
+    "gemv_f32": 4,
+    "gemv_bf16": 2,
+    "gemv_int8": 1,
     "PackedLinear_float32": 4,
     "PackedLinear_bfloat16": 2,
     "PackedLinear_int8": 1,

@@ -3,8 +3,8 @@
 They stream a weight matrix at the machine's read bandwidth where oneDNN's and MKL's small-batch paths
 reach about two thirds of it (AVX2 CPUs, see linear.py). The shared library is cached under
 `$GPT2SERVE_CACHE_DIR` (default `~/.cache/gpt2serve`, else the temporary directory), keyed by a hash of
-the source and the compile command. Without a C compiler, or on a CPU without AVX2 and FMA, `available()`
-is false and the caller keeps torch's kernels; `GPT2SERVE_GEMV=0` turns the kernels off.
+the source and the compile command (`$CC`, else `cc`). Without a C compiler, or on a CPU without AVX2 and
+FMA, `available()` is false and the caller keeps torch's kernels (`--cpu-kernels torch` chooses them).
 """
 
 from __future__ import annotations
@@ -64,8 +64,6 @@ def _build(compiler: str) -> Path:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (with the reason logged once) where they cannot be used here."""
-    if os.environ.get("GPT2SERVE_GEMV", "1") == "0":
-        return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         log.info("gemv kernels off: the CPU lacks AVX2/FMA")
         return None

@@ -22,7 +22,11 @@ For all of gpt2's matrices at M = 1 that is 17.8 / 10.7 / 5.7 ms per step (float
 against 34.7 ms with `F.linear`; the float32 figure is ~90% of the bandwidth bound. On CUDA every format
 is a plain `F.linear` (cuBLAS); int8 there dequantizes its weight on the fly.
 
-CPUs with AVX2 but no AVX-512 (Zen 3 here, ~16-23 GB/s) lack oneDNN's bf16 kernels and VNNI. There
+CPUs with AVX2 but no AVX-512 (Zen 3 here, ~16-23 GB/s) lack oneDNN's bf16 kernels and VNNI, and
+oneDNN's and MKL's float32 products stream ~10 GB/s there for a few rows. There every format goes to
+gemv.c (the `gemv` kernel; see gemv.py), which streams the weights at 12-18 GB/s (c_fc at M = 1: float32
+0.54 ms against oneDNN's 0.83, int8 0.25 ms) with float32 activations, so int8 is weight-only. Without a
+C compiler (or with `kernels="torch"`) torch's kernels serve, chosen as follows on such CPUs:
 half-width weights (bfloat16, and float16) go to fbgemm's float16-weight kernel (`linear_dynamic_fp16`:
 float32 activations and sums), 0.35 / 0.44 / 0.67 ms for c_fc at M = 1 / 3 / 8 against 0.52 / 1.27 /
 2.4 ms for a bf16 `F.linear`; a bfloat16 checkpoint is stored as float16 (the same size, 3 more mantissa
