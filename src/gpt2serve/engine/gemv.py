@@ -46,6 +46,7 @@ def _build(compiler: str) -> Path:
         target = folder / f"gemv-{key}.so"
         if target.exists():
             return target
+        tmp = None
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
@@ -58,6 +59,8 @@ def _build(compiler: str) -> Path:
         except (OSError, subprocess.SubprocessError) as exc:
             stderr = getattr(exc, "stderr", b"") or b""
             errors.append(f"{folder}: {exc} {stderr.decode(errors='replace')[-500:]}")
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
     raise OSError("; ".join(errors))
 
 
