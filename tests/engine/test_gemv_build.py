@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from gpt2serve.engine import gemv
+from tests.engine.test_linear import NO_GEMV
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE = """
 import torch
 from gpt2serve.engine import gemv
+from tests.engine.test_linear import NO_GEMV
 from gpt2serve.engine.linear import PackedLinear
 weight, bias, x = torch.randn(64, 32), torch.randn(32), torch.randn(3, 64)
 layer = PackedLinear(weight, bias, "float32", kernels="gemv")
@@ -35,7 +37,7 @@ def _probe(tmp_path: Path, **env: str) -> list[str]:
     return out.stdout.split()
 
 
-@pytest.mark.skipif(not gemv.available(), reason="gemv.c needs AVX2 and a C compiler")
+@pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)
 def test_builds_from_scratch_into_the_cache_dir(tmp_path: Path) -> None:
     assert _probe(tmp_path) == ["True", "gemv"]
     built = list(tmp_path.glob("gemv-*.so"))
