@@ -192,3 +192,15 @@ def test_gemv_refuses_what_it_cannot_read() -> None:
         gemv.gemv(torch.randn(2, 60), torch.randn(96, 60), None, None)
     # A width that is not a multiple of 8 keeps torch's kernels.
     assert PackedLinear(*_conv1d(60, 32), "float32", kernels="gemv").kernel == "mkldnn_packed"
+
+
+@pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemv_row_results_do_not_depend_on_the_batch(fmt: str) -> None:
+    """Bit for bit, a row's output is the same alone or among others (every block sums the inputs in the
+    same order), so a request decodes the same whatever runs beside it."""
+    layer = PackedLinear(*_conv1d(64, 101, seed=9), fmt, kernels="gemv")
+    x = torch.randn(GEMV_MAX_ROWS, 64)
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
+    for rows in range(2, GEMV_MAX_ROWS + 1):
+        assert torch.equal(layer(x[:rows]), alone[:rows]), rows

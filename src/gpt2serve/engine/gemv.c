@@ -60,16 +60,16 @@ typedef void (*block_fn)(const float *x, int K, const void *W, const float *scal
         }                                                                                              \
     }
 
-/* Weight rows per task for MR activation rows: 8 accumulators in all (16 ymm registers). */
-static int rows_per_task(int mr) { return mr == 1 ? 8 : mr == 2 ? 4 : mr <= 4 ? 2 : 1; }
+/* Weight rows per task for MR activation rows: 8-12 accumulators (of 16 ymm registers). */
+static int rows_per_task(int mr) { return mr == 1 ? 8 : mr == 2 ? 4 : mr <= 6 ? 2 : 1; }
 
 #define DEFINE_FORMAT(NAME, T, LOAD)                                                                    \
     DEFINE_BLOCK(NAME, T, LOAD, 1, 8)                                                                  \
     DEFINE_BLOCK(NAME, T, LOAD, 2, 4)                                                                  \
     DEFINE_BLOCK(NAME, T, LOAD, 3, 2)                                                                  \
     DEFINE_BLOCK(NAME, T, LOAD, 4, 2)                                                                  \
-    DEFINE_BLOCK(NAME, T, LOAD, 5, 1)                                                                  \
-    DEFINE_BLOCK(NAME, T, LOAD, 6, 1)                                                                  \
+    DEFINE_BLOCK(NAME, T, LOAD, 5, 2)                                                                  \
+    DEFINE_BLOCK(NAME, T, LOAD, 6, 2)                                                                  \
     DEFINE_BLOCK(NAME, T, LOAD, 7, 1)                                                                  \
     DEFINE_BLOCK(NAME, T, LOAD, 8, 1)                                                                  \
     static const block_fn NAME##_blocks[MAX_ROWS] = {NAME##_1, NAME##_2, NAME##_3, NAME##_4,          \
