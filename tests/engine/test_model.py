@@ -6,8 +6,10 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from gpt2serve.engine import gemv
 from gpt2serve.engine.loader import load_checkpoint
 from gpt2serve.engine.model import GPT2, make_batch
+from tests.engine.test_linear import NO_GEMV
 
 
 @pytest.fixture(params=["tiny_checkpoint", "tiny_checkpoint_b"])
@@ -98,3 +100,28 @@ def test_copy_slots_copies_only_the_prefix_of_the_named_slots(pair):
     assert torch.equal(cache.k[:, [0, 3]], k[:, [0, 3]]) and torch.equal(cache.v[:, [0, 3]], v[:, [0, 3]])
     with pytest.raises(ValueError, match="both copied"):
         cache.copy_slots([1, 2], [2, 3], 4)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "gemv"])
+def test_decode_row_is_bit_identical_whatever_runs_beside_it(tiny_checkpoint, kernels):
+    """A decode row's logits do not depend on the other rows of the step: neighbours with longer contexts
+    (another key-length group), at the same position, on consecutive or scattered slots. This is what
+    makes a request's text the same alone or under load."""
+    if kernels == "gemv" and not gemv.available():
+        pytest.skip(NO_GEMV)
+    loaded = load_checkpoint(str(tiny_checkpoint))
+    model = GPT2(loaded.config, loaded.state_dict, "float32", "cpu", kernels)
+    cache = model.new_cache(8, 128)
+    for slot, length in ((0, 10), (1, 90), (2, 10), (6, 70)):
+        model(make_batch([list(range(100 + slot, 100 + slot + length))], [slot], [0], "cpu"), cache)
+    alone = model(make_batch([[7]], [0], [10], "cpu"), cache)[0]
+    neighbours = (
+        ([0, 1], [10, 90]),  # consecutive slots, a longer neighbour
+        ([0, 2], [10, 10]),  # same position, scattered slots
+        ([0, 6], [10, 70]),
+        ([0, 1, 2, 6], [10, 90, 10, 70]),
+    )
+    for slots, starts in neighbours:
+        tokens = [[7]] + [[8 + i] for i in range(len(slots) - 1)]
+        together = model(make_batch(tokens, slots, starts, "cpu"), cache)[0]
+        assert torch.equal(together, alone), (slots, starts)

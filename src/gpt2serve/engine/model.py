@@ -48,6 +48,10 @@ class KVCache:
                 cache[:, d, :, :length].copy_(cache[:, s, :, :length])
 
 
+# Decode attention reads keys up to the row's position rounded up to this (see DecodeGroup).
+KEY_BUCKET = 64
+
+
 @dataclass
 class Batch:
     """What one forward call runs: `tokens[i]` goes into `slots[i]` starting at `starts[i]`."""
@@ -58,7 +62,7 @@ class Batch:
     max_len: int  # max(starts) + T: the cache length attention reads
     slot_range: tuple[int, int] | None = None  # (first, end) when the slots are first, first+1, ...
     start: int | None = None  # the position every row starts at, when they share one
-    span: tuple[int, int] | None = None  # (min(slots), max(slots) + 1), set by make_batch
+    cache_len: int = 1 << 30  # positions a cache slot holds (set by the model): bounds decode key lengths
 
     @cached_property
     def causal_mask(self) -> torch.Tensor:
@@ -69,19 +73,37 @@ class Batch:
         return (cols[None, None, :] <= pos[:, :, None])[:, None]
 
     @cached_property
-    def span_rows(self) -> torch.Tensor:
-        """(B,) each row's index within the slot span."""
-        return self.slots - self.span[0]
+    def decode_groups(self) -> list[DecodeGroup]:
+        """One-token rows grouped by the key length their attention reads (see DecodeGroup)."""
+        starts = self.starts.tolist()
+        lengths = [min(-(-(p + 1) // KEY_BUCKET) * KEY_BUCKET, self.cache_len) for p in starts]
+        slots, device = self.slots.tolist(), self.starts.device
+        groups = []
+        for length in sorted(set(lengths)):
+            rows = [i for i, n in enumerate(lengths) if n == length]
+            first, group_slots = slots[rows[0]], [slots[i] for i in rows]
+            index = torch.tensor(rows, dtype=torch.long, device=device)
+            cols = torch.arange(length, device=device)
+            past = cols[None, :] > self.starts[index][:, None]  # (G, L): keys past each row's position
+            bias = torch.zeros(past.shape, device=device).masked_fill_(past, float("-inf"))
+            consecutive = group_slots == list(range(first, first + len(rows)))
+            span = (first, first + len(rows)) if consecutive else None
+            groups.append(DecodeGroup(index, self.slots[index], span, length, bias[:, None, None, :]))
+        return groups
 
-    @cached_property
-    def span_mask(self) -> torch.Tensor:
-        """(S, 1, 1, L) bool over the S slots of the span, one query each: a slot of the batch sees positions
-        <= its start; a slot outside it sees position 0 (its output is dropped)."""
-        first, end = self.span
-        limit = torch.zeros(end - first, dtype=torch.long, device=self.starts.device)
-        limit[self.span_rows] = self.starts
-        cols = torch.arange(self.max_len, device=limit.device)
-        return (cols[None, :] <= limit[:, None])[:, None, None, :]
+
+@dataclass
+class DecodeGroup:
+    """Decode rows whose attention reads the same number of keys: each row's position rounded up to a
+    multiple of KEY_BUCKET, the keys past the position masked. With `_attend_group`'s plain matrix
+    products, a row's result then depends on its own keys only, never on what else runs in the step
+    (torch's fused attention is not batch-invariant on CPU for 64+ keys)."""
+
+    rows: torch.Tensor  # (G,) indices into the batch
+    slots: torch.Tensor  # (G,) their slots
+    span: tuple[int, int] | None  # (first, end) when the slots are consecutive: the cache is read in place
+    length: int  # keys read
+    bias: torch.Tensor  # (G, 1, 1, length) float: -inf on the keys a row must not see, else 0
 
 
 # With int8, the q/k/v projection (its rounding error is amplified by the attention softmax) stays in
@@ -147,28 +169,50 @@ def _pad_rows(y: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _attend(q, k, v, k_cache, v_cache, batch: Batch) -> torch.Tensor:
     """Write this call's keys/values into their slots, then attend over each slot's used length."""
-    B, T = q.shape[0], q.shape[2]
+    T = q.shape[2]
     if batch.slot_range is not None and batch.start is not None:  # consecutive slots, one position: views
         first, end = batch.slot_range
-        start = batch.start
-        k_cache[first:end, :, start : start + T] = k
-        v_cache[first:end, :, start : start + T] = v
-        keys, vals = k_cache[first:end, :, : start + T], v_cache[first:end, :, : start + T]
-        if T == 1 or start == 0:
-            return F.scaled_dot_product_attention(q, keys, vals, is_causal=T > 1)
+        k_cache[first:end, :, batch.start : batch.start + T] = k
+        v_cache[first:end, :, batch.start : batch.start + T] = v
+    else:
+        pos = batch.starts[:, None] + torch.arange(T, device=q.device)  # (B, T)
+        k_cache[batch.slots[:, None], :, pos] = k.transpose(1, 2)  # cache[slot, :, pos] is (nh, hs)
+        v_cache[batch.slots[:, None], :, pos] = v.transpose(1, 2)
+    if T == 1:
+        return _attend_decode(q, k_cache, v_cache, batch)
+    if batch.slot_range is not None and batch.start is not None:
+        first, end = batch.slot_range
+        keys, vals = k_cache[first:end, :, : batch.start + T], v_cache[first:end, :, : batch.start + T]
+        if batch.start == 0:
+            return F.scaled_dot_product_attention(q, keys, vals, is_causal=True)
         return F.scaled_dot_product_attention(q, keys, vals, attn_mask=batch.causal_mask)
-    pos = batch.starts[:, None] + torch.arange(T, device=q.device)  # (B, T)
-    k_cache[batch.slots[:, None], :, pos] = k.transpose(1, 2)  # cache[slot, :, pos] is (nh, hs)
-    v_cache[batch.slots[:, None], :, pos] = v.transpose(1, 2)
-    if T == 1 and batch.span is not None and batch.span[1] - batch.span[0] <= 2 * B:  # slots close together
-        first, end = batch.span  # read the keys and values of the slots' range in place
-        queries = q.new_zeros(end - first, *q.shape[1:]).index_copy_(0, batch.span_rows, q)
-        keys, vals = k_cache[first:end, :, : batch.max_len], v_cache[first:end, :, : batch.max_len]
-        y = F.scaled_dot_product_attention(queries, keys, vals, attn_mask=batch.span_mask)
-        return y.index_select(0, batch.span_rows)
     keys = k_cache[:, :, : batch.max_len].index_select(0, batch.slots)  # (B, nh, L, hs)
     vals = v_cache[:, :, : batch.max_len].index_select(0, batch.slots)
     return F.scaled_dot_product_attention(q, keys, vals, attn_mask=batch.causal_mask)
+
+
+def _attend_decode(q, k_cache, v_cache, batch: Batch) -> torch.Tensor:
+    """One query per row (q: (B, nh, 1, hs)), attention per DecodeGroup."""
+    groups = batch.decode_groups
+    if len(groups) == 1:
+        return _attend_group(q, k_cache, v_cache, groups[0])
+    out = torch.empty_like(q)
+    for g in groups:
+        out.index_copy_(0, g.rows, _attend_group(q.index_select(0, g.rows), k_cache, v_cache, g))
+    return out
+
+
+def _attend_group(q, k_cache, v_cache, g: DecodeGroup) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs)) v with plain matrix products (each row's sums independent of the others);
+    keys read in place where the group's slots are consecutive, gathered otherwise."""
+    if g.span is not None:
+        first, end = g.span
+        keys, vals = k_cache[first:end, :, : g.length], v_cache[first:end, :, : g.length]
+    else:
+        keys = k_cache[:, :, : g.length].index_select(0, g.slots)  # (G, nh, L, hs)
+        vals = v_cache[:, :, : g.length].index_select(0, g.slots)
+    scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), keys.transpose(-1, -2))  # (G, nh, 1, L)
+    return torch.matmul(torch.softmax(scores + g.bias, dim=-1), vals)
 
 
 class GPT2(torch.nn.Module):
@@ -213,6 +257,7 @@ class GPT2(torch.nn.Module):
         """Logits (B, V) float32 of each row's last token (or (B, T, V) with last_only=False)."""
         B, T = batch.tokens.shape
         C = self.cfg.n_embd
+        batch.cache_len = cache.max_len
         pos = batch.starts[:, None] + torch.arange(T, device=self.device)  # (B, T)
         x = self.wte[batch.tokens].to(self.act_dtype) + self.wpe[pos].to(self.act_dtype)  # (B, T, C)
         # Rows run through the layers as one (N, C) matrix, padded once (with copies of row 0, so every
@@ -238,5 +283,4 @@ def make_batch(tokens: list[list[int]], slots: list[int], starts: list[int], dev
         max_len=max(starts) + T,
         slot_range=(slots[0], slots[0] + len(slots)) if consecutive else None,
         start=starts[0] if all(s == starts[0] for s in starts) else None,
-        span=(min(slots), max(slots) + 1),
     )
