@@ -125,3 +125,67 @@ def test_decode_row_is_bit_identical_whatever_runs_beside_it(tiny_checkpoint, ke
         tokens = [[7]] + [[8 + i] for i in range(len(slots) - 1)]
         together = model(make_batch(tokens, slots, starts, "cpu"), cache)[0]
         assert torch.equal(together, alone), (slots, starts)
+
+
+@pytest.fixture(scope="module")
+def wide_heads(checkpoint_factory):
+    """GPT-2's head width (64), which decode.c's attention reads 8 floats at a time."""
+    return checkpoint_factory(n_layer=2, n_head=2, n_embd=128, seed=3)
+
+
+@pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("rows", [1, 3, 11])
+def test_fused_decode_matches_the_layer_by_layer_forward(wide_heads, fmt, rows):
+    """decode.c's whole-step decode equals the model's torch-op forward over the same weights: the logits,
+    and the keys and values it writes into the cache, for rows on scattered slots at varied positions."""
+    loaded = load_checkpoint(str(wide_heads))
+    model = GPT2(loaded.config, loaded.state_dict, fmt, "cpu", "gemv")
+    assert model.fused_decode
+    gen = torch.Generator().manual_seed(rows)
+    slots = torch.randperm(16, generator=gen)[:rows].tolist()
+    lengths = torch.randint(1, 120, (rows,), generator=gen).tolist()
+    cache = model.new_cache(16, 128)
+    for slot, n in zip(slots, lengths):
+        model(make_batch([torch.randint(0, 50257, (n,), generator=gen).tolist()], [slot], [0], "cpu"), cache)
+    batch = [[int(t)] for t in torch.randint(0, 50257, (rows,), generator=gen)], slots, lengths
+    before = cache.k.clone(), cache.v.clone()
+    fused = model(make_batch(*batch, "cpu"), cache)
+    written = cache.k.clone(), cache.v.clone()
+    cache.k.copy_(before[0])
+    cache.v.copy_(before[1])
+    model.fused_decode = False
+    unfused = model(make_batch(*batch, "cpu"), cache)
+    assert torch.allclose(fused, unfused, atol=2e-5, rtol=1e-5), (fused - unfused).abs().max()
+    assert torch.allclose(written[0], cache.k, atol=1e-6) and torch.allclose(written[1], cache.v, atol=1e-6)
+
+
+@pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)
+def test_fused_decode_matches_the_reference_with_gpt2_head_width(wide_heads):
+    loaded = load_checkpoint(str(wide_heads))
+    ours = GPT2(loaded.config, loaded.state_dict, cpu_kernels="gemv")
+    ref = GPT2LMHeadModel.from_pretrained(wide_heads).eval()
+    ids = torch.randint(0, 50257, (110,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0]
+    cache = ours.new_cache(2, 128)
+    ours(make_batch([ids[:90].tolist()], [1], [0], "cpu"), cache)
+    for t in range(90, 110):  # key lengths 91 .. 110: whole and partial 8-key blocks
+        got = ours(make_batch([[int(ids[t])]], [1], [t], "cpu"), cache)[0]
+        assert torch.allclose(got, expected[t], atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)
+def test_fused_decode_refuses_what_it_cannot_take(wide_heads):
+    loaded = load_checkpoint(str(wide_heads))
+    model = GPT2(loaded.config, loaded.state_dict, cpu_kernels="gemv")
+    layers, cache = model._decode_layers(), model.new_cache(2, 16)
+    x, slot = torch.zeros(1, 128), torch.tensor([0])
+    with pytest.raises(ValueError, match="refused"):
+        gemv.decode(layers, x, slot, torch.tensor([16]), cache.k, cache.v)  # past the cache
+    with pytest.raises(ValueError, match="refused"):
+        gemv.decode(layers, x, torch.tensor([2]), torch.tensor([0]), cache.k, cache.v)  # no such slot
+    with pytest.raises(ValueError, match="int64"):
+        gemv.decode(layers, x, slot.int(), torch.tensor([0]), cache.k, cache.v)
+    with pytest.raises(ValueError, match="contiguous"):
+        gemv.decode(layers, x.double(), slot, torch.tensor([0]), cache.k, cache.v)

@@ -6,21 +6,11 @@
  * in registers; weights of any format are widened to float32 in registers and summed in float32.
  * The OpenMP loop runs on the OpenMP runtime torch has already loaded, so it shares torch's threads.
  *
- * Built by gpt2serve/engine/gemv.py with: cc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC
+ * Built by gpt2serve/engine/gemv.py, with decode.c, by: cc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC
  */
-#include <immintrin.h>
-#include <stddef.h>
-#include <stdint.h>
+#include "kernels.h"
 
-enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_F16 = 2, FMT_I8 = 3 };
 #define MAX_ROWS 8
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
 
 /* 8 consecutive weights of row p from column k, as float32. */
 #define LOAD_F32(p, k) _mm256_loadu_ps((const float *)(p) + (k))
@@ -31,12 +21,13 @@ static inline float hsum(__m256 v) {
     _mm_loadl_epi64((const __m128i *)((const int8_t *)(p) + (k)))))
 
 typedef void (*block_fn)(const float *x, int K, const void *W, const float *scale, const float *b,
-                         float *y, int N, int n0);
+                         float *y, int N, int n0, int accumulate);
 
-/* Output columns n0 .. n0+NR-1 for MR activation rows (past N, the last row is read again, not stored). */
+/* Output columns n0 .. n0+NR-1 for MR activation rows (past N, the last row is read again, not stored);
+ * `accumulate` adds them to y instead of storing them. */
 #define DEFINE_BLOCK(NAME, T, LOAD, MR, NR)                                                              \
     static void NAME##_##MR(const float *x, int K, const void *W, const float *scale, const float *b,  \
-                            float *y, int N, int n0) {                                                 \
+                            float *y, int N, int n0, int accumulate) {                                 \
         __m256 acc[NR][MR];                                                                            \
         const T *w[NR];                                                                                \
         for (int j = 0; j < NR; ++j) {                                                                 \
@@ -56,7 +47,10 @@ typedef void (*block_fn)(const float *x, int K, const void *W, const float *scal
         }                                                                                              \
         for (int j = 0; j < NR && n0 + j < N; ++j) {                                                   \
             float s = scale ? scale[n0 + j] : 1.0f, add = b ? b[n0 + j] : 0.0f;                        \
-            for (int m = 0; m < MR; ++m) y[(size_t)m * N + n0 + j] = hsum(acc[j][m]) * s + add;       \
+            for (int m = 0; m < MR; ++m) {                                                             \
+                float v = hsum(acc[j][m]) * s + add, *out = y + (size_t)m * N + n0 + j;                 \
+                *out = accumulate ? *out + v : v;                                                      \
+            }                                                                                          \
         }                                                                                              \
     }
 
@@ -82,20 +76,26 @@ DEFINE_FORMAT(i8, int8_t, LOAD_I8)
 
 static const block_fn *const BLOCKS[] = {f32_blocks, bf16_blocks, f16_blocks, i8_blocks};
 
-/* x (M, K) and y (M, N) contiguous float32; W (N, K) contiguous in `fmt`; K a multiple of 8;
- * scale (N,) multiplies each output column (int8) or is NULL; b (N,) or NULL. Returns 0, or -1 for
- * arguments it does not take. */
-int gpt2serve_gemv(int fmt, const float *x, int M, int K, const void *W, const float *scale,
-                   const float *b, float *y, int N, int threads) {
-    if (fmt < FMT_F32 || fmt > FMT_I8 || M < 0 || K <= 0 || K % 8 || N <= 0 || threads < 1) return -1;
+void gpt2serve_matmul_for(int fmt, const float *x, int M, int K, const void *W, const float *scale,
+                          const float *b, float *y, int N, int accumulate) {
     for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
         int mr = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS, nr = rows_per_task(mr);
         block_fn block = BLOCKS[fmt][mr - 1];
         const float *xm = x + (size_t)m0 * K;
         float *ym = y + (size_t)m0 * N;
         int tasks = (N + nr - 1) / nr;
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int t = 0; t < tasks; ++t) block(xm, K, W, scale, b, ym, N, t * nr);
+#pragma omp for schedule(static)
+        for (int t = 0; t < tasks; ++t) block(xm, K, W, scale, b, ym, N, t * nr, accumulate);
     }
+}
+
+/* x (M, K) and y (M, N) contiguous float32; W (N, K) contiguous in `fmt`; K a multiple of 8;
+ * scale (N,) multiplies each output column (int8) or is NULL; b (N,) or NULL. Returns 0, or -1 for
+ * arguments it does not take. */
+int gpt2serve_gemv(int fmt, const float *x, int M, int K, const void *W, const float *scale,
+                   const float *b, float *y, int N, int threads) {
+    if (fmt < FMT_F32 || fmt > FMT_I8 || M < 0 || K <= 0 || K % 8 || N <= 0 || threads < 1) return -1;
+#pragma omp parallel num_threads(threads)
+    gpt2serve_matmul_for(fmt, x, M, K, W, scale, b, y, N, 0);
     return 0;
 }

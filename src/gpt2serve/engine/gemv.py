@@ -1,7 +1,8 @@
-"""The few-row matrix kernels of gemv.c: built with the system C compiler on first use, loaded with ctypes.
+"""gpt2serve's CPU kernels, built with the system C compiler on first use and loaded with ctypes.
 
-They stream a weight matrix at the machine's read bandwidth where oneDNN's and MKL's small-batch paths
-reach about two thirds of it (AVX2 CPUs, see linear.py). The shared library is cached under
+gemv.c: few-row matrix products, which stream a weight matrix at the machine's read bandwidth where
+oneDNN's and MKL's small-batch paths reach about two thirds of it (AVX2 CPUs, see linear.py). decode.c:
+a whole decode step through every layer in one call (see `decode`). The shared library is cached under
 `$GPT2SERVE_CACHE_DIR` (default `~/.cache/gpt2serve`, else the temporary directory), keyed by a hash of
 the source and the compile command (`$CC`, else `cc`). Without a C compiler, or on a CPU without AVX2 and
 FMA, `available()` is false and the caller keeps torch's kernels (`--cpu-kernels torch` chooses them).
@@ -23,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("gemv.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.c", "decode.c", "kernels.h"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
 K_MULTIPLE = 8  # the kernels read 8 weights at a time
@@ -39,7 +40,7 @@ def _cache_dirs() -> list[Path]:
 def _build(compiler: str) -> Path:
     """The compiled library, from the cache or compiled now (written to a temporary name, then renamed,
     so concurrent builds never load a partial file)."""
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
     errors = []
     for folder in _cache_dirs():
@@ -52,7 +53,10 @@ def _build(compiler: str) -> Path:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
             os.close(fd)
             subprocess.run(
-                [compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120
+                [compiler, *FLAGS, "-o", tmp, *(str(p) for p in SOURCES if p.suffix == ".c")],
+                check=True,
+                capture_output=True,
+                timeout=120,
             )
             os.replace(tmp, target)
             return target
@@ -77,12 +81,15 @@ def library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except OSError as exc:
-        log.warning("gemv kernels off: building %s failed: %s", SOURCE.name, exc)
+        log.warning("gemv kernels off: building %s failed: %s", SOURCES[0].parent, exc)
         return None
     fn = lib.gpt2serve_gemv
     fn.restype = ctypes.c_int
     p, i = ctypes.c_void_p, ctypes.c_int
     fn.argtypes = [i, p, i, i, p, p, p, p, i, i]
+    fn = lib.gpt2serve_decode
+    fn.restype = ctypes.c_int
+    fn.argtypes = [p, i, i, ctypes.c_float, p, i, i, p, p, p, p, i, i, i]
     return lib
 
 
@@ -123,3 +130,91 @@ def gemv(
     if rc != 0:
         raise ValueError(f"gemv refused x {tuple(x.shape)} @ weight {tuple(weight.shape)} {weight.dtype}")
     return y
+
+
+# -- decode.c ----------------------------------------------------------------------------------------------
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [
+        ("fmt", ctypes.c_int),
+        ("n", ctypes.c_int),
+        ("k", ctypes.c_int),
+        ("w", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b")] + [
+        (name, _Matrix) for name in ("attn", "proj", "fc", "out")
+    ]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class DecodeLayers:
+    """Every layer's weights for decode.c, gathered once. A layer is a dict: ln_1, ln_2 ((weight, bias)
+    float32 pairs) and attn, proj, fc, out ((weight (N, K), scale or None, bias or None) as gemv takes).
+    The tensors must stay alive and in place: `self.keep` holds them."""
+
+    def __init__(self, layers: list[dict], n_head: int, eps: float):
+        self.n_head, self.eps, self.n_layer = n_head, eps, len(layers)
+        self.keep = layers
+        self.table = (_Layer * len(layers))()
+        for slot, layer in zip(self.table, layers, strict=True):
+            for name in ("ln_1", "ln_2"):
+                w, b = layer[name]
+                setattr(slot, name.replace("_", "") + "_w", w.data_ptr())
+                setattr(slot, name.replace("_", "") + "_b", b.data_ptr())
+            for name in ("attn", "proj", "fc", "out"):
+                w, scale, bias = layer[name]
+                code, (n, k) = FORMAT_CODES[w.dtype], w.shape
+                setattr(slot, name, _Matrix(code, n, k, w.data_ptr(), _ptr(scale), _ptr(bias)))
+
+
+def decode(
+    layers: DecodeLayers,
+    x: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> torch.Tensor:
+    """Run the one-token rows `x` (M, C) float32 through every layer in place (see decode.c): row i is
+    the token of slot `slots[i]` at `positions[i]` (int64); caches (n_layer, n_slots, n_head, max_len, hs)
+    float32, contiguous. Returns x."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the gemv kernels are not available on this machine")
+    n_layer, n_slots, _, max_len, _ = k_cache.shape
+    for t, dtype in ((x, torch.float32), (k_cache, torch.float32), (v_cache, torch.float32)):
+        if t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"decode needs contiguous {dtype} activations and caches, got {t.dtype}")
+    if slots.dtype != torch.long or positions.dtype != torch.long or n_layer != layers.n_layer:
+        raise ValueError("decode needs int64 slots and positions and a cache of the model's layers")
+    slots, positions = slots.contiguous(), positions.contiguous()
+    rc = lib.gpt2serve_decode(
+        layers.table,
+        layers.n_layer,
+        layers.n_head,
+        layers.eps,
+        x.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        slots.data_ptr(),
+        positions.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        n_slots,
+        max_len,
+        torch.get_num_threads(),
+    )
+    if rc == -2:
+        raise MemoryError("decode: out of memory for its work buffers")
+    if rc != 0:
+        raise ValueError(f"decode refused x {tuple(x.shape)} with cache {tuple(k_cache.shape)}")
+    return x
