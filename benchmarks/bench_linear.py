@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bench_roofline import foreign_cpu_ticks, measure_read_bandwidth, wait_for_quiet  # noqa: E402
 
-from gpt2serve.engine import gemv  # noqa: E402
+from gpt2serve.engine import native  # noqa: E402
 from gpt2serve.engine.linear import PackedLinear, _fbgemm_pack, mkldnn_bf16, quantize_int8  # noqa: E402
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
@@ -85,15 +85,15 @@ def _f32_extra(w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Kernel]:
 
 
 def _gemv(w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Kernel]:
-    if not gemv.available():
+    if not native.available():
         return {}
     w_oi = w.t().contiguous()
     q, scale = quantize_int8(w_oi)
     w16 = w_oi.bfloat16()
     return {
-        "gemv_f32": lambda x: gemv.gemv(x, w_oi, None, b),
-        "gemv_bf16": lambda x: gemv.gemv(x, w16, None, b),
-        "gemv_int8": lambda x: gemv.gemv(x, q, scale, b),
+        "gemv_f32": lambda x: native.gemv(x, w_oi, None, b),
+        "gemv_bf16": lambda x: native.gemv(x, w16, None, b),
+        "gemv_int8": lambda x: native.gemv(x, q, scale, b),
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2serve.engine import gemv
+from gpt2serve.engine import native
 from gpt2serve.engine.linear import (
     FLOAT16_MAX,
     FORMATS,
@@ -27,7 +27,7 @@ KERNELS = pytest.mark.parametrize(
     "kernels",
     [
         "torch",
-        pytest.param("gemv", marks=pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)),
+        pytest.param("gemv", marks=pytest.mark.skipif(not native.available(), reason=NO_GEMV)),
     ],
 )
 
@@ -167,7 +167,7 @@ def test_fused_gelu_and_residual_add(kernels: str, fmt: str, rows: int) -> None:
     assert _rel_err(out, second(gelu.float()).double() + x.double()) < TOLERANCE[fmt]
 
 
-@pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)
+@pytest.mark.skipif(not native.available(), reason=NO_GEMV)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1])
 def test_gemv_every_row_count_and_ragged_width(fmt: str, rows: int) -> None:
@@ -183,18 +183,18 @@ def test_gemv_every_row_count_and_ragged_width(fmt: str, rows: int) -> None:
     assert _rel_err(layer(x), ref) < tolerance
 
 
-@pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)
+@pytest.mark.skipif(not native.available(), reason=NO_GEMV)
 def test_gemv_refuses_what_it_cannot_read() -> None:
     x = torch.randn(2, 64)
     with pytest.raises(ValueError, match="contiguous"):
-        gemv.gemv(x, torch.randn(64, 96).t(), None, None)
+        native.gemv(x, torch.randn(64, 96).t(), None, None)
     with pytest.raises(ValueError, match="multiple of 8"):
-        gemv.gemv(torch.randn(2, 60), torch.randn(96, 60), None, None)
+        native.gemv(torch.randn(2, 60), torch.randn(96, 60), None, None)
     # A width that is not a multiple of 8 keeps torch's kernels.
     assert PackedLinear(*_conv1d(60, 32), "float32", kernels="gemv").kernel == "mkldnn_packed"
 
 
-@pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)
+@pytest.mark.skipif(not native.available(), reason=NO_GEMV)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gemv_row_results_do_not_depend_on_the_batch(fmt: str) -> None:
     """Bit for bit, a row's output is the same alone or among others (every block sums the inputs in the

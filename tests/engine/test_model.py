@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from gpt2serve.engine import gemv
+from gpt2serve.engine import native
 from gpt2serve.engine.loader import load_checkpoint
 from gpt2serve.engine.model import GPT2, make_batch
 from tests.engine.test_linear import NO_GEMV
@@ -107,7 +107,7 @@ def test_decode_row_is_bit_identical_whatever_runs_beside_it(tiny_checkpoint, ke
     """A decode row's logits do not depend on the other rows of the step: neighbours with longer contexts
     (another key-length group), at the same position, on consecutive or scattered slots. This is what
     makes a request's text the same alone or under load."""
-    if kernels == "gemv" and not gemv.available():
+    if kernels == "gemv" and not native.available():
         pytest.skip(NO_GEMV)
     loaded = load_checkpoint(str(tiny_checkpoint))
     model = GPT2(loaded.config, loaded.state_dict, "float32", "cpu", kernels)
@@ -133,7 +133,7 @@ def wide_heads(checkpoint_factory):
     return checkpoint_factory(n_layer=2, n_head=2, n_embd=128, seed=3)
 
 
-@pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)
+@pytest.mark.skipif(not native.available(), reason=NO_GEMV)
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("rows", [1, 3, 11])
 def test_fused_decode_matches_the_layer_by_layer_forward(wide_heads, fmt, rows):
@@ -160,7 +160,7 @@ def test_fused_decode_matches_the_layer_by_layer_forward(wide_heads, fmt, rows):
     assert torch.allclose(written[0], cache.k, atol=1e-6) and torch.allclose(written[1], cache.v, atol=1e-6)
 
 
-@pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)
+@pytest.mark.skipif(not native.available(), reason=NO_GEMV)
 def test_fused_decode_matches_the_reference_with_gpt2_head_width(wide_heads):
     loaded = load_checkpoint(str(wide_heads))
     ours = GPT2(loaded.config, loaded.state_dict, cpu_kernels="gemv")
@@ -175,17 +175,17 @@ def test_fused_decode_matches_the_reference_with_gpt2_head_width(wide_heads):
         assert torch.allclose(got, expected[t], atol=1e-4, rtol=0)
 
 
-@pytest.mark.skipif(not gemv.available(), reason=NO_GEMV)
+@pytest.mark.skipif(not native.available(), reason=NO_GEMV)
 def test_fused_decode_refuses_what_it_cannot_take(wide_heads):
     loaded = load_checkpoint(str(wide_heads))
     model = GPT2(loaded.config, loaded.state_dict, cpu_kernels="gemv")
     layers, cache = model._decode_layers(), model.new_cache(2, 16)
     x, slot = torch.zeros(1, 128), torch.tensor([0])
     with pytest.raises(ValueError, match="refused"):
-        gemv.decode(layers, x, slot, torch.tensor([16]), cache.k, cache.v)  # past the cache
+        native.decode(layers, x, slot, torch.tensor([16]), cache.k, cache.v)  # past the cache
     with pytest.raises(ValueError, match="refused"):
-        gemv.decode(layers, x, torch.tensor([2]), torch.tensor([0]), cache.k, cache.v)  # no such slot
+        native.decode(layers, x, torch.tensor([2]), torch.tensor([0]), cache.k, cache.v)  # no such slot
     with pytest.raises(ValueError, match="int64"):
-        gemv.decode(layers, x, slot.int(), torch.tensor([0]), cache.k, cache.v)
+        native.decode(layers, x, slot.int(), torch.tensor([0]), cache.k, cache.v)
     with pytest.raises(ValueError, match="contiguous"):
-        gemv.decode(layers, x.double(), slot, torch.tensor([0]), cache.k, cache.v)
+        native.decode(layers, x.double(), slot, torch.tensor([0]), cache.k, cache.v)

@@ -23,10 +23,10 @@ against 34.7 ms with `F.linear`; the float32 figure is ~90% of the bandwidth bou
 is a plain `F.linear` (cuBLAS); int8 there dequantizes its weight on the fly.
 
 CPUs with AVX2 but no AVX-512 (Zen 3 here, ~16-23 GB/s) lack oneDNN's bf16 kernels and VNNI, and
-oneDNN's and MKL's float32 products stream ~10 GB/s there for a few rows. There every format goes to
-gemv.c (the `gemv` kernel; see gemv.py), which streams the weights at 12-18 GB/s (c_fc at M = 1: float32
-0.54 ms against oneDNN's 0.83, int8 0.25 ms) with float32 activations, so int8 is weight-only. Without a
-C compiler (or with `kernels="torch"`) torch's kernels serve, chosen as follows on such CPUs:
+oneDNN's and MKL's float32 products stream ~10 GB/s there for a few rows. There every format goes
+to csrc/gemv.c (the `gemv` kernel; see native.py), which streams the weights at 12-18 GB/s (c_fc at M = 1:
+float32 0.54 ms against oneDNN's 0.83, int8 0.25 ms) with float32 activations, so int8 is weight-only.
+Without a C compiler (or with `kernels="torch"`) torch's kernels serve, chosen as follows on such CPUs:
 half-width weights (bfloat16, and float16) go to fbgemm's float16-weight kernel (`linear_dynamic_fp16`:
 float32 activations and sums), 0.35 / 0.44 / 0.67 ms for c_fc at M = 1 / 3 / 8 against 0.52 / 1.27 /
 2.4 ms for a bf16 `F.linear`; a bfloat16 checkpoint is stored as float16 (the same size, 3 more mantissa
@@ -42,7 +42,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from gpt2serve.engine import gemv
+from gpt2serve.engine import native
 
 mkldnn = torch.ops.mkldnn
 
@@ -66,9 +66,9 @@ def use_gemv(kernels: str, in_features: int) -> bool:
     too (measured 1.3-1.6x faster than oneDNN there; with AVX-512 oneDNN is kept), "torch" never."""
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"cpu kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
-    if kernels == "torch" or in_features % gemv.K_MULTIPLE or (kernels == "auto" and AVX512):
+    if kernels == "torch" or in_features % native.K_MULTIPLE or (kernels == "auto" and AVX512):
         return False
-    return gemv.available()
+    return native.available()
 
 
 def mkldnn_bf16() -> bool:
@@ -242,7 +242,7 @@ class PackedLinear(torch.nn.Module):
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         x = x if x.dtype == torch.float32 else x.float()
         if x.shape[0] <= GEMV_MAX_ROWS:
-            return gemv.gemv(x, self.weight, self.scale, self.bias)
+            return native.gemv(x, self.weight, self.scale, self.bias)
         if self.weight.dtype == torch.float32:
             return F.linear(x, self.weight, self.bias)
         chunks = []

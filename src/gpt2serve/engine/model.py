@@ -14,7 +14,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from gpt2serve.engine import gemv
+from gpt2serve.engine import native
 from gpt2serve.engine.config import ModelConfig
 from gpt2serve.engine.linear import GEMV_MAX_ROWS, INT8_REDUCE_RANGE, MKLDNN_MIN_ROWS, PackedLinear, use_gemv
 
@@ -251,7 +251,7 @@ class GPT2(torch.nn.Module):
         self.min_rows = MKLDNN_MIN_ROWS if self.lm_head.kernel == "mkldnn_packed" else 1
         self.fused_decode = self._decode_layers() is not None
 
-    def _decode_layers(self) -> gemv.DecodeLayers | None:
+    def _decode_layers(self) -> native.DecodeLayers | None:
         """decode.c's view of the layers, where every matrix runs on gemv.c and the widths suit it."""
         if "_fused" not in self.__dict__:
             mats = [(b.c_attn, b.attn_proj, b.c_fc, b.mlp_proj) for b in self.blocks]
@@ -267,7 +267,7 @@ class GPT2(torch.nn.Module):
                     }
                     for b, ms in zip(self.blocks, mats)
                 ]
-                self._fused = gemv.DecodeLayers(layers, self.cfg.n_head, self.cfg.layer_norm_epsilon)
+                self._fused = native.DecodeLayers(layers, self.cfg.n_head, self.cfg.layer_norm_epsilon)
         return self._fused
 
     def new_cache(self, n_slots: int, max_len: int | None = None) -> KVCache:
@@ -284,7 +284,8 @@ class GPT2(torch.nn.Module):
         # Rows run through the layers as one (N, C) matrix, padded once (with copies of row 0, so every
         # row-wise result stays the same) up to the rows the CPU kernels stream weights fastest for.
         if T == 1 and self.fused_decode and B <= GEMV_MAX_ROWS and cache.k.dtype == torch.float32:
-            x = gemv.decode(self._decode_layers(), x.view(B, C), batch.slots, batch.starts, cache.k, cache.v)
+            layers = self._decode_layers()
+            x = native.decode(layers, x.view(B, C), batch.slots, batch.starts, cache.k, cache.v)
         else:
             x = _pad_rows(x.view(B * T, C), self.min_rows)
             for i, block in enumerate(self.blocks):

@@ -6,7 +6,7 @@
  * in registers; weights of any format are widened to float32 in registers and summed in float32.
  * The OpenMP loop runs on the OpenMP runtime torch has already loaded, so it shares torch's threads.
  *
- * Built by gpt2serve/engine/gemv.py, with decode.c, by: cc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC
+ * Built by gpt2serve/engine/native.py, with the other files here, by: cc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC
  */
 #include "kernels.h"
 

@@ -24,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.c", "decode.c", "kernels.h"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("gemv.c", "decode.c", "kernels.h"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
 K_MULTIPLE = 8  # the kernels read 8 weights at a time
@@ -44,7 +44,7 @@ def _build(compiler: str) -> Path:
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
     errors = []
     for folder in _cache_dirs():
-        target = folder / f"gemv-{key}.so"
+        target = folder / f"kernels-{key}.so"
         if target.exists():
             return target
         tmp = None
