@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from gpt2serve.engine import sampling
+from gpt2serve.engine import native, sampling
 from gpt2serve.engine.sampling import (
     EXACT_DRAW_MAX_SURVIVORS,
     NEG_INF,
@@ -270,3 +270,82 @@ def test_draw_recomputes_close_ratios_exactly(monkeypatch: pytest.MonkeyPatch) -
         probs = torch.softmax(make_logits("normal", 1, 5000, seed=seed)[0] / 4, dim=-1)
         ours, theirs = generators(seed, seed)
         assert draw(probs, ours) == int(torch.multinomial(probs, 1, generator=theirs))
+
+
+NO_NATIVE = "gpt2serve's C kernels are not built on this machine (no C compiler or no AVX2)"
+needs_native = pytest.mark.skipif(not native.available(), reason=NO_NATIVE)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["normal", "peaked", "some_ties", "ties", "banned"])
+def test_draw_top_k_is_hf_warpers_then_torch_multinomial(kind: str) -> None:
+    """The top-k fast path draws HF's token (warpers, softmax, torch.multinomial with the same generator)
+    and leaves the generator in the same state; where it gives up, the generator is untouched."""
+    decided = total = 0
+    for seed, (t, k, p) in enumerate(itertools.product(TEMPERATURES, [1, 5, 50, 256], TOP_PS)):
+        row = make_logits(kind, 1, 50257, seed=seed)[0]
+        ours, theirs = generators(seed, seed)
+        before = ours.get_state()
+        token = sampling.draw_top_k(row, t, k, p, ours)
+        expected = int(torch.multinomial(torch.softmax(hf_warp(row, t, k, p), dim=-1), 1, generator=theirs))
+        total += 1
+        if token is None:
+            assert torch.equal(ours.get_state(), before)
+            continue
+        decided += 1
+        assert token == expected, (t, k, p)
+        assert torch.equal(ours.get_state(), theirs.get_state())
+    if kind in ("normal", "peaked"):  # no ties: the fast path decides nearly every draw
+        assert decided >= 0.9 * total, (decided, total)
+    if kind == "ties":  # tied runs everywhere: it leaves them all to torch
+        assert decided == 0
+
+
+@needs_native
+def test_draw_top_k_gives_up_rather_than_guess(monkeypatch: pytest.MonkeyPatch) -> None:
+    row = make_logits("normal", 1, 50257, seed=3)[0]
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert sampling.draw_top_k(row, 1.0, 50, 1.0, None) is None  # the global generator: torch's path
+    assert sampling.draw_top_k(row, 1.0, 0, 0.9, gen) is None  # no top-k
+    assert sampling.draw_top_k(row, 1.0, sampling.FAST_MAX_TOP_K + 1, 1.0, gen) is None
+    with_nan = row.clone().index_fill_(0, torch.tensor([7]), float("nan"))
+    assert sampling.draw_top_k(with_nan, 1.0, 50, 1.0, gen) is None
+    monkeypatch.setattr(sampling, "FAST_MARGIN", 10.0)  # every decision now looks too close to call
+    assert sampling.draw_top_k(row, 1.0, 50, 0.92, gen) is None
+    assert sampling.draw_top_k(row, 1.0, 50, 1.0, gen) is None
+    assert torch.equal(gen.get_state(), state)
+
+
+@needs_native
+def test_native_topk_is_torch_topk_or_declines() -> None:
+    for n, k in ((50257, 51), (5 * 50257, 10), (9, 9), (17, 1)):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        values, indices = native.topk(x, k)
+        expected = torch.topk(x, k)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    x = torch.randn(1000)
+    x[[3, 500]] = 50.0
+    assert native.topk(x, 5) is None  # a tie inside the top-k
+    x[500] = 40.0
+    x[600] = 40.0
+    assert native.topk(x, 2) is None  # a tie at the cut
+    assert native.topk(x, 4) is None
+    x[600] = float("nan")
+    assert native.topk(x, 3) is None
+
+
+@needs_native
+@pytest.mark.parametrize("start", [0, 1, 623, 624, 1000])
+def test_native_uniform_at_replays_torch_uniform(start: int) -> None:
+    """The chosen draws of `uniform_(n)` and the generator state after it, from states at every phase of
+    the generator's 624-word refill, without touching the generator passed in."""
+    gen = torch.Generator().manual_seed(start)
+    torch.empty(start, dtype=torch.float64).uniform_(generator=gen)
+    for n in (1, 2, 311, 312, 313, 50257):
+        at = torch.unique(torch.randint(0, n, (min(n, 40),), generator=torch.Generator().manual_seed(n)))
+        state = gen.get_state()
+        draws, after = native.uniform_at(gen, n, at)
+        assert torch.equal(gen.get_state(), state)
+        expected = torch.empty(n, dtype=torch.float64).uniform_(generator=gen)
+        assert torch.equal(draws, expected[at]) and torch.equal(after, gen.get_state())

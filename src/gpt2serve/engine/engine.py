@@ -307,21 +307,31 @@ class Engine:
 
     def _pick_tokens(self, rows: list[tuple[Request, Sequence]], logits: torch.Tensor) -> list[int]:
         raw = logits.float()
-        x = self._apply_processors(rows, raw.clone())
+        x = self._apply_processors(rows, raw)  # processors return new tensors: raw stays as it was
         params = [r.params for r, _ in rows]
-        tokens = x.argmax(dim=-1)
-        sampled = [i for i, p in enumerate(params) if p.do_sample]
-        if sampled:
+        picked: list[int] = [0] * len(rows)
+        plain = [i for i, p in enumerate(params) if not p.do_sample]
+        if plain:
+            for i, token in zip(plain, x[plain].argmax(dim=-1).tolist()):
+                picked[i] = token
+        slow = []
+        for i, p in enumerate(params):
+            if p.do_sample:
+                token = sampling.draw_top_k(x[i], p.temperature, p.top_k, p.top_p, rows[i][1].generator)
+                if token is None:
+                    slow.append(i)
+                else:
+                    picked[i] = token
+        if slow:
             dev = x.device
             warped = sampling.warp(
-                x[sampled],
-                torch.tensor([params[i].temperature for i in sampled], dtype=torch.float64, device=dev),
-                torch.tensor([params[i].top_k for i in sampled], device=dev),
-                torch.tensor([params[i].top_p for i in sampled], dtype=torch.float64, device=dev),
+                x[slow],
+                torch.tensor([params[i].temperature for i in slow], dtype=torch.float64, device=dev),
+                torch.tensor([params[i].top_k for i in slow], device=dev),
+                torch.tensor([params[i].top_p for i in slow], dtype=torch.float64, device=dev),
             )
-            draws = sampling.sample(warped, [rows[i][1].generator for i in sampled])
-            tokens[sampled] = draws
-        picked = tokens.tolist()
+            for i, token in zip(slow, sampling.sample(warped, [rows[i][1].generator for i in slow]).tolist()):
+                picked[i] = token
         if any(p.logprobs is not None for p in params):
             self._record_logprobs(rows, raw, picked)
         return picked

@@ -2,7 +2,8 @@
 
 gemv.c: few-row matrix products, which stream a weight matrix at the machine's read bandwidth where
 oneDNN's and MKL's small-batch paths reach about two thirds of it (AVX2 CPUs, see linear.py). decode.c:
-a whole decode step through every layer in one call (see `decode`). The shared library is cached under
+a whole decode step through every layer in one call (see `decode`). sampling.c: an exact top-k and torch's
+CPU generator advanced without drawing every number (see `topk`, `uniform_at`). The library is cached under
 `$GPT2SERVE_CACHE_DIR` (default `~/.cache/gpt2serve`, else the temporary directory), keyed by a hash of
 the source and the compile command (`$CC`, else `cc`). Without a C compiler, or on a CPU without AVX2 and
 FMA, `available()` is false and the caller keeps torch's kernels (`--cpu-kernels torch` chooses them).
@@ -24,7 +25,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("gemv.c", "decode.c", "kernels.h"))
+SOURCES = tuple(
+    Path(__file__).with_name("csrc") / name for name in ("gemv.c", "decode.c", "sampling.c", "kernels.h")
+)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
 K_MULTIPLE = 8  # the kernels read 8 weights at a time
@@ -90,6 +93,10 @@ def library() -> ctypes.CDLL | None:
     fn = lib.gpt2serve_decode
     fn.restype = ctypes.c_int
     fn.argtypes = [p, i, i, ctypes.c_float, p, i, i, p, p, p, p, i, i, i]
+    lib.gpt2serve_topk.restype = ctypes.c_int
+    lib.gpt2serve_topk.argtypes = [p, ctypes.c_int64, i, p, p]
+    lib.gpt2serve_uniform.restype = ctypes.c_int
+    lib.gpt2serve_uniform.argtypes = [p, ctypes.c_int64, p, i, p]
     return lib
 
 
@@ -218,3 +225,60 @@ def decode(
     if rc != 0:
         raise ValueError(f"decode refused x {tuple(x.shape)} with cache {tuple(k_cache.shape)}")
     return x
+
+
+# -- sampling.c --------------------------------------------------------------------------------------------
+
+
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`torch.topk(x, k)` of a 1-D float32 CPU tensor where its answer leaves no room for tie-breaking (k
+    distinct values, each above every value left out); None where it would (or for a NaN in x, or where
+    the kernels are not built)."""
+    lib = library()
+    if lib is None or x.dtype != torch.float32 or x.dim() != 1 or x.device.type != "cpu":
+        return None
+    x = x.contiguous()
+    values, indices = torch.empty(k, dtype=torch.float32), torch.empty(k, dtype=torch.long)
+    if lib.gpt2serve_topk(x.data_ptr(), x.numel(), k, values.data_ptr(), indices.data_ptr()) != 0:
+        return None
+    return values, indices
+
+
+def uniform_at(
+    generator: torch.Generator, n: int, at: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The draws at the ascending indices `at` of `torch.empty(n, dtype=torch.float64).uniform_(
+    generator=generator)`, and the generator state that call would leave (for `generator.set_state`),
+    without drawing the others (~30 us against ~500 us for GPT-2's vocabulary); `generator` itself is
+    not changed. None where any of the n draws is exactly 0 (torch.multinomial treats that case
+    specially), or where torch's generator state is not laid out as sampling.c reads it (checked once)."""
+    lib = library()
+    if lib is None or generator.device.type != "cpu" or not _generator_layout_understood():
+        return None
+    state, at = generator.get_state(), at.to(torch.long).contiguous()
+    out = torch.empty(at.numel(), dtype=torch.float64)
+    if lib.gpt2serve_uniform(state.data_ptr(), n, at.data_ptr(), at.numel(), out.data_ptr()) != 0:
+        return None
+    return out, state
+
+
+@functools.cache
+def _generator_layout_understood() -> bool:
+    """Whether sampling.c reproduces this torch's CPU generator: draws and final state, over lengths that
+    cross its 624-word refills, from a fresh seed and from a state mid-way."""
+    lib = library()
+    if lib is None:
+        return False
+    ours, theirs = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(1234)
+    for n in (1, 311, 313, 50257, 7):
+        state, at = ours.get_state(), torch.arange(0, n, 3)
+        out = torch.empty(at.numel(), dtype=torch.float64)
+        too_short = state.numel() < 24 + 624 * 8  # the generator's words, after its counters
+        if too_short or lib.gpt2serve_uniform(state.data_ptr(), n, at.data_ptr(), at.numel(), out.data_ptr()):
+            return False
+        ours.set_state(state)
+        expected = torch.empty(n, dtype=torch.float64).uniform_(generator=theirs)
+        if not (torch.equal(out, expected[at]) and torch.equal(ours.get_state(), theirs.get_state())):
+            log.warning("torch's CPU generator is not laid out as sampling.c expects: sampling runs slower")
+            return False
+    return True

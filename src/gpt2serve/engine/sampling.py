@@ -10,15 +10,23 @@ The semantics are those of Hugging Face `generate()`: `RepetitionPenaltyLogitsPr
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Sequence
 
 import torch
+
+from gpt2serve.engine import native
 
 NEG_INF = float("-inf")
 # `draw`: up to this many non-zero probabilities, every exponential is computed as torch does; beyond,
 # vectorized, and exactly only for the ratios within DRAW_MARGIN (relative) of the largest.
 EXACT_DRAW_MAX_SURVIVORS = 256
 DRAW_MARGIN = 1e-5  # ~80 float32 rounding steps; a one-ulp change in a logarithm moves a ratio ~3 at most
+# `draw_top_k`: rows with top-k up to this take the fast path (its per-survivor arithmetic is Python).
+FAST_MAX_TOP_K = 256
+# `draw_top_k` computes in float64 what torch computes in float32 over at most FAST_MAX_TOP_K nonzero
+# terms (softmax, cumsum: each within ~300 rounding steps, ~2e-5); closer calls than this go to torch.
+FAST_MARGIN = 1e-4
 
 
 def _row_index(rows: list[int], device: torch.device) -> torch.Tensor:
@@ -277,3 +285,67 @@ def _exact_ratios(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """p / e with e computed as torch.multinomial computes it, in float64 with glibc's log1p."""
     e = torch.tensor([-1.0 * math.log1p(-x) for x in u.tolist()], dtype=torch.float64)
     return p / e.to(p.dtype)
+
+
+def draw_top_k(
+    row: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> int | None:
+    """The token `sample(warp(row[None], ...), [generator])` draws for a row with top-k on, computed from
+    the top-k values alone: an exact top-k (native.topk), top-p and the draw's probabilities in float64
+    over the survivors, and only the survivors' uniforms drawn (native.uniform_at).
+
+    The same token, and the generator left in the same state, as torch's path: where a decision (a top-p
+    cut, the winning ratio) is within FAST_MARGIN of going the other way, or ties would leave it to
+    torch's tie-breaking, it returns None with the generator untouched, and the caller takes that path."""
+    vocab = row.shape[-1]
+    if not 0 < top_k <= FAST_MAX_TOP_K or top_k >= vocab or generator is None:
+        return None
+    top = native.topk(row, top_k + 1)
+    if top is None:
+        return None
+    values, indices = top
+    if temperature != 1:  # warp's float32 division; it may merge neighbours into ties
+        values = values / torch.tensor(temperature, dtype=values.dtype)
+        if bool((values[1:] == values[:-1]).any()):
+            return None
+    kept = values[:top_k].tolist()  # descending and distinct: exactly top-k's survivors
+    if not (math.isfinite(kept[0]) and math.isfinite(kept[-1])):
+        return None
+    peak = kept[0]
+    weights = [math.exp(v - peak) for v in kept]
+    if top_p < 1:
+        n = _top_p_kept(weights, array("f", [1 - top_p])[0])  # warp's float32 threshold
+        if n is None:
+            return None
+        weights = weights[:n]
+    total = math.fsum(weights)
+    ids = indices[: len(weights)].tolist()
+    order = sorted(range(len(ids)), key=ids.__getitem__)  # vocabulary order: argmax's tie rule
+    drawn = native.uniform_at(generator, vocab, torch.tensor([ids[i] for i in order]))
+    if drawn is None:
+        return None
+    u, state = drawn
+    e = array("f", [-math.log1p(-x) for x in u.tolist()])  # as torch rounds them: float32
+    ratios = [weights[i] / total / x for i, x in zip(order, e)]
+    best = max(range(len(ratios)), key=ratios.__getitem__)
+    runner_up = max((r for j, r in enumerate(ratios) if j != best), default=0.0)
+    if not ratios[best] > runner_up * (1 + FAST_MARGIN):
+        return None
+    generator.set_state(state)
+    return ids[order[best]]
+
+
+def _top_p_kept(weights: list[float], threshold: float) -> int | None:
+    """How many of the top-k survivors (their softmax weights, largest first) top-p keeps, as
+    `_top_p_exact` decides it (ascending cumulative probabilities <= threshold removed, the largest kept);
+    None where a cumulative probability is within FAST_MARGIN of the threshold."""
+    total = math.fsum(weights)
+    removed, cumulative = 0, 0.0
+    for w in reversed(weights[1:]):  # ascending, the largest (never removed) left out
+        cumulative += w / total
+        if abs(cumulative - threshold) <= FAST_MARGIN * threshold:
+            return None
+        if cumulative > threshold:
+            break
+        removed += 1
+    return len(weights) - removed

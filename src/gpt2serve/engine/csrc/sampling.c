@@ -1,0 +1,166 @@
+/* Helpers for choosing tokens over a vocabulary-wide row: an exact top-k, and torch's CPU generator
+ * advanced without drawing every number.
+ *
+ * Both serve a fast path that must agree with torch's own functions bit for bit, and says when it cannot
+ * (sampling.py then takes torch's path): gpt2serve_topk reports ties, gpt2serve_uniform reports the one
+ * draw (u == 0) whose outcome torch.multinomial treats specially.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+typedef struct {
+    float value;
+    int64_t index;
+} entry_t;
+
+static void sift_down(entry_t *h, int k, int i) { /* min-heap on value */
+    for (;;) {
+        int c = 2 * i + 1;
+        if (c >= k) return;
+        if (c + 1 < k && h[c + 1].value < h[c].value) ++c;
+        if (h[i].value <= h[c].value) return;
+        entry_t t = h[i];
+        h[i] = h[c];
+        h[c] = t;
+        i = c;
+    }
+}
+
+static int by_value_descending(const void *a, const void *b) {
+    float x = ((const entry_t *)a)->value, y = ((const entry_t *)b)->value;
+    return (x < y) - (x > y);
+}
+
+/* The k largest of x (n floats), descending, with their indices. Returns 0 when the answer leaves no
+ * room for tie-breaking (k distinct values, each above every value left out: any exact top-k, torch.topk
+ * included, returns these in this order), 1 when ties make it a matter of tie-breaking, -1 for a NaN in
+ * x or arguments it does not take. */
+int gpt2serve_topk(const float *x, int64_t n, int k, float *values, int64_t *indices) {
+    if (k < 1 || n < k) return -1;
+    entry_t *h = malloc((size_t)k * sizeof *h);
+    if (!h) return -1;
+    int nan = 0;
+    for (int i = 0; i < k; ++i) {
+        h[i] = (entry_t){x[i], i};
+        nan |= x[i] != x[i];
+    }
+    for (int i = k / 2 - 1; i >= 0; --i) sift_down(h, k, i);
+    int64_t i = k;
+    __m256 unordered = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        int above = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(h[0].value), _CMP_GT_OQ));
+        while (above) {
+            int lane = __builtin_ctz(above);
+            above &= above - 1;
+            if (x[i + lane] > h[0].value) {
+                h[0] = (entry_t){x[i + lane], i + lane};
+                sift_down(h, k, 0);
+            }
+        }
+    }
+    for (; i < n; ++i) {
+        nan |= x[i] != x[i];
+        if (x[i] > h[0].value) {
+            h[0] = (entry_t){x[i], i};
+            sift_down(h, k, 0);
+        }
+    }
+    nan |= _mm256_movemask_ps(unordered) != 0;
+    float kth = h[0].value;
+    int64_t at_kth = 0;
+    for (int64_t j = 0; j < n; ++j) at_kth += x[j] == kth;
+    qsort(h, (size_t)k, sizeof *h, by_value_descending);
+    int ties = at_kth > 1;
+    for (int j = 0; j < k; ++j) {
+        values[j] = h[j].value;
+        indices[j] = h[j].index;
+        ties |= j > 0 && h[j].value == h[j - 1].value;
+    }
+    free(h);
+    return nan ? -1 : ties;
+}
+
+/* -- torch's CPU generator (mt19937), as torch.Generator.get_state() lays it out ---------------------- */
+
+enum { MT_N = 624, MT_M = 397 };
+
+typedef struct {  /* the head of CPUGeneratorImplState's legacy part */
+    uint64_t the_initial_seed;
+    int32_t left, seeded;
+    uint64_t next;
+    uint64_t state[MT_N];
+} mt_state_t;
+
+static inline uint32_t twist(uint32_t u, uint32_t v) {
+    return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((v & 1u) ? 0x9908b0dfu : 0u);
+}
+
+static void next_state(uint32_t *restrict p) {
+    for (int i = 0; i < MT_N - MT_M; ++i) p[i] = p[i + MT_M] ^ twist(p[i], p[i + 1]);
+    for (int i = MT_N - MT_M; i < MT_N - 1; ++i) p[i] = p[i + MT_M - MT_N] ^ twist(p[i], p[i + 1]);
+    p[MT_N - 1] = p[MT_M - 1] ^ twist(p[MT_N - 1], p[0]);
+}
+
+static inline uint32_t temper(uint32_t y) {
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    return y ^ (y >> 18);
+}
+
+static inline double to_uniform(uint32_t hi, uint32_t lo) { /* torch's uniform_real for double */
+    uint64_t r = ((uint64_t)temper(hi) << 32) | temper(lo);
+    return (double)(r & ((1ull << 53) - 1)) * (1.0 / (double)(1ull << 53));
+}
+
+/* Advance the generator in `state` (bytes of torch.Generator.get_state(), updated in place) exactly as
+ * `torch.empty(n, dtype=torch.float64).uniform_()` would, writing only the draws at the ascending
+ * indices `at` (n_at of them) to `out`. Returns 1 if any of the n draws is exactly 0 (then the caller
+ * must let torch draw), else 0; -1 for arguments it does not take. */
+int gpt2serve_uniform(void *state, int64_t n, const int64_t *at, int n_at, double *out) {
+    mt_state_t *s = state;
+    if (n < 0 || s->left < 1 || s->left > MT_N + 1 || s->next > MT_N) return -1;
+    for (int j = 0; j < n_at; ++j)
+        if (at[j] < 0 || at[j] >= n || (j && at[j] <= at[j - 1])) return -1;
+    uint32_t mt[MT_N];
+    for (int i = 0; i < MT_N; ++i) mt[i] = (uint32_t)s->state[i];
+    int64_t left = s->left, next = (int64_t)s->next, g = 0, words = 2 * n;  /* g: words consumed */
+    uint32_t carry = 0;  /* the last word of the previous segment */
+    int j = 0, zero = 0;
+    while (g < words) {
+        const uint32_t *seg;
+        int64_t avail;
+        int twisted = left == 1;  /* the next word comes after a twist */
+        if (twisted) {
+            next_state(mt);
+            seg = mt, avail = MT_N;
+        } else {
+            seg = mt + next, avail = left - 1;
+        }
+        int64_t c = avail < words - g ? avail : words - g;
+        uint32_t any_zero = 0;
+        for (int64_t i = 0; i < c; ++i) any_zero |= seg[i] == 0;
+        if (any_zero) /* a lo word (odd g) of 0 makes u == 0 when its hi word has no low 21 bits set */
+            for (int64_t i = 0; i < c; ++i)
+                if (((g + i) & 1) && seg[i] == 0 && !(temper(i ? seg[i - 1] : carry) & 0x1fffffu)) zero = 1;
+        for (; j < n_at && 2 * at[j] + 1 < g + c; ++j) {
+            int64_t lo = 2 * at[j] + 1 - g;
+            out[j] = to_uniform(lo ? seg[lo - 1] : carry, seg[lo]);
+        }
+        carry = seg[c - 1];
+        if (twisted) {
+            next = c, left = MT_N + 1 - c;
+        } else {
+            next += c, left -= c;
+        }
+        g += c;
+    }
+    for (int i = 0; i < MT_N; ++i) s->state[i] = mt[i];
+    s->left = (int32_t)left;
+    s->next = (uint64_t)next;
+    return zero;
+}
