@@ -100,6 +100,11 @@ def test_copy_slots_copies_only_the_prefix_of_the_named_slots(pair):
     assert torch.equal(cache.k[:, [0, 3]], k[:, [0, 3]]) and torch.equal(cache.v[:, [0, 3]], v[:, [0, 3]])
     with pytest.raises(ValueError, match="both copied"):
         cache.copy_slots([1, 2], [2, 3], 4)
+    k = cache.k.clone()
+    cache.copy_slots([0], [4], 12, starts=[6])  # a beam fork from where the two histories part
+    assert torch.equal(cache.k[:, 4, :, 6:12], k[:, 0, :, 6:12])
+    assert torch.equal(cache.k[:, 4, :, :6], k[:, 4, :, :6])  # the shared prefix: left as it was
+    assert torch.equal(cache.k[:, 4, :, 12:], k[:, 4, :, 12:])
 
 
 @pytest.mark.parametrize("kernels", ["torch", "gemv"])

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import torch
 
+from gpt2serve.engine import native
+
 _NEG = -1.0e9  # HF's "never pick this" score offset
 
 
@@ -94,7 +96,8 @@ class BeamGroup:
         self._to_device(logprobs.device)
         vocab = logprobs.shape[-1]
         acc = logprobs.float().reshape(-1, vocab) + self._running_scores[0, :, None]
-        top_lp, top_idx = torch.topk(acc.reshape(1, -1), k=self._keep)
+        top = native.topk(acc.reshape(-1), self._keep)  # torch.topk's answer where no ties are involved
+        top_lp, top_idx = (t[None] for t in top) if top else torch.topk(acc.reshape(1, -1), k=self._keep)
         top_src = top_idx // vocab
         top_tok = top_idx % vocab
         hits = self._stopping(top_tok)

@@ -376,13 +376,16 @@ class Engine:
             if b not in claimed:
                 claimed.add(b)
                 new_slots[i] = old[b].slot
-        spare = [old[b].slot for b in range(len(old)) if b not in claimed]
-        copies = []
-        for i, b in enumerate(sources):  # ... and a beam that forks is copied into a spare slot
-            if new_slots[i] is None:
-                new_slots[i] = spare.pop()
-                copies.append((old[b].slot, new_slots[i]))
-        self.cache.copy_slots([c[0] for c in copies], [c[1] for c in copies], len(old[0].history))
+        spare = [b for b in range(len(old)) if b not in claimed]
+        src, dst, starts = [], [], []
+        for i, b in enumerate(sources):  # ... and a beam that forks is copied into a spare slot,
+            if new_slots[i] is None:  # from where its history and the slot's previous one part
+                gone = spare.pop()
+                new_slots[i] = old[gone].slot
+                src.append(old[b].slot)
+                dst.append(old[gone].slot)
+                starts.append(_common_prefix(old[b].history, old[gone].history))
+        self.cache.copy_slots(src, dst, len(old[0].history), starts)
         req.sequences = [
             Sequence(i, new_slots[i], old[b].history + [t], None)
             for i, (b, t) in enumerate(zip(sources, tokens))
@@ -409,3 +412,9 @@ class Engine:
         if req.stream:
             for out in outputs:
                 req.sink(StreamDelta(out.index, out.text, out.finish_reason))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two histories share: their keys and values there are the same."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)

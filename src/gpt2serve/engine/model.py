@@ -38,15 +38,17 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def copy_slots(self, src: list[int], dst: list[int], length: int) -> None:
-        """Copy the first `length` positions of slots `src` into slots `dst` (beam forks, n > 1); no slot
-        may be both a source and a destination. Slot by slot: a gather over the slot axis of the cache
-        would walk every slot's full context."""
+    def copy_slots(
+        self, src: list[int], dst: list[int], length: int, starts: list[int] | None = None
+    ) -> None:
+        """Copy positions `starts[i]` (default 0) up to `length` of slot `src[i]` into slot `dst[i]` (beam
+        forks, n > 1); no slot may be both a source and a destination. Slot by slot: a gather over the
+        slot axis of the cache would walk every slot's full context."""
         if set(src) & set(dst):
             raise ValueError(f"slots {sorted(set(src) & set(dst))} are both copied from and into")
-        for s, d in zip(src, dst):
+        for s, d, start in zip(src, dst, starts or [0] * len(src), strict=True):
             for cache in (self.k, self.v):
-                cache[:, d, :, :length].copy_(cache[:, s, :, :length])
+                cache[:, d, :, start:length].copy_(cache[:, s, :, start:length])
 
 
 # Decode attention reads keys up to the row's position rounded up to this (see DecodeGroup).
