@@ -184,7 +184,7 @@ def test_fused_decode_matches_the_reference_with_gpt2_head_width(wide_heads):
 def test_fused_decode_refuses_what_it_cannot_take(wide_heads):
     loaded = load_checkpoint(str(wide_heads))
     model = GPT2(loaded.config, loaded.state_dict, cpu_kernels="gemv")
-    layers, cache = model._decode_layers(), model.new_cache(2, 16)
+    layers, cache = model.decode_layers, model.new_cache(2, 16)
     x, slot = torch.zeros(1, 128), torch.tensor([0])
     with pytest.raises(ValueError, match="refused"):
         native.decode(layers, x, slot, torch.tensor([16]), cache.k, cache.v)  # past the cache

@@ -251,26 +251,21 @@ class GPT2(torch.nn.Module):
         head_fmt = layer_format(fmt, "lm_head", family)
         self.lm_head = PackedLinear.lm_head(self.wte, head_fmt, self.device, kernels=family)
         self.min_rows = MKLDNN_MIN_ROWS if self.lm_head.kernel == "mkldnn_packed" else 1
-        self.fused_decode = self._decode_layers() is not None
+        self.decode_layers = self._decode_layers()
+        self.fused_decode = self.decode_layers is not None  # tests turn it off to compare the two paths
 
     def _decode_layers(self) -> native.DecodeLayers | None:
         """decode.c's view of the layers, where every matrix runs on gemv.c and the widths suit it."""
-        if "_fused" not in self.__dict__:
-            mats = [(b.c_attn, b.attn_proj, b.c_fc, b.mlp_proj) for b in self.blocks]
-            fits = self.cfg.n_embd % 8 == 0 and self.cfg.head_dim % 8 == 0 and self.act_dtype == torch.float32
-            if not fits or any(m.kernel != "gemv" or m.out_features % 8 for ms in mats for m in ms):
-                self._fused = None
-            else:
-                layers = [
-                    {
-                        "ln_1": b.ln_1,
-                        "ln_2": b.ln_2,
-                        **{k: (m.weight, m.scale, m.bias) for k, m in zip(("attn", "proj", "fc", "out"), ms)},
-                    }
-                    for b, ms in zip(self.blocks, mats)
-                ]
-                self._fused = native.DecodeLayers(layers, self.cfg.n_head, self.cfg.layer_norm_epsilon)
-        return self._fused
+        mats = [(b.c_attn, b.attn_proj, b.c_fc, b.mlp_proj) for b in self.blocks]
+        fits = self.cfg.n_embd % 8 == 0 and self.cfg.head_dim % 8 == 0 and self.act_dtype == torch.float32
+        if not fits or any(m.kernel != "gemv" or m.out_features % 8 for ms in mats for m in ms):
+            return None
+        names = ("attn", "proj", "fc", "out")
+        layers = [
+            {"ln_1": b.ln_1, "ln_2": b.ln_2, **{k: (m.weight, m.scale, m.bias) for k, m in zip(names, ms)}}
+            for b, ms in zip(self.blocks, mats)
+        ]
+        return native.DecodeLayers(layers, self.cfg.n_head, self.cfg.layer_norm_epsilon)
 
     def new_cache(self, n_slots: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, n_slots, max_len or self.cfg.n_positions, self.act_dtype, self.device)
@@ -283,12 +278,12 @@ class GPT2(torch.nn.Module):
         batch.cache_len = cache.max_len
         pos = batch.starts[:, None] + torch.arange(T, device=self.device)  # (B, T)
         x = self.wte[batch.tokens].to(self.act_dtype) + self.wpe[pos].to(self.act_dtype)  # (B, T, C)
-        # Rows run through the layers as one (N, C) matrix, padded once (with copies of row 0, so every
-        # row-wise result stays the same) up to the rows the CPU kernels stream weights fastest for.
         if T == 1 and self.fused_decode and B <= GEMV_MAX_ROWS and cache.k.dtype == torch.float32:
-            layers = self._decode_layers()
-            x = native.decode(layers, x.view(B, C), batch.slots, batch.starts, cache.k, cache.v)
+            # a decode step on the C kernels: every layer in one call (see csrc/decode.c)
+            x = native.decode(self.decode_layers, x.view(B, C), batch.slots, batch.starts, cache.k, cache.v)
         else:
+            # Rows run through the layers as one (N, C) matrix, padded once (with copies of row 0, so
+            # every row-wise result stays the same) up to the rows the CPU kernels stream fastest for.
             x = _pad_rows(x.view(B * T, C), self.min_rows)
             for i, block in enumerate(self.blocks):
                 x = block(x, i, cache, batch)

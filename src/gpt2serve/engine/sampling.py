@@ -242,8 +242,9 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 
     For one sample, torch computes argmax(probs / e) with e ~ Exp(1) drawn for every entry, each from one
     float64 uniform u as -log1p(-u) (glibc's log1p), rounded to the row's dtype. Those uniforms are drawn
-    here in one call, which advances the generator identically, and the ratios are computed only where
-    probs > 0 (the others are 0 and cannot win): with glibc's own log1p for up to
+    here in one call, which advances the generator identically (with the C kernels only the ones where
+    probs > 0, native.uniform_at advancing the generator past the rest), and the ratios are computed only
+    where probs > 0 (the others are 0 and cannot win): with glibc's own log1p for up to
     EXACT_DRAW_MAX_SURVIVORS entries, else with torch's vectorized log1p, whose result may differ by one
     unit in the last place; a winner ahead of the runner-up by more than DRAW_MARGIN cannot change with
     that, and entries closer than that are recomputed with glibc's log1p. A u of exactly 0 (p = 2^-53 per
@@ -257,13 +258,19 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     if not (alive and lo.item() >= 0 and hi.item() < math.inf):  # NaN fails both: torch raises its error
         return int(torch.multinomial(probs, 1, generator=generator))
     gen = generator if generator is not None else torch.default_generator
-    state = gen.get_state()
-    u = torch.empty(probs.shape[0], dtype=torch.float64).uniform_(generator=gen)
-    if u.min().item() == 0:
+    at = survivors if survivors is not None else torch.arange(probs.shape[0])
+    drawn = native.uniform_at(gen, probs.shape[0], at)  # only the survivors' uniforms, where it can
+    if drawn is not None:
+        u, state = drawn
         gen.set_state(state)
-        return int(torch.multinomial(probs, 1, generator=gen))
-    if survivors is not None:
-        u = u[survivors]
+    else:
+        state = gen.get_state()
+        u = torch.empty(probs.shape[0], dtype=torch.float64).uniform_(generator=gen)
+        if u.min().item() == 0:
+            gen.set_state(state)
+            return int(torch.multinomial(probs, 1, generator=gen))
+        if survivors is not None:
+            u = u[survivors]
     if alive <= EXACT_DRAW_MAX_SURVIVORS:
         return _token(survivors, int(_exact_ratios(p, u).argmax()))
     ratios = p / (-torch.log1p(-u)).to(p.dtype)
