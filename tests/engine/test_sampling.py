@@ -349,3 +349,23 @@ def test_native_uniform_at_replays_torch_uniform(start: int) -> None:
         assert torch.equal(gen.get_state(), state)
         expected = torch.empty(n, dtype=torch.float64).uniform_(generator=gen)
         assert torch.equal(draws, expected[at]) and torch.equal(after, gen.get_state())
+
+
+@needs_native
+def test_a_zero_uniform_is_left_to_torch() -> None:
+    """A generator whose next draw is exactly 0 (crafted: the next two words of its state are 0): the C
+    replay declines, and draw() still returns torch.multinomial's token (its special case for 0)."""
+    gen = torch.Generator().manual_seed(5)
+    state = gen.get_state()
+    state[8:12] = torch.tensor([3], dtype=torch.int32).view(torch.uint8)  # `left`: no refill for 2 words
+    state[16:24] = 0  # `next`: word 0
+    state[24:40] = 0  # words 0 and 1
+    gen.set_state(state)
+    assert torch.empty(1, dtype=torch.float64).uniform_(generator=gen).item() == 0.0
+    gen.set_state(state)
+    assert native.uniform_at(gen, 10, torch.tensor([0, 4])) is None
+    probs = torch.softmax(make_logits("normal", 1, 10, seed=1)[0], dim=-1)
+    theirs = torch.Generator()
+    theirs.set_state(state)
+    assert draw(probs, gen) == int(torch.multinomial(probs, 1, generator=theirs))
+    assert torch.equal(gen.get_state(), theirs.get_state())
