@@ -369,3 +369,18 @@ def test_a_zero_uniform_is_left_to_torch() -> None:
     theirs.set_state(state)
     assert draw(probs, gen) == int(torch.multinomial(probs, 1, generator=theirs))
     assert torch.equal(gen.get_state(), theirs.get_state())
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["normal", "flat", "peaked", "banned"])
+def test_native_multinomial_is_torch_multinomial(kind: str) -> None:
+    """The whole-row draw in C: torch's token and the generator state torch leaves, the generator passed
+    in untouched; zeros (filtered tokens) never drawn."""
+    for seed in range(10):
+        probs = torch.softmax(make_logits(kind, 1, 50257, seed=seed)[0], dim=-1)
+        ours, theirs = generators(seed, seed)
+        before = ours.get_state()
+        token, state = native.multinomial(ours, probs)
+        assert torch.equal(ours.get_state(), before)
+        assert token == int(torch.multinomial(probs, 1, generator=theirs))
+        assert torch.equal(state, theirs.get_state()) and probs[token] > 0

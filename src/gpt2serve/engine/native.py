@@ -96,7 +96,9 @@ def library() -> ctypes.CDLL | None:
     lib.gpt2serve_topk.restype = ctypes.c_int
     lib.gpt2serve_topk.argtypes = [p, ctypes.c_int64, i, p, p]
     lib.gpt2serve_uniform.restype = ctypes.c_int
-    lib.gpt2serve_uniform.argtypes = [p, ctypes.c_int64, p, i, p]
+    lib.gpt2serve_uniform.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, p]
+    lib.gpt2serve_multinomial.restype = ctypes.c_int64
+    lib.gpt2serve_multinomial.argtypes = [p, p, ctypes.c_int64]
     return lib
 
 
@@ -260,6 +262,20 @@ def uniform_at(
     if lib.gpt2serve_uniform(state.data_ptr(), n, at.data_ptr(), at.numel(), out.data_ptr()) != 0:
         return None
     return out, state
+
+
+def multinomial(generator: torch.Generator, probs: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+    """`torch.multinomial(probs, 1, generator=generator)` for a 1-D float32 CPU row whose entries are
+    finite and >= 0, one of them > 0 (the caller checks): the token, and the generator state torch leaves
+    (for `generator.set_state`); `generator` itself is not changed. None where a uniform draw is exactly 0
+    (torch's own special case) or where `uniform_at` would be refused."""
+    lib = library()
+    ok = probs.dtype == torch.float32 and probs.dim() == 1 and probs.device.type == "cpu"
+    if lib is None or not ok or generator.device.type != "cpu" or not _generator_layout_understood():
+        return None
+    state, probs = generator.get_state(), probs.contiguous()
+    token = lib.gpt2serve_multinomial(state.data_ptr(), probs.data_ptr(), probs.numel())
+    return None if token < 0 else (token, state)
 
 
 @functools.cache

@@ -258,6 +258,10 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     if not (alive and lo.item() >= 0 and hi.item() < math.inf):  # NaN fails both: torch raises its error
         return int(torch.multinomial(probs, 1, generator=generator))
     gen = generator if generator is not None else torch.default_generator
+    if alive > EXACT_DRAW_MAX_SURVIVORS and (drawn := native.multinomial(gen, probs)) is not None:
+        token, state = drawn  # the whole draw in C (every ratio exact; see csrc/sampling.c)
+        gen.set_state(state)
+        return token
     at = survivors if survivors is not None else torch.arange(probs.shape[0])
     drawn = native.uniform_at(gen, probs.shape[0], at)  # only the survivors' uniforms, where it can
     if drawn is not None:

@@ -1,10 +1,11 @@
-/* Helpers for choosing tokens over a vocabulary-wide row: an exact top-k, and torch's CPU generator
- * advanced without drawing every number.
+/* Helpers for choosing tokens over a vocabulary-wide row: an exact top-k, torch's CPU generator advanced
+ * without drawing every number, and torch.multinomial's one-sample draw.
  *
  * Both serve a fast path that must agree with torch's own functions bit for bit, and says when it cannot
- * (sampling.py then takes torch's path): gpt2serve_topk reports ties, gpt2serve_uniform reports the one
- * draw (u == 0) whose outcome torch.multinomial treats specially.
+ * (sampling.py then takes torch's path): gpt2serve_topk reports ties, gpt2serve_uniform and
+ * gpt2serve_multinomial report the one draw (u == 0) whose outcome torch.multinomial treats specially.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -119,18 +120,19 @@ static inline double to_uniform(uint32_t hi, uint32_t lo) { /* torch's uniform_r
 
 /* Advance the generator in `state` (bytes of torch.Generator.get_state(), updated in place) exactly as
  * `torch.empty(n, dtype=torch.float64).uniform_()` would, writing only the draws at the ascending
- * indices `at` (n_at of them) to `out`. Returns 1 if any of the n draws is exactly 0 (then the caller
- * must let torch draw), else 0; -1 for arguments it does not take. */
-int gpt2serve_uniform(void *state, int64_t n, const int64_t *at, int n_at, double *out) {
+ * indices `at` (n_at of them; every draw where `at` is NULL) to `out`. Returns 1 if any of the n draws is
+ * exactly 0 (then the caller must let torch draw), else 0; -1 for arguments it does not take. */
+int gpt2serve_uniform(void *state, int64_t n, const int64_t *at, int64_t n_at, double *out) {
     mt_state_t *s = state;
     if (n < 0 || s->left < 1 || s->left > MT_N + 1 || s->next > MT_N) return -1;
-    for (int j = 0; j < n_at; ++j)
+    for (int j = 0; at && j < n_at; ++j)
         if (at[j] < 0 || at[j] >= n || (j && at[j] <= at[j - 1])) return -1;
     uint32_t mt[MT_N];
     for (int i = 0; i < MT_N; ++i) mt[i] = (uint32_t)s->state[i];
     int64_t left = s->left, next = (int64_t)s->next, g = 0, words = 2 * n;  /* g: words consumed */
     uint32_t carry = 0;  /* the last word of the previous segment */
-    int j = 0, zero = 0;
+    int64_t j = 0;
+    int zero = 0;
     while (g < words) {
         const uint32_t *seg;
         int64_t avail;
@@ -147,7 +149,9 @@ int gpt2serve_uniform(void *state, int64_t n, const int64_t *at, int n_at, doubl
         if (any_zero) /* a lo word (odd g) of 0 makes u == 0 when its hi word has no low 21 bits set */
             for (int64_t i = 0; i < c; ++i)
                 if (((g + i) & 1) && seg[i] == 0 && !(temper(i ? seg[i - 1] : carry) & 0x1fffffu)) zero = 1;
-        for (; j < n_at && 2 * at[j] + 1 < g + c; ++j) {
+        if (!at) /* every draw whose lo word is in this segment */
+            for (int64_t w = g | 1; w < g + c; w += 2) out[w / 2] = to_uniform(w > g ? seg[w - g - 1] : carry, seg[w - g]);
+        for (; at && j < n_at && 2 * at[j] + 1 < g + c; ++j) {
             int64_t lo = 2 * at[j] + 1 - g;
             out[j] = to_uniform(lo ? seg[lo - 1] : carry, seg[lo]);
         }
@@ -163,4 +167,34 @@ int gpt2serve_uniform(void *state, int64_t n, const int64_t *at, int n_at, doubl
     s->left = (int32_t)left;
     s->next = (uint64_t)next;
     return zero;
+}
+
+/* torch.multinomial(probs, 1) for one row of n float32 probabilities (finite, >= 0, one of them > 0: the
+ * caller checks), the generator in `state` advanced in place past n uniforms as torch's draw does: the
+ * first index of the largest probs[i] / e_i, e_i = -log1p(-u_i) in double (glibc's log1p, as torch)
+ * rounded to float, the division in float. e_i >= u_i, so probs[i] / u_i bounds each ratio from above
+ * and only the few indices whose bound reaches the best ratio need the logarithm. Returns the index, or
+ * -1 where a draw is exactly 0 (torch's own special case) or out of memory. */
+int64_t gpt2serve_multinomial(void *state, const float *probs, int64_t n) {
+    double *u = malloc((size_t)n * sizeof *u);
+    if (!u) return -1;
+    if (gpt2serve_uniform(state, n, NULL, 0, u) != 0) {
+        free(u);
+        return -1;
+    }
+    int64_t best_i = 0;
+    double bound = -1.0;
+    for (int64_t i = 0; i < n; ++i) {
+        double b = probs[i] / u[i];
+        if (b > bound) bound = b, best_i = i;
+    }
+    float best = probs[best_i] / (float)(-log1p(-u[best_i]));
+    double reach = (double)best * (1.0 - 1e-6);  /* a ratio can exceed its bound by ~1.2e-7 (roundings) */
+    for (int64_t i = 0; i < n; ++i) {
+        if (probs[i] / u[i] < reach || i == best_i) continue;
+        float r = probs[i] / (float)(-log1p(-u[i]));
+        if (r > best || (r == best && i < best_i)) best = r, best_i = i;
+    }
+    free(u);
+    return best_i;
 }
