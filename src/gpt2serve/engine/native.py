@@ -97,6 +97,8 @@ def library() -> ctypes.CDLL | None:
     lib.gpt2serve_topk.argtypes = [p, ctypes.c_int64, i, p, p]
     lib.gpt2serve_uniform.restype = ctypes.c_int
     lib.gpt2serve_uniform.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, p]
+    lib.gpt2serve_sort.restype = ctypes.c_int
+    lib.gpt2serve_sort.argtypes = [p, ctypes.c_int64, p, p]
     lib.gpt2serve_multinomial.restype = ctypes.c_int64
     lib.gpt2serve_multinomial.argtypes = [p, p, ctypes.c_int64]
     return lib
@@ -242,6 +244,20 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     x = x.contiguous()
     values, indices = torch.empty(k, dtype=torch.float32), torch.empty(k, dtype=torch.long)
     if lib.gpt2serve_topk(x.data_ptr(), x.numel(), k, values.data_ptr(), indices.data_ptr()) != 0:
+        return None
+    return values, indices
+
+
+def sort(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A 1-D float32 CPU tensor sorted ascending, with the indices: the values are torch.sort's; among
+    equal values the indices are in index order (torch.sort's unstable order may differ there). None for
+    a NaN in x, or where the kernels are not built."""
+    lib = library()
+    if lib is None or x.dtype != torch.float32 or x.dim() != 1 or x.device.type != "cpu":
+        return None
+    x = x.contiguous()
+    values, indices = torch.empty_like(x), torch.empty(x.numel(), dtype=torch.long)
+    if lib.gpt2serve_sort(x.data_ptr(), x.numel(), values.data_ptr(), indices.data_ptr()) != 0:
         return None
     return values, indices
 

@@ -127,13 +127,46 @@ def ban_repeated_ngrams(
 
 
 def _top_p_exact(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """HF's TopPLogitsWarper verbatim (its unstable sort decides which of several tied tokens survive)."""
+    """HF's TopPLogitsWarper verbatim (its unstable sort decides which of several tied tokens survive);
+    rows the C sort can take run through `_top_p_sorted_in_c` instead."""
+    out = scores.clone()
+    rest = []
+    for i in range(scores.shape[0]):
+        row = _top_p_sorted_in_c(scores[i], threshold[i : i + 1])
+        if row is None:
+            rest.append(i)
+        else:
+            out[i] = row
+    if rest:
+        index = torch.tensor(rest, dtype=torch.long, device=scores.device)
+        out[index] = _top_p_torch(scores.index_select(0, index), threshold[index])
+    return out
+
+
+def _top_p_torch(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     sorted_logits, sorted_indices = torch.sort(scores, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove = cumulative <= threshold[:, None]
     remove[:, -1] = False
     remove = remove.scatter(1, sorted_indices, remove)
     return scores.masked_fill(remove, NEG_INF)
+
+
+def _top_p_sorted_in_c(row: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor | None:
+    """HF's top-p for one row with native.sort's order: the sorted values are torch.sort's, so softmax and
+    cumsum see the same floats; only where tied values straddle the cut would torch's order among them
+    matter, and there (or for a NaN, or without the kernels) it returns None."""
+    ordered = native.sort(row)
+    if ordered is None:
+        return None
+    values, indices = ordered
+    cumulative = values[None].softmax(dim=-1).cumsum(dim=-1)[0]
+    remove = cumulative <= threshold
+    remove[-1] = False
+    cut = int(remove.sum())  # the removed positions are a prefix (cumsum is monotone)
+    if cut and bool(values[cut - 1] == values[cut]):
+        return None
+    return row.index_fill(0, indices[:cut], NEG_INF)
 
 
 def _top_p_cut_after_top_k(

@@ -198,3 +198,59 @@ int64_t gpt2serve_multinomial(void *state, const float *probs, int64_t n) {
     free(u);
     return best_i;
 }
+
+/* x (n floats) sorted ascending into values, with their indices: an LSD radix sort (three passes of
+ * 11, 11 and 10 bits over the floats' order-preserving integer keys), stable, so equal values keep index
+ * order (-0.0 sorts before 0.0). Returns 0, or -1 for a NaN in x or out of memory. */
+int gpt2serve_sort(const float *x, int64_t n, float *values, int64_t *indices) {
+    uint32_t *keys = malloc((size_t)n * 2 * sizeof *keys);
+    int64_t *idx = malloc((size_t)n * sizeof *idx);
+    if (!keys || !idx) {
+        free(keys);
+        free(idx);
+        return -1;
+    }
+    uint32_t *k0 = keys, *k1 = keys + n;
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t b;
+        memcpy(&b, x + i, sizeof b);
+        if ((b & 0x7fffffffu) > 0x7f800000u) { /* NaN */
+            free(keys);
+            free(idx);
+            return -1;
+        }
+        k0[i] = b & 0x80000000u ? ~b : b | 0x80000000u; /* unsigned order == float order */
+        indices[i] = i;
+    }
+    int64_t *i0 = indices, *i1 = idx;
+    static const int shift[3] = {0, 11, 22}, bits[3] = {11, 11, 10};
+    for (int pass = 0; pass < 3; ++pass) {
+        int64_t count[2048] = {0};
+        uint32_t mask = (1u << bits[pass]) - 1;
+        for (int64_t i = 0; i < n; ++i) ++count[(k0[i] >> shift[pass]) & mask];
+        int64_t total = 0;
+        for (int d = 0; d <= (int)mask; ++d) {
+            int64_t c = count[d];
+            count[d] = total;
+            total += c;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+            int64_t at = count[(k0[i] >> shift[pass]) & mask]++;
+            k1[at] = k0[i];
+            i1[at] = i0[i];
+        }
+        uint32_t *kt = k0;
+        k0 = k1, k1 = kt;
+        int64_t *it = i0;
+        i0 = i1, i1 = it;
+    }
+    /* three passes: the result is in the second buffers (k0 = keys + n, i0 = idx) */
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t b = k0[i] & 0x80000000u ? k0[i] & 0x7fffffffu : ~k0[i];
+        memcpy(values + i, &b, sizeof b);
+        indices[i] = i0[i];
+    }
+    free(keys);
+    free(idx);
+    return 0;
+}
