@@ -388,20 +388,26 @@ def test_native_multinomial_is_torch_multinomial(kind: str) -> None:
 
 @needs_native
 def test_native_sort_is_torch_sort() -> None:
-    """torch.sort's values (and, for distinct values, its indices); equal values in index order; NaN
-    declined. Top-p with this order equals HF's where no tied run straddles the cut."""
+    """torch.sort's values (and, for distinct values, its indices); equal values in index order; a row
+    with a NaN declined. Top-p with this order equals HF's where no tied run straddles the cut."""
     distinct = torch.randperm(50257, generator=torch.Generator().manual_seed(0)).float() * 0.01 - 250
-    values, indices = native.sort(distinct)
-    expected = torch.sort(distinct)
-    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
     x = torch.randn(50257, generator=torch.Generator().manual_seed(0)) * 3  # a few equal pairs
-    assert torch.equal(native.sort(x)[0], torch.sort(x).values)
-    tied = torch.tensor([2.0, -0.0, float("-inf"), 2.0, 0.0, float("inf"), -1e-40, 2.0])
-    values, indices = native.sort(tied)
-    assert torch.equal(values, torch.sort(tied).values) and indices.tolist() == [2, 6, 1, 4, 0, 3, 7, 5]
-    assert native.sort(torch.tensor([1.0, float("nan")])) is None
+    values, indices, ok = native.sort_rows(
+        torch.stack([distinct, x, x.clone().index_fill_(0, torch.tensor([9]), float("nan"))])
+    )
+    expected = torch.sort(distinct)
+    assert ok == [True, True, False]
+    assert torch.equal(values[0], expected.values) and torch.equal(indices[0], expected.indices)
+    assert torch.equal(values[1], torch.sort(x).values)
+    tied = torch.tensor([[2.0, -0.0, float("-inf"), 2.0, 0.0, float("inf"), -1e-40, 2.0]])
+    values, indices, _ = native.sort_rows(tied)
+    assert torch.equal(values, torch.sort(tied).values) and indices[0].tolist() == [2, 6, 1, 4, 0, 3, 7, 5]
     for p in (0.5, 0.9, 0.999):
         threshold = torch.tensor([1 - p], dtype=torch.float32)
-        assert torch.equal(sampling._top_p_sorted_in_c(x, threshold), hf_warp(x, 1.0, 0, p))
+        values, indices, ok = native.sort_rows(x[None])
+        assert torch.equal(
+            sampling._top_p_sorted(x, values[0], indices[0], ok[0], threshold), hf_warp(x, 1.0, 0, p)
+        )
     straddle = torch.tensor([0.0, 0.0, 5.0])  # the cut runs through the two equal values
-    assert sampling._top_p_sorted_in_c(straddle, torch.tensor([0.01])) is None
+    values, indices, ok = native.sort_rows(straddle[None])
+    assert sampling._top_p_sorted(straddle, values[0], indices[0], ok[0], torch.tensor([0.01])) is None

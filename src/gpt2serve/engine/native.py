@@ -97,8 +97,8 @@ def library() -> ctypes.CDLL | None:
     lib.gpt2serve_topk.argtypes = [p, ctypes.c_int64, i, p, p]
     lib.gpt2serve_uniform.restype = ctypes.c_int
     lib.gpt2serve_uniform.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, p]
-    lib.gpt2serve_sort.restype = ctypes.c_int
-    lib.gpt2serve_sort.argtypes = [p, ctypes.c_int64, p, p]
+    lib.gpt2serve_sort_rows.restype = None
+    lib.gpt2serve_sort_rows.argtypes = [p, i, ctypes.c_int64, p, p, p, i]
     lib.gpt2serve_multinomial.restype = ctypes.c_int64
     lib.gpt2serve_multinomial.argtypes = [p, p, ctypes.c_int64]
     return lib
@@ -248,18 +248,27 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     return values, indices
 
 
-def sort(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A 1-D float32 CPU tensor sorted ascending, with the indices: the values are torch.sort's; among
-    equal values the indices are in index order (torch.sort's unstable order may differ there). None for
-    a NaN in x, or where the kernels are not built."""
+def sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[bool]] | None:
+    """Each row of a 2-D float32 CPU tensor sorted ascending, with the indices, rows in parallel: the
+    values are torch.sort's; among equal values the indices are in index order (torch.sort's unstable
+    order may differ there). Also whether each row was sorted (False for a row holding a NaN). None where
+    the kernels are not built."""
     lib = library()
-    if lib is None or x.dtype != torch.float32 or x.dim() != 1 or x.device.type != "cpu":
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
         return None
     x = x.contiguous()
-    values, indices = torch.empty_like(x), torch.empty(x.numel(), dtype=torch.long)
-    if lib.gpt2serve_sort(x.data_ptr(), x.numel(), values.data_ptr(), indices.data_ptr()) != 0:
-        return None
-    return values, indices
+    values, indices = torch.empty_like(x), torch.empty(x.shape, dtype=torch.long)
+    ok = torch.zeros(x.shape[0], dtype=torch.int8)
+    lib.gpt2serve_sort_rows(
+        x.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        values.data_ptr(),
+        indices.data_ptr(),
+        ok.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return values, indices, [bool(v) for v in ok.tolist()]
 
 
 def uniform_at(

@@ -127,12 +127,12 @@ def ban_repeated_ngrams(
 
 
 def _top_p_exact(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """HF's TopPLogitsWarper verbatim (its unstable sort decides which of several tied tokens survive);
-    rows the C sort can take run through `_top_p_sorted_in_c` instead."""
-    out = scores.clone()
-    rest = []
+    """HF's TopPLogitsWarper verbatim (its unstable sort decides which of several tied tokens survive),
+    with rows sorted in C where the order among equal values cannot matter (`_top_p_sorted`)."""
+    ordered = native.sort_rows(scores)
+    out, rest = scores.clone(), []
     for i in range(scores.shape[0]):
-        row = _top_p_sorted_in_c(scores[i], threshold[i : i + 1])
+        row = _top_p_sorted(scores[i], *(t[i] for t in ordered), threshold[i : i + 1]) if ordered else None
         if row is None:
             rest.append(i)
         else:
@@ -152,14 +152,14 @@ def _top_p_torch(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(remove, NEG_INF)
 
 
-def _top_p_sorted_in_c(row: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor | None:
-    """HF's top-p for one row with native.sort's order: the sorted values are torch.sort's, so softmax and
-    cumsum see the same floats; only where tied values straddle the cut would torch's order among them
-    matter, and there (or for a NaN, or without the kernels) it returns None."""
-    ordered = native.sort(row)
-    if ordered is None:
+def _top_p_sorted(
+    row: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, sorted_ok: bool, threshold: torch.Tensor
+) -> torch.Tensor | None:
+    """HF's top-p for one row given native.sort_rows' order: the sorted values are torch.sort's, so
+    softmax and cumsum see the same floats; only where tied values straddle the cut would torch's order
+    among them matter, and there (or for a row the C sort declined) it returns None."""
+    if not sorted_ok:
         return None
-    values, indices = ordered
     cumulative = values[None].softmax(dim=-1).cumsum(dim=-1)[0]
     remove = cumulative <= threshold
     remove[-1] = False

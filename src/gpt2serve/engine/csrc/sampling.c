@@ -199,58 +199,50 @@ int64_t gpt2serve_multinomial(void *state, const float *probs, int64_t n) {
     return best_i;
 }
 
-/* x (n floats) sorted ascending into values, with their indices: an LSD radix sort (three passes of
- * 11, 11 and 10 bits over the floats' order-preserving integer keys), stable, so equal values keep index
+/* x (n floats, n < 2^32) sorted ascending into values, with their indices: an LSD radix sort (four
+ * passes of 8 bits over (order-preserving integer key, index) pairs), stable, so equal values keep index
  * order (-0.0 sorts before 0.0). Returns 0, or -1 for a NaN in x or out of memory. */
-int gpt2serve_sort(const float *x, int64_t n, float *values, int64_t *indices) {
-    uint32_t *keys = malloc((size_t)n * 2 * sizeof *keys);
-    int64_t *idx = malloc((size_t)n * sizeof *idx);
-    if (!keys || !idx) {
-        free(keys);
-        free(idx);
-        return -1;
-    }
-    uint32_t *k0 = keys, *k1 = keys + n;
+static int sort_row(const float *x, int64_t n, float *values, int64_t *indices) {
+    uint64_t *buf = malloc((size_t)n * 2 * sizeof *buf);
+    if (!buf) return -1;
+    uint64_t *a = buf, *b = buf + n;
+    int64_t count[4][256] = {{0}};
     for (int64_t i = 0; i < n; ++i) {
-        uint32_t b;
-        memcpy(&b, x + i, sizeof b);
-        if ((b & 0x7fffffffu) > 0x7f800000u) { /* NaN */
-            free(keys);
-            free(idx);
+        uint32_t u;
+        memcpy(&u, x + i, sizeof u);
+        if ((u & 0x7fffffffu) > 0x7f800000u) { /* NaN */
+            free(buf);
             return -1;
         }
-        k0[i] = b & 0x80000000u ? ~b : b | 0x80000000u; /* unsigned order == float order */
-        indices[i] = i;
+        uint32_t key = u & 0x80000000u ? ~u : u | 0x80000000u; /* unsigned order == float order */
+        a[i] = (uint64_t)key << 32 | (uint64_t)i;
+        for (int d = 0; d < 4; ++d) ++count[d][(key >> (8 * d)) & 255];
     }
-    int64_t *i0 = indices, *i1 = idx;
-    static const int shift[3] = {0, 11, 22}, bits[3] = {11, 11, 10};
-    for (int pass = 0; pass < 3; ++pass) {
-        int64_t count[2048] = {0};
-        uint32_t mask = (1u << bits[pass]) - 1;
-        for (int64_t i = 0; i < n; ++i) ++count[(k0[i] >> shift[pass]) & mask];
+    for (int d = 0; d < 4; ++d) {
         int64_t total = 0;
-        for (int d = 0; d <= (int)mask; ++d) {
-            int64_t c = count[d];
-            count[d] = total;
+        for (int v = 0; v < 256; ++v) {
+            int64_t c = count[d][v];
+            count[d][v] = total;
             total += c;
         }
-        for (int64_t i = 0; i < n; ++i) {
-            int64_t at = count[(k0[i] >> shift[pass]) & mask]++;
-            k1[at] = k0[i];
-            i1[at] = i0[i];
-        }
-        uint32_t *kt = k0;
-        k0 = k1, k1 = kt;
-        int64_t *it = i0;
-        i0 = i1, i1 = it;
+        for (int64_t i = 0; i < n; ++i) b[count[d][(a[i] >> (32 + 8 * d)) & 255]++] = a[i];
+        uint64_t *t = a;
+        a = b, b = t;
     }
-    /* three passes: the result is in the second buffers (k0 = keys + n, i0 = idx) */
     for (int64_t i = 0; i < n; ++i) {
-        uint32_t b = k0[i] & 0x80000000u ? k0[i] & 0x7fffffffu : ~k0[i];
-        memcpy(values + i, &b, sizeof b);
-        indices[i] = i0[i];
+        uint32_t key = (uint32_t)(a[i] >> 32), u = key & 0x80000000u ? key & 0x7fffffffu : ~key;
+        memcpy(values + i, &u, sizeof u);
+        indices[i] = (int64_t)(a[i] & 0xffffffffu);
     }
-    free(keys);
-    free(idx);
+    free(buf);
     return 0;
+}
+
+/* `rows` rows of n floats each (x, values, indices row-major), each sorted as sort_row does, rows in
+ * parallel; ok[r] = 1 where row r was sorted, 0 where it holds a NaN (or memory ran out). */
+void gpt2serve_sort_rows(const float *x, int rows, int64_t n, float *values, int64_t *indices, int8_t *ok,
+                         int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < rows; ++r)
+        ok[r] = sort_row(x + (size_t)r * n, n, values + (size_t)r * n, indices + (size_t)r * n) == 0;
 }
