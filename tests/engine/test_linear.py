@@ -21,7 +21,7 @@ from gpt2serve.engine.linear import (
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1.5e-2, "float16": 2e-3, "int8": 3e-2}
 
 
-NO_GEMV = "gemv.c builds only on an x86 CPU with AVX2 and a C compiler (cc); runs wherever both are"
+NO_GEMV = "gpt2serve's C kernels build only on x86 CPUs with AVX2 and a C compiler (cc); run where both are"
 # Every layer test runs on torch's kernels and on gemv.c's (where it builds: AVX2 and a C compiler).
 KERNELS = pytest.mark.parametrize(
     "kernels",

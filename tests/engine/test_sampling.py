@@ -22,6 +22,7 @@ from gpt2serve.engine.sampling import (
     sample,
     warp,
 )
+from tests.engine.test_linear import NO_GEMV
 
 logits_process = pytest.importorskip("transformers.generation.logits_process")
 
@@ -272,8 +273,7 @@ def test_draw_recomputes_close_ratios_exactly(monkeypatch: pytest.MonkeyPatch) -
         assert draw(probs, ours) == int(torch.multinomial(probs, 1, generator=theirs))
 
 
-NO_NATIVE = "gpt2serve's C kernels are not built on this machine (no C compiler or no AVX2)"
-needs_native = pytest.mark.skipif(not native.available(), reason=NO_NATIVE)
+needs_native = pytest.mark.skipif(not native.available(), reason=NO_GEMV)
 
 
 @needs_native
