@@ -278,9 +278,10 @@ class GPT2(torch.nn.Module):
         batch.cache_len = cache.max_len
         pos = batch.starts[:, None] + torch.arange(T, device=self.device)  # (B, T)
         x = self.wte[batch.tokens].to(self.act_dtype) + self.wpe[pos].to(self.act_dtype)  # (B, T, C)
-        if T == 1 and self.fused_decode and B <= GEMV_MAX_ROWS and cache.k.dtype == torch.float32:
-            # a decode step on the C kernels: every layer in one call (see csrc/decode.c)
-            x = native.decode(self.decode_layers, x.view(B, C), batch.slots, batch.starts, cache.k, cache.v)
+        if self.fused_decode and B * T <= GEMV_MAX_ROWS and cache.k.dtype == torch.float32:
+            # on the C kernels: every layer in one call, one row per token (see csrc/decode.c)
+            slots = batch.slots if T == 1 else batch.slots.repeat_interleave(T)
+            x = native.decode(self.decode_layers, x.view(B * T, C), slots, pos.view(-1), cache.k, cache.v)
         else:
             # Rows run through the layers as one (N, C) matrix, padded once (with copies of row 0, so
             # every row-wise result stays the same) up to the rows the CPU kernels stream fastest for.

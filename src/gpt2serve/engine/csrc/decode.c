@@ -1,4 +1,5 @@
-/* One decode step through every transformer layer of GPT-2, for a few sequences, in one call.
+/* One step through every transformer layer of GPT-2 for a few tokens (decode steps, short prompts), in
+ * one call.
  *
  * Decoding runs ~15 small operations per layer besides the matrix products (layer norms, the cache
  * write, attention, GELU, residual additions); as torch calls from Python they cost ~0.5 ms per layer,
@@ -100,9 +101,10 @@ static void matmul(const matrix_t *m, const float *x, int M, float *y, int accum
     gpt2serve_matmul_for(m->fmt, x, M, m->k, m->w, m->scale, m->b, y, m->n, accumulate);
 }
 
-/* x (M, C): the residual stream of M sequences, one token each, updated in place through all layers.
- * Row i is sequence slots[i] at position positions[i]: its key and value are written there, and it
- * attends to positions 0 .. positions[i]. Caches: (n_layer, n_slots, n_head, max_len, C / n_head)
+/* x (M, C): the residual stream of M tokens, updated in place through all layers. Row i is the token
+ * of slot slots[i] at position positions[i]: its key and value are written there (every row's before
+ * any row attends), and it attends to positions 0 .. positions[i]. So rows are decode steps of
+ * different sequences, or a prompt's tokens (one slot, consecutive positions), or both. Caches: (n_layer, n_slots, n_head, max_len, C / n_head)
  * float32. C and C / n_head must be multiples of 8. Returns 0, -1 for arguments it does not take, -2
  * when out of memory. */
 int gpt2serve_decode(const layer_t *layers, int n_layer, int n_head, float eps, float *x, int M, int C,
@@ -137,16 +139,21 @@ int gpt2serve_decode(const layer_t *layers, int n_layer, int n_head, float eps, 
             for (int i = 0; i < M; ++i) layer_norm(x + (size_t)i * C, L->ln1_w, L->ln1_b, h + (size_t)i * C, C, eps);
             matmul(&L->attn, h, M, qkv, 0);
 #pragma omp for schedule(static)
+            for (int t = 0; t < M * n_head; ++t) { /* every row's key and value first: rows of one prompt */
+                int i = t / n_head, head = t % n_head; /* attend to each other's */
+                const float *q = qkv + (size_t)i * 3 * C + head * hs;
+                size_t at = (size_t)slots[i] * slot_stride + ((size_t)head * max_len + positions[i]) * hs;
+                for (int k = 0; k < hs; ++k) {
+                    kc[at + k] = q[C + k];
+                    vc[at + k] = q[2 * C + k];
+                }
+            }
+#pragma omp for schedule(static)
             for (int t = 0; t < M * n_head; ++t) {
                 int i = t / n_head, head = t % n_head;
-                const float *q = qkv + (size_t)i * 3 * C + head * hs;
                 size_t at = (size_t)slots[i] * slot_stride + (size_t)head * max_len * hs;
-                float *keys = kc + at, *values = vc + at;
-                for (int k = 0; k < hs; ++k) {
-                    keys[positions[i] * hs + k] = q[C + k];
-                    values[positions[i] * hs + k] = q[2 * C + k];
-                }
-                attend(q, keys, values, (int)positions[i] + 1, hs, scale, s, att + (size_t)i * C + head * hs);
+                attend(qkv + (size_t)i * 3 * C + head * hs, kc + at, vc + at, (int)positions[i] + 1, hs, scale, s,
+                       att + (size_t)i * C + head * hs);
             }
             matmul(&L->proj, att, M, x, 1);
 #pragma omp for schedule(static)
