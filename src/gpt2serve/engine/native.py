@@ -234,12 +234,18 @@ def decode(
 # -- sampling.c --------------------------------------------------------------------------------------------
 
 
+def _library_for(x: torch.Tensor, dim: int) -> ctypes.CDLL | None:
+    """The kernels, where they are built and `x` is a float32 CPU tensor of `dim` dimensions."""
+    ok = x.dtype == torch.float32 and x.dim() == dim and x.device.type == "cpu"
+    return library() if ok else None
+
+
 def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`torch.topk(x, k)` of a 1-D float32 CPU tensor where its answer leaves no room for tie-breaking (k
     distinct values, each above every value left out); None where it would (or for a NaN in x, or where
     the kernels are not built)."""
-    lib = library()
-    if lib is None or x.dtype != torch.float32 or x.dim() != 1 or x.device.type != "cpu":
+    lib = _library_for(x, 1)
+    if lib is None:
         return None
     x = x.contiguous()
     values, indices = torch.empty(k, dtype=torch.float32), torch.empty(k, dtype=torch.long)
@@ -253,8 +259,8 @@ def sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[bool]] 
     values are torch.sort's; among equal values the indices are in index order (torch.sort's unstable
     order may differ there). Also whether each row was sorted (False for a row holding a NaN). None where
     the kernels are not built."""
-    lib = library()
-    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
+    lib = _library_for(x, 2)
+    if lib is None:
         return None
     x = x.contiguous()
     values, indices = torch.empty_like(x), torch.empty(x.shape, dtype=torch.long)
@@ -294,9 +300,8 @@ def multinomial(generator: torch.Generator, probs: torch.Tensor) -> tuple[int, t
     finite and >= 0, one of them > 0 (the caller checks): the token, and the generator state torch leaves
     (for `generator.set_state`); `generator` itself is not changed. None where a uniform draw is exactly 0
     (torch's own special case) or where `uniform_at` would be refused."""
-    lib = library()
-    ok = probs.dtype == torch.float32 and probs.dim() == 1 and probs.device.type == "cpu"
-    if lib is None or not ok or generator.device.type != "cpu" or not _generator_layout_understood():
+    lib = _library_for(probs, 1)
+    if lib is None or generator.device.type != "cpu" or not _generator_layout_understood():
         return None
     state, probs = generator.get_state(), probs.contiguous()
     token = lib.gpt2serve_multinomial(state.data_ptr(), probs.data_ptr(), probs.numel())
