@@ -161,7 +161,9 @@ def test_load_peak_memory_is_close_to_the_packed_model(dtype: str) -> None:
         assert peak <= 1.2 * (float32_state + wte), rss
     else:  # the float32 weights are never all held at once, and quantizing them leaves no heap behind
         # With torch's kernels and no VNNI the MLP input projection stays half-width too, and fbgemm's
-        # float16 packing pads 768-wide inputs to 1024 (0.94 of the float32 state on an AVX2-only Zen 3;
-        # gemv.c's int8 there: 0.67).
-        wide = INT8_REDUCE_RANGE and kernel_family("auto", cfg, torch.device("cpu")) == "torch"
-        assert peak <= (1.0 if wide else 0.85) * float32_state, rss
+        # float16 packing pads 768-wide inputs to 1024 (0.94 of the float32 state on an AVX2-only Zen 3).
+        # gemv.c's int8 there: 0.58 at the peak (the float32 table while the head is packed), 0.43 ready.
+        torch_kernels = kernel_family("auto", cfg, torch.device("cpu")) == "torch"
+        assert peak <= (1.0 if INT8_REDUCE_RANGE and torch_kernels else 0.85 if torch_kernels else 0.7) * (
+            float32_state
+        ), rss

@@ -229,3 +229,28 @@ def test_fused_prefill_matches_the_layer_by_layer_forward(wide_heads, fmt):
         assert torch.allclose(written[0], cache.k, atol=1e-5) and torch.allclose(
             written[1], cache.v, atol=1e-5
         )
+
+
+@pytest.mark.skipif(not native.available(), reason=NO_GEMV)
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])
+def test_token_embedding_reads_the_output_heads_rows(tiny_checkpoint, fmt):
+    """On gemv.c the embedding table is not stored twice: float32 looks up the head's own tensor, half
+    width its rounded rows, int8 its rows plus a one-byte correction (within 1/508 of the row's step)."""
+    loaded = load_checkpoint(str(tiny_checkpoint))
+    wte = loaded.state_dict["wte.weight"].clone()
+    model = GPT2(loaded.config, loaded.state_dict, fmt, "cpu", "gemv")
+    head, embedding = model.lm_head.weight, model.wte
+    assert embedding.table is head
+    tokens = torch.tensor([[0, 50256, 464], [13, 13, 2068]])
+    rows = embedding(tokens, torch.float32)
+    assert rows.shape == (2, 3, wte.shape[1]) and rows.dtype == torch.float32
+    if fmt == "float32":
+        assert torch.equal(rows, wte[tokens])
+    elif fmt == "bfloat16":
+        assert torch.equal(rows, wte[tokens].bfloat16().float())
+    else:
+        step = model.lm_head.scale[tokens].unsqueeze(-1)
+        assert ((rows - wte[tokens]).abs() <= step / 508 + 1e-7).all()
+        assert not ((head[tokens].float() * step - wte[tokens]).abs() <= step / 508).all()  # the correction
+        held = [t for t in (embedding.table, embedding.residual) if t is not None]
+        assert all(t.dtype == torch.int8 for t in held)

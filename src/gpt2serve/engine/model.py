@@ -16,7 +16,14 @@ import torch.nn.functional as F
 
 from gpt2serve.engine import native
 from gpt2serve.engine.config import ModelConfig
-from gpt2serve.engine.linear import GEMV_MAX_ROWS, INT8_REDUCE_RANGE, MKLDNN_MIN_ROWS, PackedLinear, use_gemv
+from gpt2serve.engine.linear import (
+    DENSE_CHUNK,
+    GEMV_MAX_ROWS,
+    INT8_REDUCE_RANGE,
+    MKLDNN_MIN_ROWS,
+    PackedLinear,
+    use_gemv,
+)
 
 
 class KVCache:
@@ -218,6 +225,34 @@ def _attend_group(q, k_cache, v_cache, g: DecodeGroup) -> torch.Tensor:
     return torch.matmul(torch.softmax(scores + g.bias, dim=-1), vals)
 
 
+class TokenEmbedding:
+    """The token embedding table, read from the tied output head where gemv.c holds it as a plain (V, C)
+    matrix, so the table is not stored twice: float32 (the same tensor) and half-width rows as they are;
+    int8 rows plus one more int8 byte per weight, their rounding error in steps of 1/RESIDUAL_STEPS of the
+    row's (error at most 1/508 of a step: ~16-bit precision, 2 bytes a weight instead of float32's 4).
+    Elsewhere the loaded table is kept. Looked-up rows come in the activations' dtype."""
+
+    RESIDUAL_STEPS = 254
+
+    def __init__(self, wte: torch.Tensor, head: PackedLinear):
+        self.table, self.scale, self.residual = wte, None, None
+        if head.kernel == "gemv":
+            self.table, self.scale = head.weight, head.scale
+            if self.scale is not None:
+                self.residual = torch.empty_like(head.weight)
+                for start in range(0, len(wte), DENSE_CHUNK):  # small float32 temporaries
+                    rows = slice(start, start + DENSE_CHUNK)
+                    error = wte[rows].float() / self.scale[rows, None] - head.weight[rows]  # in [-1/2, 1/2]
+                    self.residual[rows] = torch.round(error * self.RESIDUAL_STEPS).clamp(-127, 127)
+
+    def __call__(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        rows = self.table[tokens].to(dtype)
+        if self.scale is None:
+            return rows
+        rows += self.residual[tokens].to(dtype) / self.RESIDUAL_STEPS
+        return rows * self.scale[tokens].unsqueeze(-1).to(dtype)
+
+
 class GPT2(torch.nn.Module):
     """GPT-2 language model; weights come from a state dict with GPT-2's checkpoint names.
 
@@ -241,15 +276,17 @@ class GPT2(torch.nn.Module):
             else {"bfloat16": torch.bfloat16, "float16": torch.float16}[fmt]
         )
         self.kernels = family = kernel_family(cpu_kernels, cfg, self.device)
-        # Embedding tables keep the loaded dtype; looked-up rows are cast to the activations' dtype.
-        self.wte = sd.pop("wte.weight").to(self.device)  # (V, C)
-        self.wpe = sd.pop("wpe.weight").to(self.device)  # (P, C)
+        # The head first: the loaded table is freed before the blocks load (a lower peak while loading).
+        wte = sd.pop("wte.weight").to(self.device)  # (V, C)
+        head_fmt = layer_format(fmt, "lm_head", family)
+        self.lm_head = PackedLinear.lm_head(wte, head_fmt, self.device, kernels=family)
+        self.wte = TokenEmbedding(wte, self.lm_head)
+        del wte
+        self.wpe = sd.pop("wpe.weight").to(self.device)  # (P, C), looked-up rows cast to act_dtype
         self.blocks = torch.nn.ModuleList(
             Block(cfg, sd, f"h.{i}.", fmt, self.device, family) for i in range(cfg.n_layer)
         )
         self.ln_f = _norm(sd, "ln_f", self.device)
-        head_fmt = layer_format(fmt, "lm_head", family)
-        self.lm_head = PackedLinear.lm_head(self.wte, head_fmt, self.device, kernels=family)
         self.min_rows = MKLDNN_MIN_ROWS if self.lm_head.kernel == "mkldnn_packed" else 1
         self.decode_layers = self._decode_layers()
         self.fused_decode = self.decode_layers is not None  # tests turn it off to compare the two paths
@@ -277,7 +314,7 @@ class GPT2(torch.nn.Module):
         C = self.cfg.n_embd
         batch.cache_len = cache.max_len
         pos = batch.starts[:, None] + torch.arange(T, device=self.device)  # (B, T)
-        x = self.wte[batch.tokens].to(self.act_dtype) + self.wpe[pos].to(self.act_dtype)  # (B, T, C)
+        x = self.wte(batch.tokens, self.act_dtype) + self.wpe[pos].to(self.act_dtype)  # (B, T, C)
         if self.fused_decode and B * T <= GEMV_MAX_ROWS and cache.k.dtype == torch.float32:
             # on the C kernels: every layer in one call, one row per token (see csrc/decode.c)
             slots = batch.slots if T == 1 else batch.slots.repeat_interleave(T)
