@@ -139,9 +139,12 @@ def test_concurrent_requests_equal_single_runs_and_share_steps(setup):
         return await asyncio.gather(*(engine.generate(p, s) for p, s in requests))
 
     engine.stats.max_step_batch = 0
+    joined = engine.stats.prefills_in_step
     results = asyncio.run(together())
     assert [[o.token_ids for o in r.outputs] for r in results] == alone
     assert engine.stats.max_step_batch > 1, "decode steps were not shared between requests"
+    if engine.model.fused_decode:  # prompts admitted while others decode ran in their steps
+        assert engine.stats.prefills_in_step > joined
     engine.stats.max_step_batch = max(before, engine.stats.max_step_batch)
     assert engine.scheduler.slots_in_use == 0
 

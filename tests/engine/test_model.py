@@ -254,3 +254,33 @@ def test_token_embedding_reads_the_output_heads_rows(tiny_checkpoint, fmt):
         assert not ((head[tokens].float() * step - wte[tokens]).abs() <= step / 508).all()  # the correction
         held = [t for t in (embedding.table, embedding.residual) if t is not None]
         assert all(t.dtype == torch.int8 for t in held)
+
+
+@pytest.mark.skipif(not native.available(), reason=NO_GEMV)
+@pytest.mark.parametrize("fmt", ["float32", "int8"])
+def test_prompts_and_decode_rows_in_one_forward_equal_separate_ones(wide_heads, fmt):
+    """`forward_rows` runs decode rows and new prompts together: every row's logits and the cache it
+    writes are bit-identical to running the decode step and each prompt's prefill apart."""
+    loaded = load_checkpoint(str(wide_heads))
+    model = GPT2(loaded.config, loaded.state_dict, fmt, "cpu", "gemv")
+    gen = torch.Generator().manual_seed(11)
+    ids = lambda n: torch.randint(0, 50257, (n,), generator=gen).tolist()  # noqa: E731
+    cache = model.new_cache(8, 128)
+    for slot, n in ((0, 5), (5, 17)):  # running sequences
+        model(make_batch([ids(n)], [slot], [0], "cpu"), cache)
+    steps, prompts = [ids(1), ids(1)], [ids(6), ids(13)]  # next tokens at 5 / 17; prompts in slots 2, 3
+    assert model.takes_rows(2 + 6 + 13, cache) and not model.takes_rows(33, cache)
+    before = cache.k.clone(), cache.v.clone()
+    tokens = steps[0] + steps[1] + prompts[0] + prompts[1]
+    slots, positions = [0, 5] + [2] * 6 + [3] * 13, [5, 17, *range(6), *range(13)]
+    joint = model.forward_rows(tokens, slots, positions, [0, 1, 7, 20], cache)
+    written = cache.k.clone(), cache.v.clone()
+    cache.k.copy_(before[0])
+    cache.v.copy_(before[1])
+    apart = [
+        model(make_batch(steps, [0, 5], [5, 17], "cpu"), cache),
+        model(make_batch([prompts[0]], [2], [0], "cpu"), cache),
+        model(make_batch([prompts[1]], [3], [0], "cpu"), cache),
+    ]
+    assert torch.equal(joint, torch.cat(apart))
+    assert torch.equal(written[0], cache.k) and torch.equal(written[1], cache.v)

@@ -31,6 +31,7 @@ ENGINE_COUNTERS = {
     "decoded_tokens": ("gpt2serve_engine_decoded_tokens", "Tokens made by decode steps."),
     "prefills": ("gpt2serve_engine_prefills", "Prompts prefilled."),
     "prefill_tokens": ("gpt2serve_engine_prefill_tokens", "Prompt tokens prefilled."),
+    "prefills_in_step": ("gpt2serve_engine_prefills_in_step", "Prompts prefilled inside a decode step."),
 }
 OUTCOMES = {"finished": "requests_finished", "failed": "requests_failed", "cancelled": "requests_cancelled"}
 

@@ -1,7 +1,8 @@
 """The engine: one thread owns the model and runs every request in one batched decode loop.
 
-Each iteration: admit waiting requests (prefill each into its slots), run one decode step over every
-active sequence of every running request, choose the next tokens (sampling rows and beam groups), and
+Each iteration: admit waiting requests, run one decode step over every active sequence of every running
+request (new prompts join its pass over the weights while the rows fit decode.c; the others are
+prefilled on their own first), choose the next tokens (sampling rows and beam groups), and
 retire what finished. Callers submit from any thread and get results through `generate()`, `stream()`
 (asyncio) or `generate_sync()`.
 """
@@ -55,6 +56,7 @@ class EngineStats:
     max_step_batch: int = 0  # the most sequences one decode step ran
     prefills: int = 0
     prefill_tokens: int = 0
+    prefills_in_step: int = 0  # of the prefills, those run inside a decode step
     requests_finished: int = 0
     requests_failed: int = 0
     requests_cancelled: int = 0
@@ -211,17 +213,19 @@ class Engine:
                     break
                 self._drop_cancelled_and_expired()
                 admitted = self.scheduler.admit()
+            decoding = [r for r in self.scheduler.running if r not in admitted]
+            joining = self._prompts_that_join(decoding, admitted)
             for req in admitted:
+                if req not in joining:
+                    try:
+                        self._prefill(req)
+                    except Exception as exc:  # a bug must fail its requests, never the loop
+                        self._fail([req], exc)
+            if decoding or joining:
                 try:
-                    self._prefill(req)
-                except Exception as exc:  # a bug must fail its requests, never the loop
-                    self._fail([req], exc)
-            running = list(self.scheduler.running)
-            if running:
-                try:
-                    self._decode_step()
+                    self._decode_step(decoding, joining)
                 except Exception as exc:
-                    self._fail(running, exc)
+                    self._fail(decoding + joining, exc)
         self._abort_all(EngineStoppedError("the server is shutting down"))
 
     def _fail(self, reqs: list[Request], exc: Exception) -> None:
@@ -255,28 +259,57 @@ class Engine:
             req.sink(req.result())
 
     # -- model steps -------------------------------------------------------------------------------
+    def _prompts_that_join(self, decoding: list[Request], admitted: list[Request]) -> list[Request]:
+        """The admitted requests whose prompts run inside the decode step (one pass over the weights
+        for both), oldest first while the rows fit decode.c; the others are prefilled on their own."""
+        rows = sum(len(r.active) for r in decoding)
+        joining = []
+        for req in admitted:
+            if self.model.takes_rows(rows + len(req.prompt_ids), self.cache):
+                joining.append(req)
+                rows += len(req.prompt_ids)
+        return joining
+
     def _prefill(self, req: Request) -> None:
         req.start(self.tokenizer, self.device)
+        batch = make_batch([req.prompt_ids], [req.sequences[0].slot], [0], self.device)
+        self._prefilled(req, self.model(batch, self.cache)[0])
+
+    def _prefilled(self, req: Request, logits: torch.Tensor) -> None:
+        """After the prompt ran in the request's first slot: copy its cache to the others, pick tokens."""
         first, others = req.sequences[0], req.sequences[1:]
-        batch = make_batch([req.prompt_ids], [first.slot], [0], self.device)
-        logits = self.model(batch, self.cache)  # (1, V)
         self.cache.copy_slots([first.slot] * len(others), [s.slot for s in others], len(req.prompt_ids))
         self.stats.prefills += 1
         self.stats.prefill_tokens += len(req.prompt_ids)
         self._advance([(req, s) for s in req.sequences], logits.expand(len(req.sequences), -1))
 
-    def _decode_step(self) -> None:
-        rows = [(r, s) for r in self.scheduler.running for s in r.active]
+    def _decode_step(self, decoding: list[Request], joining: list[Request]) -> None:
+        """One token for every active sequence of `decoding`, and the prompts of `joining` in the same
+        forward (see `_prompts_that_join`)."""
+        rows = [(r, s) for r in decoding for s in r.active]
+        rows.sort(key=lambda row: row[1].slot)  # consecutive slots let attention read cache views
+        tokens = [s.history[-1] for _, s in rows]
+        slots = [s.slot for _, s in rows]
+        positions = [len(s.history) - 1 for _, s in rows]
+        if joining:
+            picks = list(range(len(rows)))
+            for req in joining:
+                req.start(self.tokenizer, self.device)
+                n = len(req.prompt_ids)
+                tokens += req.prompt_ids
+                slots += [req.sequences[0].slot] * n
+                positions += range(n)
+                picks.append(len(tokens) - 1)  # the prompt's last position
+            logits = self.model.forward_rows(tokens, slots, positions, picks, self.cache)
+            self.stats.prefills_in_step += len(joining)
+            for i, req in enumerate(joining):
+                self._prefilled(req, logits[len(rows) + i])
+            logits = logits[: len(rows)]
+        elif rows:
+            batch = make_batch([[t] for t in tokens], slots, positions, self.device)
+            logits = self.model(batch, self.cache)  # (B, V)
         if not rows:
             return
-        rows.sort(key=lambda row: row[1].slot)  # consecutive slots let attention read cache views
-        batch = make_batch(
-            [[s.history[-1]] for _, s in rows],
-            [s.slot for _, s in rows],
-            [len(s.history) - 1 for _, s in rows],
-            self.device,
-        )
-        logits = self.model(batch, self.cache)  # (B, V)
         self.stats.steps += 1
         self.stats.decoded_tokens += len(rows)
         self.stats.max_step_batch = max(self.stats.max_step_batch, len(rows))

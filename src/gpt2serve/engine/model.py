@@ -307,6 +307,26 @@ class GPT2(torch.nn.Module):
     def new_cache(self, n_slots: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, n_slots, max_len or self.cfg.n_positions, self.act_dtype, self.device)
 
+    def takes_rows(self, n: int, cache: KVCache) -> bool:
+        """Whether `forward_rows` runs `n` rows: on decode.c, up to GEMV_MAX_ROWS, float32 cache."""
+        return self.fused_decode and n <= GEMV_MAX_ROWS and cache.k.dtype == torch.float32
+
+    @torch.inference_mode()
+    def forward_rows(
+        self, tokens: list[int], slots: list[int], positions: list[int], picks: list[int], cache: KVCache
+    ) -> torch.Tensor:
+        """One token per row at any (slot, position): decode rows and whole prompts (rows of one slot at
+        consecutive positions) in one pass over the weights. Every row's key and value is written before
+        any row attends, and each row's result is what it would be alone. Logits (len(picks), V) float32
+        of the rows `picks`. Only where `takes_rows(len(tokens), cache)`."""
+        C = self.cfg.n_embd
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
+        tokens_t, slots_t, pos_t = as_tensor(tokens), as_tensor(slots), as_tensor(positions)
+        x = self.wte(tokens_t, self.act_dtype) + self.wpe[pos_t].to(self.act_dtype)
+        x = native.decode(self.decode_layers, x, slots_t, pos_t, cache.k, cache.v)
+        x = F.layer_norm(x[as_tensor(picks)], (C,), *self.ln_f, self.cfg.layer_norm_epsilon)
+        return self.lm_head(x).float()
+
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: KVCache, last_only: bool = True) -> torch.Tensor:
         """Logits (B, V) float32 of each row's last token (or (B, T, V) with last_only=False)."""
@@ -315,7 +335,7 @@ class GPT2(torch.nn.Module):
         batch.cache_len = cache.max_len
         pos = batch.starts[:, None] + torch.arange(T, device=self.device)  # (B, T)
         x = self.wte(batch.tokens, self.act_dtype) + self.wpe[pos].to(self.act_dtype)  # (B, T, C)
-        if self.fused_decode and B * T <= GEMV_MAX_ROWS and cache.k.dtype == torch.float32:
+        if self.takes_rows(B * T, cache):
             # on the C kernels: every layer in one call, one row per token (see csrc/decode.c)
             slots = batch.slots if T == 1 else batch.slots.repeat_interleave(T)
             x = native.decode(self.decode_layers, x.view(B * T, C), slots, pos.view(-1), cache.k, cache.v)
