@@ -126,11 +126,13 @@ def test_concurrent_requests_equal_single_runs_and_share_steps(setup):
     engine, _ = setup
     requests = []
     for i in range(16):
-        if i % 2:
-            requests.append((f"prompt number {i}", SamplingParams(max_new_tokens=10)))
+        new = 6 + i % 7  # requests end at different steps, so others are admitted while some decode
+        if i % 2:  # one prompt too long to share a forward (over 32 tokens) runs on its own
+            text = f"prompt number {i}" * (12 if i == 7 else 1)
+            requests.append((text, SamplingParams(max_new_tokens=new)))
         else:
             requests.append(
-                (f"seeded {i}", SamplingParams.for_mode("sample", n=2, max_new_tokens=10, seed=i))
+                (f"seeded {i}", SamplingParams.for_mode("sample", n=2, max_new_tokens=new, seed=i))
             )
     alone = [[o.token_ids for o in engine.generate_sync(p, s).outputs] for p, s in requests]
     before = engine.stats.max_step_batch

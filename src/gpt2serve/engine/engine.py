@@ -214,16 +214,15 @@ class Engine:
                 self._drop_cancelled_and_expired()
                 admitted = self.scheduler.admit()
             decoding = [r for r in self.scheduler.running if r not in admitted]
-            joining = self._prompts_that_join(decoding, admitted)
-            for req in admitted:
-                if req not in joining:
-                    try:
-                        self._prefill(req)
-                    except Exception as exc:  # a bug must fail its requests, never the loop
-                        self._fail([req], exc)
+            joining, groups = self._group_prompts(decoding, admitted)
+            for group in groups:
+                try:
+                    self._step([], group)
+                except Exception as exc:  # a bug must fail its requests, never the loop
+                    self._fail(group, exc)
             if decoding or joining:
                 try:
-                    self._decode_step(decoding, joining)
+                    self._step(decoding, joining)
                 except Exception as exc:
                     self._fail(decoding + joining, exc)
         self._abort_all(EngineStoppedError("the server is shutting down"))
@@ -259,21 +258,26 @@ class Engine:
             req.sink(req.result())
 
     # -- model steps -------------------------------------------------------------------------------
-    def _prompts_that_join(self, decoding: list[Request], admitted: list[Request]) -> list[Request]:
-        """The admitted requests whose prompts run inside the decode step (one pass over the weights
-        for both), oldest first while the rows fit decode.c; the others are prefilled on their own."""
+    def _group_prompts(
+        self, decoding: list[Request], admitted: list[Request]
+    ) -> tuple[list[Request], list[list[Request]]]:
+        """Which new prompts run in which forward: those that fit decode.c beside the decode rows join
+        the decode step (one pass over the weights for both), the others go in groups that fit it, and
+        a prompt too long for it alone runs on its own. Returns (joining, groups), oldest first."""
         rows = sum(len(r.active) for r in decoding)
-        joining = []
+        joining, groups, group_rows = [], [], 0
         for req in admitted:
-            if self.model.takes_rows(rows + len(req.prompt_ids), self.cache):
+            n = len(req.prompt_ids)
+            if self.model.takes_rows(rows + n, self.cache):
                 joining.append(req)
-                rows += len(req.prompt_ids)
-        return joining
-
-    def _prefill(self, req: Request) -> None:
-        req.start(self.tokenizer, self.device)
-        batch = make_batch([req.prompt_ids], [req.sequences[0].slot], [0], self.device)
-        self._prefilled(req, self.model(batch, self.cache)[0])
+                rows += n
+            elif groups and self.model.takes_rows(group_rows + n, self.cache):
+                groups[-1].append(req)
+                group_rows += n
+            else:
+                groups.append([req])
+                group_rows = n
+        return joining, groups
 
     def _prefilled(self, req: Request, logits: torch.Tensor) -> None:
         """After the prompt ran in the request's first slot: copy its cache to the others, pick tokens."""
@@ -283,17 +287,24 @@ class Engine:
         self.stats.prefill_tokens += len(req.prompt_ids)
         self._advance([(req, s) for s in req.sequences], logits.expand(len(req.sequences), -1))
 
-    def _decode_step(self, decoding: list[Request], joining: list[Request]) -> None:
-        """One token for every active sequence of `decoding`, and the prompts of `joining` in the same
-        forward (see `_prompts_that_join`)."""
+    def _step(self, decoding: list[Request], prompts: list[Request]) -> None:
+        """One forward: a token for every active sequence of `decoding`, and the prompts of `prompts`
+        (see `_group_prompts`: together on decode.c, or one prompt alone)."""
         rows = [(r, s) for r in decoding for s in r.active]
         rows.sort(key=lambda row: row[1].slot)  # consecutive slots let attention read cache views
         tokens = [s.history[-1] for _, s in rows]
         slots = [s.slot for _, s in rows]
         positions = [len(s.history) - 1 for _, s in rows]
-        if joining:
+        prompt_rows = sum(len(req.prompt_ids) for req in prompts)
+        if prompts and not self.model.takes_rows(len(rows) + prompt_rows, self.cache):
+            (req,) = prompts  # one prompt alone (see _group_prompts): the model's own prefill
+            req.start(self.tokenizer, self.device)
+            batch = make_batch([req.prompt_ids], [req.sequences[0].slot], [0], self.device)
+            self._prefilled(req, self.model(batch, self.cache)[0])
+            return
+        if prompts:
             picks = list(range(len(rows)))
-            for req in joining:
+            for req in prompts:
                 req.start(self.tokenizer, self.device)
                 n = len(req.prompt_ids)
                 tokens += req.prompt_ids
@@ -301,8 +312,8 @@ class Engine:
                 positions += range(n)
                 picks.append(len(tokens) - 1)  # the prompt's last position
             logits = self.model.forward_rows(tokens, slots, positions, picks, self.cache)
-            self.stats.prefills_in_step += len(joining)
-            for i, req in enumerate(joining):
+            self.stats.prefills_in_step += len(prompts) if rows else 0
+            for i, req in enumerate(prompts):
                 self._prefilled(req, logits[len(rows) + i])
             logits = logits[: len(rows)]
         elif rows:
