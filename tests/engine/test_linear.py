@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -204,3 +206,17 @@ def test_gemv_row_results_do_not_depend_on_the_batch(fmt: str) -> None:
     alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
     for rows in range(2, GEMV_MAX_ROWS + 1):
         assert torch.equal(layer(x[:rows]), alone[:rows]), rows
+
+
+def test_weights_in_huge_pages_are_equal_contiguous_copies():
+    from gpt2serve.engine.linear import HUGE_PAGE, in_huge_pages
+
+    w = torch.randn(3072, 768)  # int8 2.25 MB (one whole huge page and a partial one) to float32 9 MB
+    for dtype in (torch.float32, torch.bfloat16, torch.int8):
+        src = w if dtype != torch.int8 else (w * 40).clamp(-127, 127).to(torch.int8)
+        out = in_huge_pages(src, dtype)
+        assert torch.equal(out, src.to(dtype)) and out.is_contiguous() and out.data_ptr() != src.data_ptr()
+        if dtype == torch.float32 and sys.platform.startswith("linux"):
+            assert out.data_ptr() % HUGE_PAGE == 0  # its first 2 MB can be one huge page
+    small = torch.randn(4, 8)
+    assert torch.equal(in_huge_pages(small, torch.float32), small)

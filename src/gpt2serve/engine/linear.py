@@ -37,6 +37,7 @@ oneDNN float32 streams 1 row 25% faster than 4, so rows are not padded there (`M
 
 from __future__ import annotations
 
+import mmap
 import warnings
 
 import torch
@@ -58,6 +59,7 @@ INT8_REDUCE_RANGE = not torch.cpu._is_vnni_supported()
 
 # gemv.c reads the weights once per 8 rows; beyond this many rows a dense product (compute-bound) wins.
 GEMV_MAX_ROWS = 32
+HUGE_PAGE = 2 << 20  # bytes of a transparent huge page (x86-64 Linux)
 KERNEL_CHOICES = ("auto", "gemv", "torch")
 
 
@@ -102,6 +104,26 @@ def _fbgemm_pack(w: torch.Tensor, bias: torch.Tensor | None) -> object | None:
             return torch.ops.quantized.linear_prepack(qw, bias)
     except (AttributeError, RuntimeError):
         return None
+
+
+def in_huge_pages(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous CPU copy of `t` in `dtype` whose whole 2 MB stretches Linux may back with transparent
+    huge pages (madvise): streaming weights then misses the TLB far less (gemv.c on Zen 3, gpt2 layers
+    and head with 3-5 rows: 1-6 % faster; 1 row unchanged). Tensors under 2 MB, or where the OS has no
+    such pages: a plain copy."""
+    nbytes = t.numel() * dtype.itemsize
+    if nbytes < HUGE_PAGE or t.device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return t.to(dtype).contiguous()
+    area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(area, dtype=torch.uint8)  # keeps `area` mapped while any view lives
+    start = -raw.data_ptr() % HUGE_PAGE
+    try:  # only whole huge pages inside the tensor: the partial last one would hold unused memory
+        area.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError:  # a kernel without transparent huge pages
+        pass
+    out = raw[start : start + nbytes].view(dtype).view(t.shape)
+    out.copy_(t)
+    return out
 
 
 class PackedLinear(torch.nn.Module):
@@ -177,12 +199,12 @@ class PackedLinear(torch.nn.Module):
 
     def _pack_gemv(self, w: torch.Tensor, fmt: str) -> None:
         """gemv.c's layout: the (out, in) matrix itself, row-major, in the format's dtype (int8: per-row
-        scales); a dense product for many rows widens it to float32 in chunks."""
+        scales), in huge pages where the OS gives them; a dense product for many rows widens it to
+        float32 in chunks."""
         self.kernel, self.scale = "gemv", None
         if fmt == "int8":
-            self.weight, self.scale = quantize_int8(w)
-        else:
-            self.weight = w.to(getattr(torch, fmt)).contiguous()
+            w, self.scale = quantize_int8(w)
+        self.weight = in_huge_pages(w, getattr(torch, fmt))
 
     def _pack_half(self, w: torch.Tensor, fmt: str) -> None:
         """Half-width weights on a CPU without oneDNN bf16: fbgemm's float16 kernel, else `F.linear`."""
