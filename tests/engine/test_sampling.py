@@ -168,6 +168,9 @@ def test_ngram_ban_matches_hf() -> None:
             ids = torch.tensor([history], dtype=torch.long).reshape(1, len(history))
             expected = processor(ids, logits[i : i + 1].clone())[0]
         assert torch.equal(out[i], expected), (i, size, history)
+    inplace = logits.clone()
+    assert ban_repeated_ngrams(inplace, histories, sizes, inplace=True) is inplace
+    assert torch.equal(inplace, out) and not torch.equal(logits, out)
 
 
 def test_ngram_ban_long_history_and_out_of_vocab_ids() -> None:
@@ -333,6 +336,25 @@ def test_native_topk_is_torch_topk_or_declines() -> None:
     assert native.topk(x, 4) is None
     x[600] = float("nan")
     assert native.topk(x, 3) is None
+
+
+@needs_native
+def test_native_topk_over_rows_adds_each_rows_bias_first() -> None:
+    """Beam search's top-k of log-probabilities plus each beam's score, without building the sums."""
+    gen = torch.Generator().manual_seed(5)
+    for rows, cols, k in ((5, 50257, 10), (3, 7, 15), (2, 1, 2)):
+        x = torch.log_softmax(torch.randn(rows, cols, generator=gen) * 3, dim=-1)
+        x[0, :3] = float("-inf")  # banned tokens
+        bias = torch.randn(rows, generator=gen) * 4
+        values, indices = native.topk(x, k, bias)
+        expected = torch.topk((x + bias[:, None]).reshape(-1), k)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    x = torch.zeros(2, 4)
+    assert native.topk(x, 3, torch.tensor([0.0, 1.0])) is None  # equal sums: torch's tie-breaking
+    x[1, 2] = float("nan")
+    assert native.topk(x, 1, torch.tensor([1.0, 0.0])) is None
+    with pytest.raises(ValueError, match="row_bias"):
+        native.topk(x, 1, torch.zeros(3))
 
 
 @needs_native

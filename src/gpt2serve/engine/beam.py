@@ -95,9 +95,13 @@ class BeamGroup:
             raise ValueError(f"logprobs must have shape ({self.num_beams}, V), got {tuple(logprobs.shape)}")
         self._to_device(logprobs.device)
         vocab = logprobs.shape[-1]
-        acc = logprobs.float().reshape(-1, vocab) + self._running_scores[0, :, None]
-        top = native.topk(acc.reshape(-1), self._keep)  # torch.topk's answer where no ties are involved
-        top_lp, top_idx = (t[None] for t in top) if top else torch.topk(acc.reshape(1, -1), k=self._keep)
+        logprobs = logprobs.float().reshape(-1, vocab).expand(self.num_beams, vocab)
+        scores = self._running_scores[0]
+        top = native.topk(logprobs, self._keep, scores)  # torch.topk's answer where no ties are involved
+        if top is None:
+            acc = logprobs + scores[:, None]
+            top = torch.topk(acc.reshape(-1), k=self._keep)
+        top_lp, top_idx = (t[None] for t in top)
         top_src = top_idx // vocab
         top_tok = top_idx % vocab
         hits = self._stopping(top_tok)

@@ -380,15 +380,17 @@ class Engine:
             self._record_logprobs(rows, raw, picked)
         return picked
 
-    def _apply_processors(self, rows: list[tuple[Request, Sequence]], x: torch.Tensor) -> torch.Tensor:
+    def _apply_processors(
+        self, rows: list[tuple[Request, Sequence]], x: torch.Tensor, owned: bool = False
+    ) -> torch.Tensor:
         """HF logits processors in HF's order: repetition penalty, then the n-gram ban; then OpenAI's
-        presence/frequency penalties."""
+        presence/frequency penalties. With `owned` (x is the caller's to change) the ban writes into x."""
         params = [r.params for r, _ in rows]
         histories = [s.history for _, s in rows]
         if any(p.repetition_penalty != 1.0 for p in params):
             x = sampling.apply_repetition_penalty(x, histories, [p.repetition_penalty for p in params])
         if any(p.no_repeat_ngram_size for p in params):
-            x = sampling.ban_repeated_ngrams(x, histories, [p.no_repeat_ngram_size for p in params])
+            x = sampling.ban_repeated_ngrams(x, histories, [p.no_repeat_ngram_size for p in params], owned)
         if any(p.presence_penalty or p.frequency_penalty for p in params):
             x = sampling.apply_presence_frequency(
                 x,
@@ -411,7 +413,7 @@ class Engine:
 
     def _beam_step(self, req: Request, logits: torch.Tensor) -> None:
         rows = [(req, s) for s in req.sequences]
-        scores = self._apply_processors(rows, F.log_softmax(logits.float(), dim=-1))
+        scores = self._apply_processors(rows, F.log_softmax(logits.float(), dim=-1), owned=True)
         sources, tokens = req.beam.step(scores)
         old = req.sequences
         new_slots: list[int | None] = [None] * len(old)

@@ -94,7 +94,7 @@ def library() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [p, i, i, ctypes.c_float, p, i, i, p, p, p, p, i, i, i]
     lib.gpt2serve_topk.restype = ctypes.c_int
-    lib.gpt2serve_topk.argtypes = [p, ctypes.c_int64, i, p, p]
+    lib.gpt2serve_topk.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, i, p, p]
     lib.gpt2serve_uniform.restype = ctypes.c_int
     lib.gpt2serve_uniform.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, p]
     lib.gpt2serve_sort_rows.restype = None
@@ -240,16 +240,25 @@ def _library_for(x: torch.Tensor, dim: int) -> ctypes.CDLL | None:
     return library() if ok else None
 
 
-def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`torch.topk(x, k)` of a 1-D float32 CPU tensor where its answer leaves no room for tie-breaking (k
-    distinct values, each above every value left out); None where it would (or for a NaN in x, or where
-    the kernels are not built)."""
-    lib = _library_for(x, 1)
+def topk(
+    x: torch.Tensor, k: int, row_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`torch.topk(x.reshape(-1), k)` of a float32 CPU tensor, 1-D or 2-D, with `row_bias[r]` added to
+    row r of a 2-D x first (the sums `x + row_bias[:, None]` holds), where its answer leaves no room for
+    tie-breaking (k distinct values, each above every value left out); None where it would (or for a
+    NaN, or where the kernels are not built). Indices are into the flattened x."""
+    lib = _library_for(x, x.dim()) if x.dim() in (1, 2) else None
     if lib is None:
         return None
     x = x.contiguous()
+    rows, cols = (1, x.numel()) if x.dim() == 1 else x.shape
+    if row_bias is not None:
+        row_bias = row_bias.to(torch.float32).contiguous()
+        if x.dim() != 2 or row_bias.shape != (rows,):
+            raise ValueError(f"row_bias must be ({rows},) for a 2-D x, got {tuple(row_bias.shape)}")
+    bias = None if row_bias is None else row_bias.data_ptr()
     values, indices = torch.empty(k, dtype=torch.float32), torch.empty(k, dtype=torch.long)
-    if lib.gpt2serve_topk(x.data_ptr(), x.numel(), k, values.data_ptr(), indices.data_ptr()) != 0:
+    if lib.gpt2serve_topk(x.data_ptr(), rows, cols, bias, k, values.data_ptr(), indices.data_ptr()) != 0:
         return None
     return values, indices
 

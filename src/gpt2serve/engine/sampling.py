@@ -108,9 +108,10 @@ def banned_ngram_tokens(history: Sequence[int], size: int) -> set[int]:
 
 
 def ban_repeated_ngrams(
-    logits: torch.Tensor, histories: Sequence[Sequence[int]], sizes: Sequence[int]
+    logits: torch.Tensor, histories: Sequence[Sequence[int]], sizes: Sequence[int], inplace: bool = False
 ) -> torch.Tensor:
-    """Set to -inf every token that would repeat an n-gram of the row's history (size 0: off)."""
+    """Set to -inf every token that would repeat an n-gram of the row's history (size 0: off); in
+    `logits` itself with `inplace`, else in a copy."""
     vocab = logits.shape[-1]
     rows: list[int] = []
     cols: list[int] = []
@@ -121,7 +122,7 @@ def ban_repeated_ngrams(
                 cols.append(token)
     if not rows:
         return logits
-    out = logits.clone()
+    out = logits if inplace else logits.clone()
     out[_row_index(rows, logits.device), _row_index(cols, logits.device)] = NEG_INF
     return out
 

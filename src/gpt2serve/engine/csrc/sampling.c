@@ -34,46 +34,60 @@ static int by_value_descending(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
-/* The k largest of x (n floats), descending, with their indices. Returns 0 when the answer leaves no
- * room for tie-breaking (k distinct values, each above every value left out: any exact top-k, torch.topk
- * included, returns these in this order), 1 when ties make it a matter of tie-breaking, -1 for a NaN in
- * x or arguments it does not take. */
-int gpt2serve_topk(const float *x, int64_t n, int k, float *values, int64_t *indices) {
-    if (k < 1 || n < k) return -1;
+/* The k largest of x (rows x cols floats, row-major), each plus its row's bias[r] where bias is not NULL
+ * (the float32 sums torch's x + bias[:, None] makes), descending, with their flat indices. Returns 0
+ * when the answer leaves no room for tie-breaking (k distinct values, each above every value left out:
+ * any exact top-k, torch.topk included, returns these in this order), 1 when ties make it a matter of
+ * tie-breaking, -1 for a NaN among the values or arguments it does not take. */
+int gpt2serve_topk(const float *x, int64_t rows, int64_t cols, const float *bias, int k, float *values,
+                   int64_t *indices) {
+    int64_t n = rows * cols;
+    if (k < 1 || rows < 1 || cols < 1 || n < k) return -1;
     entry_t *h = malloc((size_t)k * sizeof *h);
     if (!h) return -1;
-    int nan = 0;
-    for (int i = 0; i < k; ++i) {
-        h[i] = (entry_t){x[i], i};
-        nan |= x[i] != x[i];
-    }
-    for (int i = k / 2 - 1; i >= 0; --i) sift_down(h, k, i);
-    int64_t i = k;
+    int nan = 0, filled = 0;
     __m256 unordered = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
-        __m256 v = _mm256_loadu_ps(x + i);
-        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        int above = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(h[0].value), _CMP_GT_OQ));
-        while (above) {
-            int lane = __builtin_ctz(above);
-            above &= above - 1;
-            if (x[i + lane] > h[0].value) {
-                h[0] = (entry_t){x[i + lane], i + lane};
-                sift_down(h, k, 0);
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *row = x + r * cols, b = bias ? bias[r] : 0.0f;
+        const __m256 bv = _mm256_set1_ps(b);
+        int64_t c = 0;
+        for (; filled < k && c < cols; ++c) { /* the first k values fill the heap */
+            float v = row[c] + b;
+            h[filled++] = (entry_t){v, r * cols + c};
+            nan |= v != v;
+            if (filled == k)
+                for (int i = k / 2 - 1; i >= 0; --i) sift_down(h, k, i);
+        }
+        for (; filled == k && c + 8 <= cols; c += 8) {
+            __m256 v = _mm256_add_ps(_mm256_loadu_ps(row + c), bv);
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            int above = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(h[0].value), _CMP_GT_OQ));
+            while (above) {
+                int lane = __builtin_ctz(above);
+                above &= above - 1;
+                float w = row[c + lane] + b;
+                if (w > h[0].value) {
+                    h[0] = (entry_t){w, r * cols + c + lane};
+                    sift_down(h, k, 0);
+                }
             }
         }
-    }
-    for (; i < n; ++i) {
-        nan |= x[i] != x[i];
-        if (x[i] > h[0].value) {
-            h[0] = (entry_t){x[i], i};
-            sift_down(h, k, 0);
+        for (; c < cols; ++c) {
+            float v = row[c] + b;
+            nan |= v != v;
+            if (v > h[0].value) {
+                h[0] = (entry_t){v, r * cols + c};
+                sift_down(h, k, 0);
+            }
         }
     }
     nan |= _mm256_movemask_ps(unordered) != 0;
     float kth = h[0].value;
     int64_t at_kth = 0;
-    for (int64_t j = 0; j < n; ++j) at_kth += x[j] == kth;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *row = x + r * cols, b = bias ? bias[r] : 0.0f;
+        for (int64_t c = 0; c < cols; ++c) at_kth += row[c] + b == kth;
+    }
     qsort(h, (size_t)k, sizeof *h, by_value_descending);
     int ties = at_kth > 1;
     for (int j = 0; j < k; ++j) {
