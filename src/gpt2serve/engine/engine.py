@@ -295,12 +295,13 @@ class Engine:
         tokens = [s.history[-1] for _, s in rows]
         slots = [s.slot for _, s in rows]
         positions = [len(s.history) - 1 for _, s in rows]
+        top = _logits_read(decoding + prompts)
         prompt_rows = sum(len(req.prompt_ids) for req in prompts)
         if prompts and not self.model.takes_rows(len(rows) + prompt_rows, self.cache):
             (req,) = prompts  # one prompt alone (see _group_prompts): the model's own prefill
             req.start(self.tokenizer, self.device)
             batch = make_batch([req.prompt_ids], [req.sequences[0].slot], [0], self.device)
-            self._prefilled(req, self.model(batch, self.cache)[0])
+            self._prefilled(req, self.model(batch, self.cache, top=top)[0])
             return
         if prompts:
             picks = list(range(len(rows)))
@@ -311,14 +312,14 @@ class Engine:
                 slots += [req.sequences[0].slot] * n
                 positions += range(n)
                 picks.append(len(tokens) - 1)  # the prompt's last position
-            logits = self.model.forward_rows(tokens, slots, positions, picks, self.cache)
+            logits = self.model.forward_rows(tokens, slots, positions, picks, self.cache, top)
             self.stats.prefills_in_step += len(prompts) if rows else 0
             for i, req in enumerate(prompts):
                 self._prefilled(req, logits[len(rows) + i])
             logits = logits[: len(rows)]
         elif rows:
             batch = make_batch([[t] for t in tokens], slots, positions, self.device)
-            logits = self.model(batch, self.cache)  # (B, V)
+            logits = self.model(batch, self.cache, top=top)  # (B, V)
         if not rows:
             return
         self.stats.steps += 1
@@ -458,6 +459,23 @@ class Engine:
         if req.stream:
             for out in outputs:
                 req.sink(StreamDelta(out.index, out.text, out.finish_reason))
+
+
+def _logits_read(reqs: list[Request]) -> int | None:
+    """How many of each row's largest logits the token choice of `reqs` reads: 1 for greedy, top_k + 1
+    for top-k sampling (the one past the cut shows ties), where no request uses a logits processor,
+    beams or logprobs; else None (every logit)."""
+    k = 1
+    for p in (r.params for r in reqs):
+        if p.is_beam or p.logprobs is not None or p.repetition_penalty != 1.0 or p.no_repeat_ngram_size:
+            return None
+        if p.presence_penalty or p.frequency_penalty:
+            return None
+        if p.do_sample:
+            if not 0 < p.top_k <= sampling.FAST_MAX_TOP_K:
+                return None
+            k = max(k, p.top_k + 1)
+    return k
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

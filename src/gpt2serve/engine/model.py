@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from gpt2serve.engine import native
 from gpt2serve.engine.config import ModelConfig
+from gpt2serve.engine.head_sketch import HeadSketch
 from gpt2serve.engine.linear import (
     DENSE_CHUNK,
     GEMV_MAX_ROWS,
@@ -282,6 +283,8 @@ class GPT2(torch.nn.Module):
         self.lm_head = PackedLinear.lm_head(wte, head_fmt, self.device, kernels=family)
         self.wte = TokenEmbedding(wte, self.lm_head)
         del wte
+        gemv_head = self.lm_head.kernel == "gemv" and self.lm_head.scale is None  # float32 or half width
+        self.head_sketch = HeadSketch(self.lm_head) if gemv_head else None
         self.wpe = sd.pop("wpe.weight").to(self.device)  # (P, C), looked-up rows cast to act_dtype
         self.blocks = torch.nn.ModuleList(
             Block(cfg, sd, f"h.{i}.", fmt, self.device, family) for i in range(cfg.n_layer)
@@ -311,25 +314,42 @@ class GPT2(torch.nn.Module):
         """Whether `forward_rows` runs `n` rows: on decode.c, up to GEMV_MAX_ROWS, float32 cache."""
         return self.fused_decode and n <= GEMV_MAX_ROWS and cache.k.dtype == torch.float32
 
+    def _head(self, x: torch.Tensor, top: int | None) -> torch.Tensor:
+        """Logits of the (N, C) final-norm outputs; with `top`, only what each row's `top` largest can
+        be is exact, the rest may be -inf (see head_sketch.py)."""
+        if top is not None and self.head_sketch is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
+            return self.head_sketch.logits(x, top)
+        return self.lm_head(x)
+
     @torch.inference_mode()
     def forward_rows(
-        self, tokens: list[int], slots: list[int], positions: list[int], picks: list[int], cache: KVCache
+        self,
+        tokens: list[int],
+        slots: list[int],
+        positions: list[int],
+        picks: list[int],
+        cache: KVCache,
+        top: int | None = None,
     ) -> torch.Tensor:
         """One token per row at any (slot, position): decode rows and whole prompts (rows of one slot at
         consecutive positions) in one pass over the weights. Every row's key and value is written before
         any row attends, and each row's result is what it would be alone. Logits (len(picks), V) float32
-        of the rows `picks`. Only where `takes_rows(len(tokens), cache)`."""
+        of the rows `picks` (`top`: as in `forward`). Only where `takes_rows(len(tokens), cache)`."""
         C = self.cfg.n_embd
         as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
         tokens_t, slots_t, pos_t = as_tensor(tokens), as_tensor(slots), as_tensor(positions)
         x = self.wte(tokens_t, self.act_dtype) + self.wpe[pos_t].to(self.act_dtype)
         x = native.decode(self.decode_layers, x, slots_t, pos_t, cache.k, cache.v)
         x = F.layer_norm(x[as_tensor(picks)], (C,), *self.ln_f, self.cfg.layer_norm_epsilon)
-        return self.lm_head(x).float()
+        return self._head(x, top).float()
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, cache: KVCache, last_only: bool = True) -> torch.Tensor:
-        """Logits (B, V) float32 of each row's last token (or (B, T, V) with last_only=False)."""
+    def forward(
+        self, batch: Batch, cache: KVCache, last_only: bool = True, top: int | None = None
+    ) -> torch.Tensor:
+        """Logits (B, V) float32 of each row's last token (or (B, T, V) with last_only=False). With `top`
+        (for greedy and top-k choices) only the logits that can be among a row's `top` largest are sure
+        to be computed; the others may be -inf."""
         B, T = batch.tokens.shape
         C = self.cfg.n_embd
         batch.cache_len = cache.max_len
@@ -349,7 +369,7 @@ class GPT2(torch.nn.Module):
             x = x[: B * T].view(B, T, C)
             x = x[:, -1] if last_only else x
         x = F.layer_norm(x, (C,), *self.ln_f, self.cfg.layer_norm_epsilon)
-        return self.lm_head(x)[:B].float()
+        return self._head(x, top)[:B].float()
 
 
 def make_batch(tokens: list[list[int]], slots: list[int], starts: list[int], device) -> Batch:

@@ -95,6 +95,8 @@ def library() -> ctypes.CDLL | None:
     fn.argtypes = [p, i, i, ctypes.c_float, p, i, i, p, p, p, p, i, i, i]
     lib.gpt2serve_topk.restype = ctypes.c_int
     lib.gpt2serve_topk.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, i, p, p]
+    lib.gpt2serve_candidates.restype = ctypes.c_int64
+    lib.gpt2serve_candidates.argtypes = [p, i, ctypes.c_int64, p, p, i, p]
     lib.gpt2serve_uniform.restype = ctypes.c_int
     lib.gpt2serve_uniform.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, p]
     lib.gpt2serve_sort_rows.restype = None
@@ -261,6 +263,21 @@ def topk(
     if lib.gpt2serve_topk(x.data_ptr(), rows, cols, bias, k, values.data_ptr(), indices.data_ptr()) != 0:
         return None
     return values, indices
+
+
+def candidates(sketch: torch.Tensor, slack: torch.Tensor, r: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The tokens (ascending) that can be among some row's k largest logits, each row's exact logits
+    lying within r[row] * slack of the (rows, V) float32 `sketch` (see head_sketch.py); None for a NaN in
+    the sketch or where the kernels are not built."""
+    lib = _library_for(sketch, 2)
+    if lib is None:
+        return None
+    sketch, slack, r = (t.float().contiguous() for t in (sketch, slack, r))
+    rows, n = sketch.shape
+    mark = torch.empty(n, dtype=torch.uint8)
+    args = sketch.data_ptr(), rows, n, slack.data_ptr(), r.data_ptr(), k, mark.data_ptr()
+    count = lib.gpt2serve_candidates(*args)
+    return None if count < 0 else mark.nonzero().squeeze(1)
 
 
 def sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[bool]] | None:

@@ -99,6 +99,60 @@ int gpt2serve_topk(const float *x, int64_t rows, int64_t cols, const float *bias
     return nan ? -1 : ties;
 }
 
+/* The head sketch's candidates (head_sketch.py): token t of a row can be among its k largest exact
+ * logits when sketch[t] + r * slack[t] reaches the k-th largest of sketch[u] - r * slack[u], where each
+ * exact logit lies within r * slack of the sketch (r = the row's bound factor). Marks the union over the
+ * rows in `mark` (n bytes, 1 = candidate) and returns how many, or -1 for a NaN in the sketch or
+ * arguments it does not take. */
+int64_t gpt2serve_candidates(const float *sketch, int rows, int64_t n, const float *slack, const float *r,
+                             int k, uint8_t *mark) {
+    if (k < 1 || n < k || rows < 1) return -1;
+    entry_t *h = malloc((size_t)k * sizeof *h);
+    if (!h) return -1;
+    memset(mark, 0, (size_t)n);
+    int nan = 0;
+    for (int row = 0; row < rows; ++row) {
+        const float *s = sketch + (int64_t)row * n, rr = r[row];
+        const __m256 rv = _mm256_set1_ps(rr);
+        for (int i = 0; i < k; ++i) h[i] = (entry_t){s[i] - rr * slack[i], i};
+        for (int i = k / 2 - 1; i >= 0; --i) sift_down(h, k, i);
+        int64_t t = k;
+        __m256 unordered = _mm256_setzero_ps();
+        for (; t + 8 <= n; t += 8) {
+            __m256 sv = _mm256_loadu_ps(s + t);
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(sv, sv, _CMP_UNORD_Q));
+            __m256 lo = _mm256_sub_ps(sv, _mm256_mul_ps(rv, _mm256_loadu_ps(slack + t)));
+            int above = _mm256_movemask_ps(_mm256_cmp_ps(lo, _mm256_set1_ps(h[0].value), _CMP_GT_OQ));
+            while (above) {
+                int lane = __builtin_ctz(above);
+                above &= above - 1;
+                float v = s[t + lane] - rr * slack[t + lane];
+                if (v > h[0].value) {
+                    h[0] = (entry_t){v, t + lane};
+                    sift_down(h, k, 0);
+                }
+            }
+        }
+        for (; t < n; ++t) {
+            float v = s[t] - rr * slack[t];
+            nan |= s[t] != s[t];
+            if (v > h[0].value) {
+                h[0] = (entry_t){v, t};
+                sift_down(h, k, 0);
+            }
+        }
+        for (int i = 0; i < k; ++i) nan |= s[i] != s[i];
+        nan |= _mm256_movemask_ps(unordered) != 0;
+        const float kth = h[0].value;
+        for (t = 0; t < n; ++t) mark[t] |= s[t] + rr * slack[t] >= kth;
+    }
+    free(h);
+    if (nan) return -1;
+    int64_t count = 0;
+    for (int64_t t = 0; t < n; ++t) count += mark[t];
+    return count;
+}
+
 /* -- torch's CPU generator (mt19937), as torch.Generator.get_state() lays it out ---------------------- */
 
 enum { MT_N = 624, MT_M = 397 };

@@ -1,0 +1,77 @@
+"""The output head's int8 sketch: the logits it computes are the head's own, and no token that can be
+among a row's k largest is left out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2serve.engine import native
+from gpt2serve.engine.head_sketch import MAX_CANDIDATE_SHARE, HeadSketch
+from gpt2serve.engine.linear import PackedLinear
+from tests.engine.test_linear import NO_GEMV
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=NO_GEMV)
+V, C = 50257, 64
+
+
+def _head(fmt: str, seed: int = 0, duplicate: bool = False) -> PackedLinear:
+    table = torch.randn(V, C, generator=torch.Generator().manual_seed(seed)) * 0.5
+    if duplicate:  # tokens 10 and 20 share their row: their logits tie exactly
+        table[20] = table[10]
+    return PackedLinear.lm_head(table, fmt, kernels="gemv")
+
+
+def _rows(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, C, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16"])
+@pytest.mark.parametrize("k", [1, 2, 51, 257])
+def test_candidates_hold_the_exact_top_k(fmt: str, k: int) -> None:
+    head = _head(fmt)
+    sketch = HeadSketch(head)
+    for n, seed in ((1, 0), (3, 1), (5, 2)):
+        x = _rows(n, seed)
+        full, got = head(x), sketch.logits(x, k)
+        finite = torch.isfinite(got)
+        assert torch.equal(got[finite], full[finite])  # the head's own logits, bit for bit
+        assert (finite.sum(dim=1) >= k).all() and finite.sum() < MAX_CANDIDATE_SHARE * V * n
+        kth = torch.topk(full, k, dim=1).values[:, -1:]
+        assert torch.equal(full >= kth, got >= kth)  # the same tokens reach the k-th value (ties too)
+        assert torch.equal(torch.where(full >= kth, full, 0), torch.where(got >= kth, got, 0))
+        assert torch.equal(full.argmax(dim=1), got.argmax(dim=1))
+
+
+def test_ties_at_the_top_stay_ties() -> None:
+    head = _head("float32", seed=3, duplicate=True)
+    x = head.weight[10:11] * 4  # token 10 (and 20) on top
+    got = HeadSketch(head).logits(x, 1)
+    assert got[0, 10] == got[0, 20] == head(x)[0, 10] and got.argmax().item() == 10
+
+
+def test_a_flat_row_falls_back_to_the_full_head() -> None:
+    head = _head("float32", seed=4)
+    x = torch.zeros(2, C)  # every logit 0: every token a candidate
+    assert torch.equal(HeadSketch(head).logits(x, 5), head(x))
+
+
+def test_slack_covers_the_sketch_error_of_every_row() -> None:
+    head = _head("bfloat16", seed=5)
+    sketch = HeadSketch(head)
+    exact = head.weight.double()
+    approx = sketch.q.double() * sketch.scale[:, None].double()
+    assert ((exact - approx).norm(dim=1) <= sketch.slack.double()).all()
+    assert sketch.q.dtype == torch.int8 and sketch.nbytes < head.weight.numel() * 2
+
+
+def test_native_candidates_are_the_bounds_that_reach_the_kth_lower_bound() -> None:
+    gen = torch.Generator().manual_seed(6)
+    sketch, slack = torch.randn(3, 1000, generator=gen), torch.rand(1000, generator=gen) * 0.1
+    r = torch.tensor([1.0, 2.0, 0.5])
+    bound = r[:, None] * slack
+    kth = torch.topk(sketch - bound, 7, dim=1).values[:, -1:]
+    expected = (sketch + bound >= kth).any(dim=0).nonzero().squeeze(1)
+    assert torch.equal(native.candidates(sketch, slack, r, 7), expected)
+    sketch[1, 500] = float("nan")
+    assert native.candidates(sketch, slack, r, 7) is None
