@@ -17,11 +17,12 @@ from __future__ import annotations
 import torch
 
 from gpt2serve.engine import native
-from gpt2serve.engine.linear import DENSE_CHUNK, PackedLinear, in_huge_pages, quantize_int8
+from gpt2serve.engine.linear import PackedLinear, in_huge_pages, quantize_int8
 
 MAX_CANDIDATE_SHARE = 0.125
 ROUNDING = 2.0**-24  # float32's unit roundoff
 WIDEN = 1.001
+SLACK_CHUNK = 1024  # rows per float64 temporary (gpt2-xl: 13 MB)
 
 
 class HeadSketch:
@@ -33,8 +34,8 @@ class HeadSketch:
         del q
         self.slack = torch.empty(w.shape[0], dtype=torch.float32)
         rounding = (w.shape[1] + 8) * ROUNDING
-        for start in range(0, w.shape[0], DENSE_CHUNK):  # float64 temporaries of DENSE_CHUNK rows
-            rows = slice(start, start + DENSE_CHUNK)
+        for start in range(0, w.shape[0], SLACK_CHUNK):  # small float64 temporaries
+            rows = slice(start, start + SLACK_CHUNK)
             exact, sketch = w[rows].double(), self.q[rows].double() * self.scale[rows, None].double()
             norms = exact.norm(dim=1) + sketch.norm(dim=1)
             slack = ((exact - sketch).norm(dim=1) + rounding * norms) * WIDEN
