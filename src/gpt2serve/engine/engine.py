@@ -2,7 +2,7 @@
 
 Each iteration: admit waiting requests, run one decode step over every active sequence of every running
 request (new prompts join its pass over the weights while the rows fit decode.c; the others are
-prefilled on their own first), choose the next tokens (sampling rows and beam groups), and
+prefilled first, in groups that fit it), choose the next tokens (sampling rows and beam groups), and
 retire what finished. Callers submit from any thread and get results through `generate()`, `stream()`
 (asyncio) or `generate_sync()`.
 """
