@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gpt2serve.engine import native
 from tests.engine.test_linear import NO_GEMV
@@ -21,7 +22,13 @@ from gpt2serve.engine.linear import PackedLinear
 weight, bias, x = torch.randn(64, 32), torch.randn(32), torch.randn(3, 64)
 layer = PackedLinear(weight, bias, "float32", kernels="gemv")
 assert torch.allclose(layer(x), x @ weight + bias, atol=1e-5)
-print(native.available(), layer.kernel)
+for fmt in ("float32", "bfloat16", "int8"):
+    for rows in (1, 3, 5, 8, 9):
+        w, x = torch.randn(72, 101), torch.randn(rows, 72)  # 72: the 16-wide loop and an 8-wide step
+        got = PackedLinear(w, bias=None, fmt=fmt, kernels="gemv")(x).double()
+        ref = x.double() @ w.double()
+        assert (got - ref).norm() / ref.norm() < {"float32": 1e-6, "bfloat16": 5e-3, "int8": 1e-2}[fmt]
+print(native.available(), layer.kernel, native.isa())
 """
 
 
@@ -39,13 +46,31 @@ def _probe(tmp_path: Path, **env: str) -> list[str]:
 
 @pytest.mark.skipif(not native.available(), reason=NO_GEMV)
 def test_builds_from_scratch_into_the_cache_dir(tmp_path: Path) -> None:
-    assert _probe(tmp_path) == ["True", "gemv"]
+    assert _probe(tmp_path) == ["True", "gemv", native.isa()]
     built = list(tmp_path.glob("kernels-*.so"))
     assert len(built) == 1 and built[0].stat().st_size > 0
-    assert _probe(tmp_path) == ["True", "gemv"]  # the second process loads the cached library
+    assert _probe(tmp_path) == ["True", "gemv", native.isa()]  # the second process loads the cached library
     assert list(tmp_path.glob("kernels-*.so")) == built
 
 
+@pytest.mark.skipif(native.isa() != "avx512", reason="needs a CPU with AVX-512 (F, BW, VL, DQ)")
+def test_the_avx2_build_on_an_avx512_cpu(tmp_path: Path) -> None:
+    assert _probe(tmp_path, GPT2SERVE_KERNEL_ISA="avx2") == ["True", "gemv", "avx2"]
+    assert _probe(tmp_path) == ["True", "gemv", "avx512"]
+    assert len(list(tmp_path.glob("kernels-*.so"))) == 2  # one library per instruction set
+
+
+@pytest.mark.skipif(native.isa() is None, reason=NO_GEMV)
+def test_the_instruction_set_is_at_most_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPT2SERVE_KERNEL_ISA", "avx2")
+    assert native.isa() == "avx2"
+    monkeypatch.setenv("GPT2SERVE_KERNEL_ISA", "avx512")
+    assert native.isa() == ("avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2")
+    monkeypatch.setenv("GPT2SERVE_KERNEL_ISA", "sse2")
+    with pytest.raises(ValueError, match="GPT2SERVE_KERNEL_ISA"):
+        native.isa()
+
+
 def test_without_a_compiler_torch_kernels_serve(tmp_path: Path) -> None:
-    assert _probe(tmp_path, CC=str(tmp_path / "no-such-compiler")) == ["False", "mkldnn_packed"]
+    assert _probe(tmp_path, CC=str(tmp_path / "no-such-compiler")) == ["False", "mkldnn_packed", native.isa()]
     assert not list(tmp_path.glob("*.so"))  # nothing left behind

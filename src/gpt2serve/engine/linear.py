@@ -64,11 +64,11 @@ KERNEL_CHOICES = ("auto", "gemv", "torch")
 
 
 def use_gemv(kernels: str, in_features: int) -> bool:
-    """Whether a CPU matrix goes to gemv.c: "gemv" wherever it builds, "auto" only on CPUs without AVX-512
-    too (measured 1.3-1.6x faster than oneDNN there; with AVX-512 oneDNN is kept), "torch" never."""
+    """Whether a CPU matrix goes to gemv.c: "gemv" and "auto" wherever it builds (AVX2 CPUs: 1.3-1.6x
+    oneDNN's speed; Zen 5 with AVX-512: 1.2-2.6x per decode step, see BENCHMARKS.md), "torch" never."""
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"cpu kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
-    if kernels == "torch" or in_features % native.K_MULTIPLE or (kernels == "auto" and AVX512):
+    if kernels == "torch" or in_features % native.K_MULTIPLE:
         return False
     return native.available()
 

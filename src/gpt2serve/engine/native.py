@@ -30,6 +30,8 @@ SOURCES = tuple(
     Path(__file__).with_name("csrc") / name for name in ("gemv.c", "decode.c", "sampling.c", "kernels.h")
 )
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
+ISAS = ("avx2", "avx512")
 FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
 K_MULTIPLE = 8  # the kernels read 8 weights at a time
 
@@ -41,11 +43,28 @@ def _cache_dirs() -> list[Path]:
     return [Path.home() / ".cache" / "gpt2serve", Path(tempfile.gettempdir()) / "gpt2serve"]
 
 
+def isa() -> str | None:
+    """The instruction set the kernels are built for: "avx512" where torch finds AVX-512 (F, BW, VL, DQ),
+    "avx2" where it finds AVX2 and FMA, None below; `$GPT2SERVE_KERNEL_ISA=avx2` picks AVX2 on an
+    AVX-512 CPU (to compare the two)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    best = "avx512" if capability == "AVX512" else "avx2" if capability == "AVX2" else None
+    wanted = os.environ.get("GPT2SERVE_KERNEL_ISA", "").lower() or best
+    if wanted not in ISAS:
+        raise ValueError(f"GPT2SERVE_KERNEL_ISA must be one of {ISAS}, got {wanted!r}")
+    return None if best is None else wanted if ISAS.index(wanted) <= ISAS.index(best) else best
+
+
+def _flags() -> tuple[str, ...]:
+    return FLAGS + AVX512_FLAGS if isa() == "avx512" else FLAGS
+
+
 def _build(compiler: str) -> Path:
     """The compiled library, from the cache or compiled now (written to a temporary name, then renamed,
     so concurrent builds never load a partial file)."""
     source = b"".join(path.read_bytes() for path in SOURCES)
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    flags = _flags()
+    key = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     errors = []
     for folder in _cache_dirs():
         target = folder / f"kernels-{key}.so"
@@ -57,7 +76,7 @@ def _build(compiler: str) -> Path:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
             os.close(fd)
             subprocess.run(
-                [compiler, *FLAGS, "-o", tmp, *(str(p) for p in SOURCES if p.suffix == ".c")],
+                [compiler, *flags, "-o", tmp, *(str(p) for p in SOURCES if p.suffix == ".c")],
                 check=True,
                 capture_output=True,
                 timeout=120,
@@ -75,7 +94,7 @@ def _build(compiler: str) -> Path:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (with the reason logged once) where they cannot be used here."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if isa() is None:
         log.info("gemv kernels off: the CPU lacks AVX2/FMA")
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")

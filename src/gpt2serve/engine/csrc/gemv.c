@@ -1,12 +1,16 @@
-/* Few-row matrix products for decoding on AVX2 CPUs: y (M, N) = x (M, K) @ W (N, K)^T [* scale] [+ b].
+/* Few-row matrix products for decoding on AVX2 and AVX-512 CPUs: y (M, N) = x (M, K) @ W (N, K)^T
+ * [* scale] [+ b].
  *
  * Decoding reads every weight once per step for a handful of activation rows, so the only cost that
  * matters is how fast W streams from memory. Each task reads NR weight rows side by side (several
  * streams in flight keep the memory system busy) and multiplies them with up to 8 activation rows held
  * in registers; weights of any format are widened to float32 in registers and summed in float32.
+ * Built with AVX-512 (native.py adds -mavx512f etc. where the CPU has it) the vectors hold 16 floats and
+ * the blocks use the 32 registers; a K that is not a multiple of 16 ends with one 8-wide step.
  * The OpenMP loop runs on the OpenMP runtime torch has already loaded, so it shares torch's threads.
  *
- * Built by gpt2serve/engine/native.py, with the other files here, by: cc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC
+ * Built by gpt2serve/engine/native.py, with the other files here, by: cc -O3 -mavx2 -mfma -mf16c
+ * [-mavx512f -mavx512bw -mavx512vl -mavx512dq] -fopenmp -shared -fPIC
  */
 #include "kernels.h"
 
@@ -14,67 +18,111 @@
 #define LARGE_M_CHUNK 4 /* activation rows per block for more than 6 rows */
 
 /* 8 consecutive weights of row p from column k, as float32. */
-#define LOAD_F32(p, k) _mm256_loadu_ps((const float *)(p) + (k))
-#define LOAD_BF16(p, k) _mm256_castsi256_ps(_mm256_slli_epi32( \
+#define LOAD8_F32(p, k) _mm256_loadu_ps((const float *)(p) + (k))
+#define LOAD8_BF16(p, k) _mm256_castsi256_ps(_mm256_slli_epi32( \
     _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)(p) + (k)))), 16))
-#define LOAD_F16(p, k) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(p) + (k))))
-#define LOAD_I8(p, k) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32( \
+#define LOAD8_F16(p, k) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(p) + (k))))
+#define LOAD8_I8(p, k) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32( \
     _mm_loadl_epi64((const __m128i *)((const int8_t *)(p) + (k)))))
+
+#ifdef __AVX512F__
+/* 16 weights at a time; an 8-wide load, zero-extended, ends a K that 16 does not divide. */
+#define VW 16
+typedef __m512 vec_t;
+#define VZERO() _mm512_setzero_ps()
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VSUM(v) _mm512_reduce_add_ps(v)
+#define WIDEN8(v) _mm512_maskz_mov_ps(0x00FF, _mm512_castps256_ps512(v))
+#define LOAD_F32(p, k) _mm512_loadu_ps((const float *)(p) + (k))
+#define LOAD_BF16(p, k) _mm512_castsi512_ps(_mm512_slli_epi32( \
+    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(p) + (k)))), 16))
+#define LOAD_F16(p, k) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(p) + (k))))
+#define LOAD_I8(p, k) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32( \
+    _mm_loadu_si128((const __m128i *)((const int8_t *)(p) + (k)))))
+#else
+#define VW 8
+typedef __m256 vec_t;
+#define VZERO() _mm256_setzero_ps()
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VSUM(v) hsum(v)
+#define WIDEN8(v) (v)
+#define LOAD_F32 LOAD8_F32
+#define LOAD_BF16 LOAD8_BF16
+#define LOAD_F16 LOAD8_F16
+#define LOAD_I8 LOAD8_I8
+#endif
 
 typedef void (*block_fn)(const float *x, int K, const void *W, const float *scale, const float *b,
                          float *y, int N, int n0, int accumulate);
 
 /* Output columns n0 .. n0+NR-1 for MR activation rows (past N, the last row is read again, not stored);
  * `accumulate` adds them to y instead of storing them. */
-#define DEFINE_BLOCK(NAME, T, LOAD, MR, NR)                                                              \
+#define DEFINE_BLOCK(NAME, T, LOAD, LOAD8, MR, NR)                                                       \
     static void NAME##_##MR(const float *x, int K, const void *W, const float *scale, const float *b,  \
                             float *y, int N, int n0, int accumulate) {                                 \
-        __m256 acc[NR][MR];                                                                            \
+        vec_t acc[NR][MR];                                                                             \
         const T *w[NR];                                                                                \
         for (int j = 0; j < NR; ++j) {                                                                 \
             int n = n0 + j < N ? n0 + j : N - 1;                                                       \
             w[j] = (const T *)W + (size_t)n * K;                                                       \
-            for (int m = 0; m < MR; ++m) acc[j][m] = _mm256_setzero_ps();                              \
+            for (int m = 0; m < MR; ++m) acc[j][m] = VZERO();                                          \
         }                                                                                              \
         const size_t ahead = (size_t)NR * K; /* the next task's rows: prefetched as these stream */    \
-        for (int k = 0; k < K; k += 8) {                                                               \
-            __m256 xv[MR];                                                                             \
-            for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + (size_t)m * K + k);               \
+        int k = 0;                                                                                     \
+        for (; k + VW <= K; k += VW) {                                                                 \
+            vec_t xv[MR];                                                                              \
+            for (int m = 0; m < MR; ++m) xv[m] = LOAD_F32(x + (size_t)m * K, k);                       \
             for (int j = 0; j < NR; ++j) {                                                             \
                 if ((sizeof(T) < 4 || MR > 1) && k % (64 / sizeof(T)) == 0) _mm_prefetch((const char *)(w[j] + ahead + k), _MM_HINT_T0); \
-                __m256 wv = LOAD(w[j], k);                                                             \
-                for (int m = 0; m < MR; ++m) acc[j][m] = _mm256_fmadd_ps(wv, xv[m], acc[j][m]);         \
+                vec_t wv = LOAD(w[j], k);                                                              \
+                for (int m = 0; m < MR; ++m) acc[j][m] = VFMA(wv, xv[m], acc[j][m]);                   \
+            }                                                                                          \
+        }                                                                                              \
+        if (k < K) { /* K % VW == 8 */                                                                 \
+            vec_t xv[MR];                                                                              \
+            for (int m = 0; m < MR; ++m) xv[m] = WIDEN8(LOAD8_F32(x + (size_t)m * K, k));              \
+            for (int j = 0; j < NR; ++j) {                                                             \
+                vec_t wv = WIDEN8(LOAD8(w[j], k));                                                     \
+                for (int m = 0; m < MR; ++m) acc[j][m] = VFMA(wv, xv[m], acc[j][m]);                   \
             }                                                                                          \
         }                                                                                              \
         for (int j = 0; j < NR && n0 + j < N; ++j) {                                                   \
             float s = scale ? scale[n0 + j] : 1.0f, add = b ? b[n0 + j] : 0.0f;                        \
             for (int m = 0; m < MR; ++m) {                                                             \
-                float v = hsum(acc[j][m]) * s + add, *out = y + (size_t)m * N + n0 + j;                 \
+                float v = VSUM(acc[j][m]) * s + add, *out = y + (size_t)m * N + n0 + j;                 \
                 *out = accumulate ? *out + v : v;                                                      \
             }                                                                                          \
         }                                                                                              \
     }
 
-/* Weight rows per task for MR activation rows: 8-12 accumulators (of 16 ymm registers); 3 rows x 4 beat
- * 3 x 2 by up to 10 % for float32 (same for int8), 4 x 3 lost to 4 x 2 for int8. */
-static int rows_per_task(int mr) { return mr == 1 ? 8 : mr <= 3 ? 4 : mr <= 6 ? 2 : 1; }
+/* Weight rows per task for MR activation rows, 8-12 accumulators of AVX2's 16 registers (3 rows x 4
+ * beat 3 x 2 by up to 10 % for float32, same for int8; 4 x 3 lost to 4 x 2 for int8), up to 24 of
+ * AVX-512's 32. Up to LARGE_M_CHUNK rows, NR divides 8 (the task size above 6 rows). */
+#ifdef __AVX512F__
+#define NR_OF_MR 8, 8, 4, 4, 4, 3, 3, 2
+#else
+#define NR_OF_MR 8, 4, 4, 2, 2, 2, 1, 1
+#endif
+static const int NR_OF[MAX_ROWS] = {NR_OF_MR};
+static int rows_per_task(int mr) { return NR_OF[mr - 1]; }
 
-#define DEFINE_FORMAT(NAME, T, LOAD)                                                                    \
-    DEFINE_BLOCK(NAME, T, LOAD, 1, 8)                                                                  \
-    DEFINE_BLOCK(NAME, T, LOAD, 2, 4)                                                                  \
-    DEFINE_BLOCK(NAME, T, LOAD, 3, 4)                                                                  \
-    DEFINE_BLOCK(NAME, T, LOAD, 4, 2)                                                                  \
-    DEFINE_BLOCK(NAME, T, LOAD, 5, 2)                                                                  \
-    DEFINE_BLOCK(NAME, T, LOAD, 6, 2)                                                                  \
-    DEFINE_BLOCK(NAME, T, LOAD, 7, 1)                                                                  \
-    DEFINE_BLOCK(NAME, T, LOAD, 8, 1)                                                                  \
+#define DEFINE_FORMAT_(NAME, T, LOAD, LOAD8, N1, N2, N3, N4, N5, N6, N7, N8)                            \
+    DEFINE_BLOCK(NAME, T, LOAD, LOAD8, 1, N1)                                                          \
+    DEFINE_BLOCK(NAME, T, LOAD, LOAD8, 2, N2)                                                          \
+    DEFINE_BLOCK(NAME, T, LOAD, LOAD8, 3, N3)                                                          \
+    DEFINE_BLOCK(NAME, T, LOAD, LOAD8, 4, N4)                                                          \
+    DEFINE_BLOCK(NAME, T, LOAD, LOAD8, 5, N5)                                                          \
+    DEFINE_BLOCK(NAME, T, LOAD, LOAD8, 6, N6)                                                          \
+    DEFINE_BLOCK(NAME, T, LOAD, LOAD8, 7, N7)                                                          \
+    DEFINE_BLOCK(NAME, T, LOAD, LOAD8, 8, N8)                                                          \
     static const block_fn NAME##_blocks[MAX_ROWS] = {NAME##_1, NAME##_2, NAME##_3, NAME##_4,          \
                                                      NAME##_5, NAME##_6, NAME##_7, NAME##_8};
+#define DEFINE_FORMAT(...) DEFINE_FORMAT_(__VA_ARGS__)
 
-DEFINE_FORMAT(f32, float, LOAD_F32)
-DEFINE_FORMAT(bf16, uint16_t, LOAD_BF16)
-DEFINE_FORMAT(f16, uint16_t, LOAD_F16)
-DEFINE_FORMAT(i8, int8_t, LOAD_I8)
+DEFINE_FORMAT(f32, float, LOAD_F32, LOAD8_F32, NR_OF_MR)
+DEFINE_FORMAT(bf16, uint16_t, LOAD_BF16, LOAD8_BF16, NR_OF_MR)
+DEFINE_FORMAT(f16, uint16_t, LOAD_F16, LOAD8_F16, NR_OF_MR)
+DEFINE_FORMAT(i8, int8_t, LOAD_I8, LOAD8_I8, NR_OF_MR)
 
 static const block_fn *const BLOCKS[] = {f32_blocks, bf16_blocks, f16_blocks, i8_blocks};
 
