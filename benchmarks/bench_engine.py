@@ -71,15 +71,13 @@ def streamed_bytes(cfg: ModelConfig, precision: str) -> int:
 
 
 def machine() -> dict:
-    name = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
     flags = Path("/proc/cpuinfo").read_text()
+
+    def field(key: str, default: str | None = None) -> str | None:
+        line = next((x for x in flags.splitlines() if x.split(":", 1)[0].strip() == key), None)
+        return line.split(":", 1)[1].strip() if line else default
+
+    name = field("model name", platform.processor())
     mem = int(
         next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1]
     )
@@ -90,7 +88,8 @@ def machine() -> dict:
         except ImportError:
             versions[mod] = None
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f" {f}" in flags]
-    return {"cpu": name, "cores": os.cpu_count(), "mem_GB": round(mem / 1e6, 1), "isa": isa, **versions}
+    family = {"cpu_family": field("cpu family"), "cpu_model": field("model")}
+    return {"cpu": name, **family, "cores": os.cpu_count(), "mem_GB": round(mem / 1e6, 1), "isa": isa, **versions}
 
 
 # -- peers' checkpoints ----------------------------------------------------------------------------------

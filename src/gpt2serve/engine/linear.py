@@ -1,9 +1,13 @@
 """Packed linear layers: y = x @ W + b with the fastest kernel this torch build offers for a weight format.
 
 Decoding streams every weight from memory once per step for only 1-16 activation rows, so a kernel is
-judged by the weight bytes it reads per second. Measured by benchmarks/bench_linear.py (torch 2.13 CPU,
-2-core AMD EPYC Zen 4 with AVX-512, AVX512-BF16 and VNNI, ~31 GB/s read bandwidth, 2 threads, weights
-cold in RAM), median ms for gpt2's 768x3072 c_fc at M = 1 / 3 / 8 / 16 rows:
+judged by the weight bytes it reads per second. Wherever gpt2serve's C kernels build (x86-64 with AVX2 and
+FMA, and a C compiler; see native.py) every CPU format goes to csrc/gemv.c (`kernel == "gemv"`), which
+streams at the read bandwidth on the CPUs measured (below, and BENCHMARKS.md). torch's kernels serve
+with `kernels="torch"` or without a compiler; on AVX-512 CPUs they are chosen as follows, measured by
+benchmarks/bench_linear.py (torch 2.13 CPU, 2-core AMD EPYC Zen 4 with AVX-512, AVX512-BF16 and VNNI,
+~31 GB/s read bandwidth, 2 threads, weights cold in RAM), median ms for gpt2's 768x3072 c_fc at
+M = 1 / 3 / 8 / 16 rows:
 
 - float32: oneDNN's inner product on a prepacked weight (`mkldnn._linear_pointwise`), 0.34 / 0.34 /
   0.36 / 0.49 ms (28-19 GB/s). `F.linear` and `addmm` call MKL sgemm, whose code path on this AMD CPU
@@ -23,10 +27,10 @@ against 34.7 ms with `F.linear`; the float32 figure is ~90% of the bandwidth bou
 is a plain `F.linear` (cuBLAS); int8 there dequantizes its weight on the fly.
 
 CPUs with AVX2 but no AVX-512 (Zen 3 here, ~16-23 GB/s) lack oneDNN's bf16 kernels and VNNI, and
-oneDNN's and MKL's float32 products stream ~10 GB/s there for a few rows. There every format goes
-to csrc/gemv.c (the `gemv` kernel; see native.py), which streams the weights at 12-18 GB/s (c_fc at M = 1:
-float32 0.54 ms against oneDNN's 0.83, int8 0.25 ms) with float32 activations, so int8 is weight-only.
-Without a C compiler (or with `kernels="torch"`) torch's kernels serve, chosen as follows on such CPUs:
+oneDNN's and MKL's float32 products stream ~10 GB/s there for a few rows, where gemv.c streams the weights
+at 12-18 GB/s (c_fc at M = 1: float32 0.54 ms against oneDNN's 0.83, int8 0.25 ms) with float32
+activations, so its int8 is weight-only. On a Zen 5 with AVX-512 (~38 GB/s) gemv.c streams 28-40 GB/s
+at 1-5 rows in every format. torch's kernels on AVX2-only CPUs:
 half-width weights (bfloat16, and float16) go to fbgemm's float16-weight kernel (`linear_dynamic_fp16`:
 float32 activations and sums), 0.35 / 0.44 / 0.67 ms for c_fc at M = 1 / 3 / 8 against 0.52 / 1.27 /
 2.4 ms for a bf16 `F.linear`; a bfloat16 checkpoint is stored as float16 (the same size, 3 more mantissa
@@ -65,7 +69,7 @@ KERNEL_CHOICES = ("auto", "gemv", "torch")
 
 def use_gemv(kernels: str, in_features: int) -> bool:
     """Whether a CPU matrix goes to gemv.c: "gemv" and "auto" wherever it builds (AVX2 CPUs: 1.3-1.6x
-    oneDNN's speed; Zen 5 with AVX-512: 1.2-2.6x per decode step, see BENCHMARKS.md), "torch" never."""
+    oneDNN's speed; Zen 5 with AVX-512: 1.4-2.7x per decode step, see BENCHMARKS.md), "torch" never."""
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"cpu kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
     if kernels == "torch" or in_features % native.K_MULTIPLE:

@@ -1,0 +1,135 @@
+"""Which CPU kernels to run: torch's (oneDNN/fbgemm) against gpt2serve's C kernels, or the C kernels'
+AVX2 build against their AVX-512 build, end to end on this machine.
+
+Both sides live in one process and their requests alternate, so the machine's load (which moves a
+decode step by 10-30 % from minute to minute on a shared host) hits them alike. `--compare families`
+loads one engine per kernel family (`--cpu-kernels torch` and `gemv`); `--compare isa` loads one engine
+and switches the C library it calls between the AVX2 and the AVX-512 build (same weights, same layout),
+so it needs a CPU with AVX-512. The figure is ms per decode step (wall time of a request / new tokens),
+the median over `--reps` alternations after a warm-up; request shapes as in bench_engine.py.
+
+    python benchmarks/bench_kernels.py [--compare families|isa] [--model random:gpt2]
+        [--precisions float32,bfloat16,int8] [--shapes greedy,beam,seed] [--reps 5] [--out FILE.json]
+
+Prints one JSON object: {"compare", "model", "machine", "results": [{precision, shape, <side>_ms...,
+ratio}]}, ratio = the first side's ms / the second's (above 1: the second, the default, is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from _peers import SHAPES  # noqa: E402
+from bench_engine import PROMPT, machine  # noqa: E402
+
+from gpt2serve.engine import native  # noqa: E402
+from gpt2serve.engine.config import EngineConfig  # noqa: E402
+from gpt2serve.engine.engine import Engine  # noqa: E402
+from gpt2serve.engine.params import SamplingParams  # noqa: E402
+
+
+def params(name: str) -> SamplingParams:
+    s = SHAPES[name]
+    return SamplingParams(
+        do_sample=s.do_sample,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        temperature=s.temperature,
+        num_beams=s.num_beams,
+        n=s.n,
+        max_new_tokens=s.new_tokens,
+        no_repeat_ngram_size=s.no_repeat_ngram_size,
+        stop_at_eos=False,
+        seed=1 if s.do_sample else None,
+    )
+
+
+def load(model: str, precision: str, kernels: str) -> Engine:
+    """An engine loaded in a thread that exits, as `gpt2serve serve` loads it (see _peers.py)."""
+    config = EngineConfig(
+        dtype=precision, max_batch_size=8, request_timeout_s=None, threads=2, cpu_kernels=kernels
+    )
+    box: dict = {}
+    loader = threading.Thread(target=lambda: box.update(engine=Engine.load(model, config)))
+    loader.start()
+    loader.join()
+    box["engine"].start()
+    return box["engine"]
+
+
+def isa_libraries() -> dict:
+    """The C library built for each instruction set, loaded side by side."""
+    libraries = {}
+    for isa in native.ISAS:
+        os.environ["GPT2SERVE_KERNEL_ISA"] = isa
+        native.library.cache_clear()
+        libraries[isa] = native.library()
+    del os.environ["GPT2SERVE_KERNEL_ISA"]
+    return libraries
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", choices=("families", "isa"), default="families")
+    parser.add_argument("--model", default="random:gpt2")
+    parser.add_argument("--precisions", default="float32,bfloat16,int8")
+    parser.add_argument("--shapes", default="greedy,beam,seed")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.compare == "isa" and native.isa() != "avx512":
+        sys.exit("--compare isa needs a CPU with AVX-512")
+    current = ["avx512"]
+    if args.compare == "isa":
+        libraries = isa_libraries()
+        native.library = lambda: libraries[current[0]]  # decode and gemv look the library up per call
+    results = []
+    for precision in args.precisions.split(","):
+        if args.compare == "families":
+            engines = {side: load(args.model, precision, side) for side in ("torch", "gemv")}
+        else:
+            engine = load(args.model, precision, "gemv")
+            engines = {side: engine for side in native.ISAS}
+        for shape in args.shapes.split(","):
+            p = params(shape)
+            times: dict[str, list[float]] = {side: [] for side in engines}
+            for rep in range(args.reps + 1):  # the first round warms up
+                for side, engine in engines.items():
+                    current[0] = side
+                    start = time.perf_counter()
+                    engine.generate_sync(PROMPT, p)
+                    if rep:
+                        times[side].append((time.perf_counter() - start) / p.max_new_tokens * 1e3)
+            ms = {side: round(statistics.median(v), 2) for side, v in times.items()}
+            first, second = list(ms)
+            row = {"precision": precision, "shape": shape, **{f"{s}_ms": v for s, v in ms.items()}}
+            row["ratio"] = round(ms[first] / ms[second], 2)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            results.append(row)
+        for engine in set(engines.values()):
+            engine.stop()
+    report = {
+        "compare": args.compare,
+        "model": args.model,
+        "reps": args.reps,
+        "machine": machine(),
+        "results": results,
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
