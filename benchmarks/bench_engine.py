@@ -89,7 +89,14 @@ def machine() -> dict:
             versions[mod] = None
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f" {f}" in flags]
     family = {"cpu_family": field("cpu family"), "cpu_model": field("model")}
-    return {"cpu": name, **family, "cores": os.cpu_count(), "mem_GB": round(mem / 1e6, 1), "isa": isa, **versions}
+    return {
+        "cpu": name,
+        **family,
+        "cores": os.cpu_count(),
+        "mem_GB": round(mem / 1e6, 1),
+        "isa": isa,
+        **versions,
+    }
 
 
 # -- peers' checkpoints ----------------------------------------------------------------------------------

@@ -2,13 +2,13 @@
 
 gemv.c: few-row matrix products, which stream a weight matrix at the machine's read bandwidth where
 oneDNN's and MKL's small-batch paths reach about two thirds of it (see linear.py); built 16 floats wide
-where the CPU has AVX-512, else 8 (`isa`). decode.c:
-a whole decode step through every layer in one call (see `decode`). sampling.c: an exact top-k, the head
-sketch's candidates and torch's CPU generator advanced without drawing every number (see `topk`,
-`candidates`, `uniform_at`). The library is cached under
-`$GPT2SERVE_CACHE_DIR` (default `~/.cache/gpt2serve`, else the temporary directory), keyed by a hash of
-the source and the compile command (`$CC`, else `cc`, and the instruction set's flags). Without a C compiler, or on a CPU without AVX2 and
-FMA, `available()` is false and the caller keeps torch's kernels (`--cpu-kernels torch` chooses them).
+where the CPU has AVX-512, else 8 (`isa`). decode.c: a whole decode step through every layer in one call
+(see `decode`). sampling.c: an exact top-k, the head sketch's candidates and torch's CPU generator
+advanced without drawing every number (see `topk`, `candidates`, `uniform_at`). The library is cached
+under `$GPT2SERVE_CACHE_DIR` (default `~/.cache/gpt2serve`, else the temporary directory), keyed by a hash
+of the source and the compile command (`$CC`, else `cc`, and the instruction set's flags). Without a C
+compiler, or on a CPU without AVX2 and FMA, `available()` is false and the caller keeps torch's kernels
+(`--cpu-kernels torch` chooses them).
 """
 
 from __future__ import annotations
