@@ -23,6 +23,7 @@ from gpt2serve.engine.errors import EngineOverloadedError
 from gpt2serve.engine.params import SamplingParams
 from gpt2serve.engine.request import GenerationResult, StreamDelta
 from tests.api.conftest import ThreadServer, make_settings
+from tests.checkpoints import make_checkpoint
 
 PROMPT = "Streaming text, piece by piece:"
 SAMPLED = {"mode": "sample", "top_k": 0, "top_p": 1.0, "temperature": 1.0}
@@ -169,9 +170,14 @@ def test_boto3_response_stream_errors_before_the_start(api_server: ThreadServer)
 
 
 @pytest.fixture(scope="module")
-def deadline_server(tiny_checkpoint: Path) -> Iterator[ThreadServer]:
-    """A server whose requests run out of time after 0.5 s (a long request then fails mid-stream)."""
-    server = ThreadServer(make_settings(str(tiny_checkpoint), request_timeout_s=0.5)).start()
+def deadline_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
+    """A server whose requests run out of time after 1 s, with a model big enough that LONG takes longer
+    on any CPU (8 layers, 256 wide: ~80 MB of float32 weights per step, 4 x 900 tokens), while its first
+    tokens come within milliseconds: LONG then fails mid-stream."""
+    checkpoint = make_checkpoint(
+        tmp_path_factory.mktemp("deadline_ckpt"), n_layer=8, n_head=4, n_embd=256, n_positions=1024
+    )
+    server = ThreadServer(make_settings(str(checkpoint), request_timeout_s=1.0)).start()
     try:
         yield server.wait_ready()
     finally:
@@ -179,7 +185,7 @@ def deadline_server(tiny_checkpoint: Path) -> Iterator[ThreadServer]:
 
 
 LONG = {"input": PROMPT, "mode": "sample", "top_p": 0.9, "seed": 2, "num_return_sequences": 4,
-        "max_new_tokens": 100}  # fmt: skip
+        "max_new_tokens": 900}  # fmt: skip
 
 
 def test_mid_stream_errors(deadline_server: ThreadServer) -> None:
