@@ -115,43 +115,54 @@ def convert_ct2(hf_dir: Path, out: Path, quantization: str) -> Path:
 # -- runners --------------------------------------------------------------------------------------------
 
 
+def load_engine(spec: str, precision: str, threads: int, kernels: str = "auto"):
+    """gpt2serve's Engine, started, loaded in a thread that exits (as `gpt2serve serve` loads it)."""
+    from gpt2serve.engine.config import EngineConfig
+    from gpt2serve.engine.engine import Engine
+
+    config = EngineConfig(
+        dtype=precision, max_batch_size=8, request_timeout_s=None, threads=threads, cpu_kernels=kernels
+    )
+    loaded: dict = {}
+    loader = threading.Thread(target=lambda: loaded.update(engine=Engine.load(spec, config)))
+    loader.start()
+    loader.join()
+    if "engine" not in loaded:
+        raise RuntimeError(f"Engine.load({spec!r}, dtype={precision}) failed; see the log above")
+    loaded["engine"].start()
+    return loaded["engine"]
+
+
+def sampling_params(shape: Shape, seed: int):
+    """gpt2serve's SamplingParams for `shape` (EOS off, so every sequence gets all its tokens)."""
+    from gpt2serve.engine.params import SamplingParams
+
+    return SamplingParams(
+        do_sample=shape.do_sample,
+        top_k=shape.top_k,
+        top_p=shape.top_p,
+        temperature=shape.temperature,
+        num_beams=shape.num_beams,
+        n=shape.n,
+        max_new_tokens=shape.new_tokens,
+        no_repeat_ngram_size=shape.no_repeat_ngram_size,
+        stop_at_eos=False,
+        seed=seed if shape.do_sample else None,
+    )
+
+
 class GPT2ServeRunner:
     """gpt2serve's Engine.generate_sync, one request at a time."""
 
     engine = "gpt2serve"
 
     def __init__(self, spec: str, precision: str, threads: int, prompt: str):
-        from gpt2serve.engine.config import EngineConfig
-        from gpt2serve.engine.engine import Engine
-
         self.precision = self.compute = precision
         self.prompt = prompt
-        config = EngineConfig(dtype=precision, max_batch_size=8, request_timeout_s=None, threads=threads)
-        loaded: dict = {}
-        loader = threading.Thread(target=lambda: loaded.update(engine=Engine.load(spec, config)))
-        loader.start()
-        loader.join()
-        if "engine" not in loaded:
-            raise RuntimeError(f"Engine.load({spec!r}, dtype={precision}) failed; see the log above")
-        self.eng = loaded["engine"]
-        self.eng.start()
+        self.eng = load_engine(spec, precision, threads)
 
     def run(self, shape: Shape, prompt_ids: list[int], seed: int) -> list[int]:
-        from gpt2serve.engine.params import SamplingParams
-
-        params = SamplingParams(
-            do_sample=shape.do_sample,
-            top_k=shape.top_k,
-            top_p=shape.top_p,
-            temperature=shape.temperature,
-            num_beams=shape.num_beams,
-            n=shape.n,
-            max_new_tokens=shape.new_tokens,
-            no_repeat_ngram_size=shape.no_repeat_ngram_size,
-            stop_at_eos=False,
-            seed=seed if shape.do_sample else None,
-        )
-        result = self.eng.generate_sync(self.prompt, params)
+        result = self.eng.generate_sync(self.prompt, sampling_params(shape, seed))
         return [len(o.token_ids) for o in result.outputs]
 
     def close(self) -> None:

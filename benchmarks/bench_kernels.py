@@ -22,49 +22,16 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _peers import SHAPES  # noqa: E402
+from _peers import SHAPES, load_engine, sampling_params  # noqa: E402
 from bench_engine import PROMPT, machine  # noqa: E402
 
 from gpt2serve.engine import native  # noqa: E402
-from gpt2serve.engine.config import EngineConfig  # noqa: E402
-from gpt2serve.engine.engine import Engine  # noqa: E402
-from gpt2serve.engine.params import SamplingParams  # noqa: E402
-
-
-def params(name: str) -> SamplingParams:
-    s = SHAPES[name]
-    return SamplingParams(
-        do_sample=s.do_sample,
-        top_k=s.top_k,
-        top_p=s.top_p,
-        temperature=s.temperature,
-        num_beams=s.num_beams,
-        n=s.n,
-        max_new_tokens=s.new_tokens,
-        no_repeat_ngram_size=s.no_repeat_ngram_size,
-        stop_at_eos=False,
-        seed=1 if s.do_sample else None,
-    )
-
-
-def load(model: str, precision: str, kernels: str) -> Engine:
-    """An engine loaded in a thread that exits, as `gpt2serve serve` loads it (see _peers.py)."""
-    config = EngineConfig(
-        dtype=precision, max_batch_size=8, request_timeout_s=None, threads=2, cpu_kernels=kernels
-    )
-    box: dict = {}
-    loader = threading.Thread(target=lambda: box.update(engine=Engine.load(model, config)))
-    loader.start()
-    loader.join()
-    box["engine"].start()
-    return box["engine"]
 
 
 def isa_libraries() -> dict:
@@ -96,12 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for precision in args.precisions.split(","):
         if args.compare == "families":
-            engines = {side: load(args.model, precision, side) for side in ("torch", "gemv")}
+            engines = {side: load_engine(args.model, precision, 2, side) for side in ("torch", "gemv")}
         else:
-            engine = load(args.model, precision, "gemv")
+            engine = load_engine(args.model, precision, 2, "gemv")
             engines = {side: engine for side in native.ISAS}
         for shape in args.shapes.split(","):
-            p = params(shape)
+            p = sampling_params(SHAPES[shape], seed=1)
             times: dict[str, list[float]] = {side: [] for side in engines}
             for rep in range(args.reps + 1):  # the first round warms up
                 for side, engine in engines.items():
