@@ -317,6 +317,8 @@ class Engine:
             for i, req in enumerate(prompts):
                 self._prefilled(req, logits[len(rows) + i])
             logits = logits[: len(rows)]
+        elif rows and self.model.takes_rows(len(rows), self.cache):
+            logits = self.model.forward_rows(tokens, slots, positions, None, self.cache, top)  # (B, V)
         elif rows:
             batch = make_batch([[t] for t in tokens], slots, positions, self.device)
             logits = self.model(batch, self.cache, top=top)  # (B, V)

@@ -327,20 +327,22 @@ class GPT2(torch.nn.Module):
         tokens: list[int],
         slots: list[int],
         positions: list[int],
-        picks: list[int],
+        picks: list[int] | None,
         cache: KVCache,
         top: int | None = None,
     ) -> torch.Tensor:
         """One token per row at any (slot, position): decode rows and whole prompts (rows of one slot at
         consecutive positions) in one pass over the weights. Every row's key and value is written before
         any row attends, and each row's result is what it would be alone. Logits (len(picks), V) float32
-        of the rows `picks` (`top`: as in `forward`). Only where `takes_rows(len(tokens), cache)`."""
+        of the rows `picks` (None: every row; `top`: as in `forward`). Only where
+        `takes_rows(len(tokens), cache)`."""
         C = self.cfg.n_embd
         as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
         tokens_t, slots_t, pos_t = as_tensor(tokens), as_tensor(slots), as_tensor(positions)
         x = self.wte(tokens_t, self.act_dtype) + self.wpe[pos_t].to(self.act_dtype)
         x = native.decode(self.decode_layers, x, slots_t, pos_t, cache.k, cache.v)
-        x = F.layer_norm(x[as_tensor(picks)], (C,), *self.ln_f, self.cfg.layer_norm_epsilon)
+        x = x if picks is None else x[as_tensor(picks)]
+        x = F.layer_norm(x, (C,), *self.ln_f, self.cfg.layer_norm_epsilon)
         return self._head(x, top).float()
 
     @torch.inference_mode()
