@@ -60,11 +60,10 @@ def _flags() -> tuple[str, ...]:
     return FLAGS + AVX512_FLAGS if isa() == "avx512" else FLAGS
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     """The compiled library, from the cache or compiled now (written to a temporary name, then renamed,
     so concurrent builds never load a partial file)."""
     source = b"".join(path.read_bytes() for path in SOURCES)
-    flags = _flags()
     key = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
     errors = []
     for folder in _cache_dirs():
@@ -103,7 +102,13 @@ def library() -> ctypes.CDLL | None:
         log.info("gemv kernels off: no C compiler (cc) found; using torch's kernels")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        try:
+            lib = ctypes.CDLL(str(_build(compiler, _flags())))
+        except OSError as exc:
+            if _flags() == FLAGS:
+                raise
+            log.warning("the AVX-512 build of the gemv kernels failed (%s); building them for AVX2", exc)
+            lib = ctypes.CDLL(str(_build(compiler, FLAGS)))
     except OSError as exc:
         log.warning("gemv kernels off: building %s failed: %s", SOURCES[0].parent, exc)
         return None
