@@ -4,19 +4,23 @@ Every engine gets the same weights (gpt2serve's `random:<size>` state dict, expo
 checkpoint that transformers loads and CTranslate2 converts), the same 8-token prompt, the same decoding
 settings with EOS disabled (so all generate the same number of tokens) and the same number of threads.
 The figure of merit is ms per decode step = wall time of a whole request / new tokens per sequence (the
-8-token prefill included), the median over `--reps` repetitions after a warm-up; with a small model the
-repetitions of all engines are interleaved, so load from other processes hits them alike.
+8-token prefill included), the median over `--reps` repetitions after a warm-up. The repetitions of the
+engines held in memory together alternate, so load from other processes hits them alike: all engines
+with a small model, the engines of one precision with a model over 2 GB (`--interleave`,
+`--per-precision`, `--sequential` choose).
 
 The roofline is the time to stream the weights read per step (every matrix, and the output head) once
 from RAM at the read bandwidth that bench_roofline.py measures.
 
     python benchmarks/bench_engine.py [--model random:gpt2] [--shapes greedy,top_p,beam,seed]
         [--precisions float32,bfloat16,int8] [--peers transformers,ct2|none] [--only-peers] [--reps 3]
-        [--threads 2] [--sequential] [--cold-start [--no-decode]] [--out FILE.json] [--plot FILE.png]
+        [--threads 2] [--interleave|--per-precision|--sequential] [--cold-start [--no-decode]]
+        [--out FILE.json] [--plot FILE.png]
 
-Each engine runs in a process of its own (see _peers.py); a model over 2 GB has one engine in memory at a
-time. `--cold-start` also times `gpt2serve serve` from launch to /ping 200 and reads its peak RSS
-(_cold_start.py). Prints one JSON object (see BENCHMARKS.md); `--out` also writes it to a file.
+Each engine runs in a process of its own (see _peers.py). `--cold-start` also times `gpt2serve serve` from
+launch to /ping 200 and reads its peak RSS (_cold_start.py). Prints one JSON object (see BENCHMARKS.md);
+`--out` also writes it to a file; its "interleaved" says which engines alternated (all, per-precision,
+none).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ PROMPT = "The quick brown fox jumps over the lazy"  # 8 GPT-2 tokens
 PRECISIONS = ("float32", "bfloat16", "int8")
 BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 WARMUP_TOKENS = 8
-BIG_MODEL_BYTES = 2e9  # fp32 weights above this: one engine in memory at a time
+BIG_MODEL_BYTES = 2e9  # fp32 weights above this: the engines of one precision in memory at a time
 
 
 # -- the model and its roofline --------------------------------------------------------------------------
@@ -142,6 +146,17 @@ def warm_up(runner, shapes: list[Shape], prompt_ids: list[int]) -> None:
         runner.run(Shape(**{**shape.__dict__, "new_tokens": WARMUP_TOKENS}), prompt_ids, 0)
 
 
+def groups(engines: list[tuple], interleave: str) -> list[list[tuple]]:
+    """The engines held in memory together, whose repetitions alternate: all of them, those of one
+    precision (a big model: gpt2-xl float32 is 6 GB per engine), or each alone."""
+    if interleave == "all":
+        return [engines]
+    if interleave == "none":
+        return [[e] for e in engines]
+    precisions = list(dict.fromkeys(p for _, p, _ in engines))
+    return [[e for e in engines if e[1] == p] for p in precisions]
+
+
 def measure(args, prompt_ids: list[int], dirs: dict[str, Path], log) -> tuple[dict, list[dict]]:
     """{(engine, precision, shape): {"times": [...], "lengths": [...], "compute": ...}}, errors."""
     shapes = [SHAPES[s] for s in args.shapes]
@@ -168,22 +183,13 @@ def measure(args, prompt_ids: list[int], dirs: dict[str, Path], log) -> tuple[di
         entry["peak_rss_MB"] = round(runner.peak_rss_kb / 1024, 1)
         log(f"{key} rep {rep}: {seconds / max(lengths) * 1e3:.1f} ms/step, lengths {lengths}")
 
-    if args.interleave:
-        runners = [r for e, p, f in factories(args, dirs) if (r := open_runner(e, p, f)) is not None]
+    for group in groups(factories(args, dirs), args.interleave):
+        runners = [r for e, p, f in group if (r := open_runner(e, p, f)) is not None]
         for shape in shapes:
             for rep in range(args.reps):
                 for runner in runners:
                     record(runner, shape, rep)
         for runner in runners:
-            runner.close()
-    else:
-        for engine, precision, source in factories(args, dirs):
-            runner = open_runner(engine, precision, source)
-            if runner is None:
-                continue
-            for shape in shapes:
-                for rep in range(args.reps):
-                    record(runner, shape, rep)
             runner.close()
     return samples, errors
 
@@ -241,11 +247,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--interleave", action="store_true", help="all engines in memory at once, even for big models"
     )
+    ap.add_argument(
+        "--per-precision",
+        action="store_true",
+        help="the engines of one precision in memory at once (automatic for models over 2 GB)",
+    )
     ap.add_argument("--quiet-wait", type=float, default=3.0, help="seconds to wait for an idle CPU per rep")
     ap.add_argument(
         "--sequential",
         action="store_true",
-        help="one engine in memory at a time (automatic for models over 2 GB)",
+        help="one engine in memory at a time",
     )
     ap.add_argument(
         "--cache-dir",
@@ -272,7 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     torch.set_num_threads(args.threads)
     cfg = model_config(args.model)
-    args.interleave = args.interleave or (not args.sequential and cfg.n_params * 4 < BIG_MODEL_BYTES)
+    small = cfg.n_params * 4 < BIG_MODEL_BYTES
+    if args.interleave or (small and not (args.sequential or args.per_precision)):
+        args.interleave = "all"
+    else:
+        args.interleave = "none" if args.sequential else "per-precision"
     report: dict = {"machine": machine(), "model": args.model, "threads": args.threads, "prompt": PROMPT}
     bandwidth = measure_read_bandwidth()
     log(f"read bandwidth {bandwidth:.1f} GB/s")
