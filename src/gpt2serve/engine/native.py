@@ -91,24 +91,29 @@ def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     raise OSError("; ".join(errors))
 
 
+def compiler() -> str | None:
+    """The C compiler the kernels are built with: `$CC`, else `cc` or `gcc` on the PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (with the reason logged once) where they cannot be used here."""
     if isa() is None:
         log.info("gemv kernels off: the CPU lacks AVX2/FMA")
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    cc, flags = compiler(), _flags()
+    if cc is None:
         log.info("gemv kernels off: no C compiler (cc) found; using torch's kernels")
         return None
     try:
         try:
-            lib = ctypes.CDLL(str(_build(compiler, _flags())))
+            lib = ctypes.CDLL(str(_build(cc, flags)))
         except OSError as exc:
-            if _flags() == FLAGS:
+            if flags == FLAGS:
                 raise
             log.warning("the AVX-512 build of the gemv kernels failed (%s); building them for AVX2", exc)
-            lib = ctypes.CDLL(str(_build(compiler, FLAGS)))
+            lib = ctypes.CDLL(str(_build(cc, FLAGS)))
     except OSError as exc:
         log.warning("gemv kernels off: building %s failed: %s", SOURCES[0].parent, exc)
         return None
