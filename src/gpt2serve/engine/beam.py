@@ -39,6 +39,8 @@ Semantics replicated from HF (batch size 1):
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from gpt2serve.engine import native
@@ -46,8 +48,23 @@ from gpt2serve.engine import native
 _NEG = -1.0e9  # HF's "never pick this" score offset
 
 
+def _f32(x: float) -> float:
+    """`x` rounded to float32, as a Python float: the scores below are float32 arithmetic, as in HF."""
+    return array("f", (x,))[0]
+
+
+def _topk(values: list[float], k: int) -> list[int]:
+    """The indices `torch.topk(values, k)` returns: a Python sort where the values are distinct (a few
+    microseconds), torch.topk itself where ties leave the order to its tie-breaking."""
+    if len(set(values)) == len(values):
+        return sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
+    return torch.topk(torch.tensor([values], dtype=torch.float32), k=k)[1][0].tolist()
+
+
 class BeamGroup:
-    """The state of one beam-search request."""
+    """The state of one beam-search request. The few scores it keeps are Python floats holding float32
+    values, every operation on them rounded as HF's float32 tensors round it: a step's bookkeeping is
+    then a few dozen microseconds, not a few dozen small tensor operations."""
 
     def __init__(
         self,
@@ -73,13 +90,12 @@ class BeamGroup:
         self.done = False
         self._keep = 2 * num_beams  # HF: max(2, 1 + n_eos) * num_beams, with at most one EOS id
         self._cur_len = prompt_len
-        self._running_scores = torch.full((1, num_beams), _NEG, dtype=torch.float32)
-        self._running_scores[:, 0] = 0.0
+        self._running_scores = [0.0] + [_NEG] * (num_beams - 1)
         self._running_tokens: list[list[int]] = [[] for _ in range(num_beams)]
-        self._finished_scores = torch.full((1, num_beams), _NEG, dtype=torch.float32)
+        self._finished_scores = [_NEG] * num_beams
         self._finished_tokens: list[list[int]] = [[] for _ in range(num_beams)]
-        self._finished_flags = torch.zeros((1, num_beams), dtype=torch.bool)
-        self._improvable = torch.ones((1, 1), dtype=torch.bool)
+        self._finished_flags = [False] * num_beams
+        self._improvable = True
 
     @property
     def num_generated(self) -> int:
@@ -93,73 +109,61 @@ class BeamGroup:
         rows = logprobs.shape[0] if logprobs.dim() == 2 else 0
         if rows != self.num_beams and not (rows == 1 and self._cur_len == self.prompt_len):
             raise ValueError(f"logprobs must have shape ({self.num_beams}, V), got {tuple(logprobs.shape)}")
-        self._to_device(logprobs.device)
         vocab = logprobs.shape[-1]
         logprobs = logprobs.float().reshape(-1, vocab).expand(self.num_beams, vocab)
-        scores = self._running_scores[0]
+        scores = torch.tensor(self._running_scores, dtype=torch.float32, device=logprobs.device)
         top = native.topk(logprobs, self._keep, scores)  # torch.topk's answer where no ties are involved
         if top is None:
-            acc = logprobs + scores[:, None]
-            top = torch.topk(acc.reshape(-1), k=self._keep)
-        top_lp, top_idx = (t[None] for t in top)
-        top_src = top_idx // vocab
-        top_tok = top_idx % vocab
+            top = torch.topk((logprobs + scores[:, None]).reshape(-1), k=self._keep)
+        top_lp, top_idx = top[0].tolist(), top[1].tolist()
+        top_src = [i // vocab for i in top_idx]
+        top_tok = [i % vocab for i in top_idx]
         hits = self._stopping(top_tok)
-        top_seqs = [
-            self._running_tokens[s] + [t]
-            for s, t in zip(top_src[0].tolist(), top_tok[0].tolist(), strict=True)
-        ]
+        top_seqs = [self._running_tokens[s] + [t] for s, t in zip(top_src, top_tok, strict=True)]
         # e. the best non-finished candidates run on
-        run_lp = top_lp + hits.to(torch.float32) * _NEG
-        nxt = torch.topk(run_lp, k=self.num_beams)[1]
-        self._running_scores = torch.take_along_dim(run_lp, nxt, dim=1)
-        nxt_list = nxt[0].tolist()
-        self._running_tokens = [top_seqs[i] for i in nxt_list]
+        run_lp = [_f32(lp + _NEG) if hit else lp for lp, hit in zip(top_lp, hits, strict=True)]
+        nxt = _topk(run_lp, self.num_beams)
+        self._running_scores = [run_lp[i] for i in nxt]
+        self._running_tokens = [top_seqs[i] for i in nxt]
         # f. finished candidates among the top num_beams join the hypotheses
         self._update_finished(top_lp, top_seqs, hits)
         # g. stopping condition of the whole search
         self._cur_len += 1
         self._update_improvable()
         self.done = not self._has_unfinished(hits)
-        sources = torch.take_along_dim(top_src, nxt, dim=1)[0].tolist()
-        return sources, [seq[-1] for seq in self._running_tokens]
+        return [top_src[i] for i in nxt], [seq[-1] for seq in self._running_tokens]
 
     def finalize(self) -> list[tuple[list[int], float]]:
         """The best `num_return` hypotheses, best first: (generated token ids, normalized score)."""
-        scores = self._finished_scores[0, : self.num_return].tolist()
-        return [(list(self._finished_tokens[i]), scores[i]) for i in range(self.num_return)]
+        return [(list(self._finished_tokens[i]), self._finished_scores[i]) for i in range(self.num_return)]
 
     # -- HF's helpers, batch size 1 ----------------------------------------------------------------
-    def _to_device(self, device: torch.device) -> None:
-        if self._running_scores.device != device:
-            self._running_scores = self._running_scores.to(device)
-            self._finished_scores = self._finished_scores.to(device)
-            self._finished_flags = self._finished_flags.to(device)
-            self._improvable = self._improvable.to(device)
-
-    def _stopping(self, top_tok: torch.Tensor) -> torch.Tensor:
+    def _stopping(self, top_tok: list[int]) -> list[bool]:
         """HF's stopping criteria on each candidate: EOS reached, or the length limit."""
         if self._cur_len + 1 >= self.max_length:
-            return torch.ones_like(top_tok, dtype=torch.bool)
-        if self.eos_token_id is None:
-            return torch.zeros_like(top_tok, dtype=torch.bool)
-        return top_tok == self.eos_token_id
+            return [True] * len(top_tok)
+        return [t == self.eos_token_id for t in top_tok]
 
-    def _update_finished(self, top_lp: torch.Tensor, top_seqs: list[list[int]], hits: torch.Tensor) -> None:
-        top_mask = torch.arange(self._keep, device=hits.device) < self.num_beams
-        just_finished = hits & top_mask[None, :]
-        scores = top_lp / ((self._cur_len + 1 - self.prompt_len) ** self.length_penalty)
-        full = torch.all(self._finished_flags, dim=-1, keepdim=True) & (self.early_stopping is True)
-        scores += full.to(torch.float32) * _NEG
-        scores += (~self._improvable).to(torch.float32) * _NEG
-        scores += (~just_finished) * _NEG
-        merged_scores = torch.cat((self._finished_scores, scores), dim=1)
-        merged_flags = torch.cat((self._finished_flags, just_finished), dim=1)
+    def _normalized(self, score: float, n_generated: int) -> float:
+        """float32 `score / n_generated ** length_penalty` (torch rounds the divisor to float32 first)."""
+        return _f32(score / _f32(n_generated**self.length_penalty))
+
+    def _update_finished(self, top_lp: list[float], top_seqs: list[list[int]], hits: list[bool]) -> None:
+        just_finished = [hit and i < self.num_beams for i, hit in enumerate(hits)]
+        full = all(self._finished_flags) and self.early_stopping is True
+        scores = []
+        for lp, new in zip(top_lp, just_finished, strict=True):
+            s = self._normalized(lp, self._cur_len + 1 - self.prompt_len)
+            for penalized in (full, not self._improvable, not new):  # HF adds each as a float32 -1e9
+                s = _f32(s + _NEG) if penalized else s
+            scores.append(s)
+        merged_scores = self._finished_scores + scores
+        merged_flags = self._finished_flags + just_finished
         merged_seqs = self._finished_tokens + top_seqs
-        sel = torch.topk(merged_scores, k=self.num_beams)[1]
-        self._finished_scores = torch.take_along_dim(merged_scores, sel, dim=1)
-        self._finished_flags = torch.take_along_dim(merged_flags, sel, dim=1)
-        self._finished_tokens = [merged_seqs[i] for i in sel[0].tolist()]
+        sel = _topk(merged_scores, self.num_beams)
+        self._finished_scores = [merged_scores[i] for i in sel]
+        self._finished_flags = [merged_flags[i] for i in sel]
+        self._finished_tokens = [merged_seqs[i] for i in sel]
 
     def _update_improvable(self) -> None:
         """HF's `_check_early_stop_heuristic` (after `cur_len` moved on)."""
@@ -167,15 +171,13 @@ class BeamGroup:
             best_len = self.max_length - self.prompt_len
         else:
             best_len = self._cur_len - self.prompt_len
-        best_possible = self._running_scores[:, :1] / (best_len**self.length_penalty)
-        worst_finished = torch.where(
-            self._finished_flags, torch.min(self._finished_scores, dim=1, keepdim=True)[0], _NEG
+        best_possible = self._normalized(self._running_scores[0], best_len)
+        worst = min(self._finished_scores)
+        self._improvable = self._improvable and any(
+            best_possible > (worst if flag else _NEG) for flag in self._finished_flags
         )
-        self._improvable = self._improvable & torch.any(best_possible > worst_finished, dim=-1, keepdim=True)
 
-    def _has_unfinished(self, hits: torch.Tensor) -> bool:
+    def _has_unfinished(self, hits: list[bool]) -> bool:
         """HF's `_beam_search_has_unfinished_sequences`."""
-        improvement_possible = bool(torch.any(self._improvable))
-        all_full = bool(torch.all(self._finished_flags)) and self.early_stopping is True
-        valid_continuations = not bool(torch.all(hits))
-        return improvement_possible and not all_full and valid_continuations
+        all_full = all(self._finished_flags) and self.early_stopping is True
+        return self._improvable and not all_full and not all(hits)
