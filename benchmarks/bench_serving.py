@@ -1,8 +1,9 @@
 """Serving benchmark: concurrent streaming clients against a gpt2serve server.
 
     python benchmarks/bench_serving.py [--url http://127.0.0.1:8080] [--model random:gpt2] [--clients 1,16]
-                                       [--requests 32] [--max-tokens 32] [--api openai|native]
-                                       [--temperature 0] [--device cpu] [--max-batch-size 32]
+                                       [--requests 32] [--max-tokens 32] [--prompt-tokens 0]
+                                       [--api openai|native] [--temperature 0] [--device cpu]
+                                       [--max-batch-size 32]
 
 Without --url it starts a server itself (the container entry point, on a free loopback port, serving
 --model) and stops it at the end. For each concurrency level in --clients, that many clients send
@@ -35,6 +36,10 @@ import httpx
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROMPT = "Request {i}: the history of the printing press begins in"
+FILLER = (
+    " Movable type spread from Mainz to Venice, Paris and London within a few decades, and with it cheap"
+    " books, pamphlets and newspapers that changed how people learned, argued and worshipped."
+)
 
 
 @dataclass
@@ -85,8 +90,17 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, objec
     raise TimeoutError(f"the server did not answer /ping with 200 within {args.start_timeout} s")
 
 
-def request_for(args: argparse.Namespace, i: int) -> tuple[str, dict]:
+def prompt_for(args: argparse.Namespace, i: int, tokenizer) -> str:
+    """Request i's prompt: PROMPT, or with --prompt-tokens N, PROMPT and filler cut to N tokens."""
     prompt = PROMPT.format(i=i)
+    if not args.prompt_tokens:
+        return prompt
+    ids = tokenizer.encode(prompt + FILLER * (args.prompt_tokens // 20 + 1))[: args.prompt_tokens]
+    return tokenizer.decode(ids)
+
+
+def request_for(args: argparse.Namespace, i: int, tokenizer) -> tuple[str, dict]:
+    prompt = prompt_for(args, i, tokenizer)
     if args.api == "openai":
         body = {"model": "gpt-2", "prompt": prompt, "max_tokens": args.max_tokens, "stream": True,
                 "temperature": args.temperature, "seed": i,
@@ -101,7 +115,7 @@ def request_for(args: argparse.Namespace, i: int) -> tuple[str, dict]:
 
 
 async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, i: int, tokenizer) -> Sample:
-    path, body = request_for(args, i)
+    path, body = request_for(args, i, tokenizer)
     started = time.perf_counter()
     first = last = None
     tokens, text = 0, ""
@@ -172,6 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", default="1,16", help="comma-separated concurrency levels")
     p.add_argument("--requests", type=int, default=32, help="requests per level")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
+    p.add_argument("--prompt-tokens", type=int, default=0, help="prompt length in tokens (0: ~12)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--api", choices=("openai", "native"), default="openai")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
@@ -205,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "url": args.url or f"(started here) {args.model} on {args.device}",
         "api": args.api, "max_tokens": args.max_tokens, "temperature": args.temperature,
+        "prompt_tokens": args.prompt_tokens or None,
         "levels": results,
         "scaling": {
             "clients": f"{first['clients']} -> {last['clients']}",

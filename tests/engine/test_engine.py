@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from gpt2serve.engine import model as model_module
 from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.engine import Engine, _logits_read
 from gpt2serve.engine.errors import InvalidParameterError
@@ -123,12 +124,17 @@ def test_stop_string_cuts_text(setup):
     assert cut.text == full[: full.find(stop)] and cut.finish_reason == "stop"
 
 
-def test_concurrent_requests_equal_single_runs_and_share_steps(setup):
+@pytest.mark.parametrize("row_limit", [None, 32])
+def test_concurrent_requests_equal_single_runs_and_share_steps(setup, monkeypatch, row_limit):
+    """With decode.c's row limit as it is, and at 32 rows, where the prompts that do not fit beside the
+    decode rows run in groups of their own and the one longer than 32 tokens runs alone."""
     engine, _ = setup
+    if row_limit is not None:
+        monkeypatch.setattr(model_module, "GEMV_MAX_ROWS", row_limit)
     requests = []
     for i in range(16):
         new = 6 + i % 7  # requests end at different steps, so others are admitted while some decode
-        if i % 2:  # one prompt too long to share a forward (over 32 tokens) runs on its own
+        if i % 2:  # one prompt of ~48 tokens
             text = f"prompt number {i}" * (12 if i == 7 else 1)
             requests.append((text, SamplingParams(max_new_tokens=new)))
         else:
@@ -143,11 +149,14 @@ def test_concurrent_requests_equal_single_runs_and_share_steps(setup):
 
     engine.stats.max_step_batch = 0
     joined = engine.stats.prefills_in_step
+    forwards, forward = [], engine.model.forward  # the model's own prefill: a prompt too long for decode.c
+    monkeypatch.setattr(engine.model, "forward", lambda b, *a, **k: forwards.append(b) or forward(b, *a, **k))
     results = asyncio.run(together())
     assert [[o.token_ids for o in r.outputs] for r in results] == alone
     assert engine.stats.max_step_batch > 1, "decode steps were not shared between requests"
     if engine.model.fused_decode:  # prompts admitted while others decode ran in their steps
         assert engine.stats.prefills_in_step > joined
+        assert bool(forwards) == (row_limit is not None), [b.tokens.shape for b in forwards]
     engine.stats.max_step_batch = max(before, engine.stats.max_step_batch)
     assert engine.scheduler.slots_in_use == 0
 

@@ -7,6 +7,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from gpt2serve.engine import native
+from gpt2serve.engine.linear import GEMV_MAX_ROWS
 from gpt2serve.engine.loader import load_checkpoint
 from gpt2serve.engine.model import GPT2, make_batch
 from tests.engine.test_linear import NO_GEMV
@@ -199,13 +200,14 @@ def test_fused_decode_refuses_what_it_cannot_take(wide_heads):
 @pytest.mark.skipif(not native.available(), reason=NO_GEMV)
 @pytest.mark.parametrize("fmt", ["float32", "int8"])
 def test_fused_prefill_matches_the_layer_by_layer_forward(wide_heads, fmt):
-    """Short prompts (up to 32 tokens in all) run on decode.c as rows of one slot at consecutive
+    """Prompts (up to GEMV_MAX_ROWS tokens in all) run on decode.c as rows of one slot at consecutive
     positions: every position's logits and the cache it writes equal the torch-op forward's, for a fresh
-    prompt, a continued one, and two prompts side by side."""
+    prompt, a continued one, and two prompts side by side, short and long."""
     loaded = load_checkpoint(str(wide_heads))
     model = GPT2(loaded.config, loaded.state_dict, fmt, "cpu", "gemv")
     gen = torch.Generator().manual_seed(7)
-    cases = [([3], [0], 20), ([5], [40], 12), ([1, 6], [0, 9], 16)]  # (slots, starts, tokens per row)
+    cases = [([3], [0], 20), ([5], [40], 12), ([1, 6], [0, 9], 16), ([2], [0], 100), ([4, 7], [0, 20], 60)]
+    # (slots, starts, tokens per row)
     for slots, starts, n in cases:
         cache = model.new_cache(8, 128)
         for slot, start in zip(slots, starts):
@@ -269,7 +271,7 @@ def test_prompts_and_decode_rows_in_one_forward_equal_separate_ones(wide_heads, 
     for slot, n in ((0, 5), (5, 17)):  # running sequences
         model(make_batch([ids(n)], [slot], [0], "cpu"), cache)
     steps, prompts = [ids(1), ids(1)], [ids(6), ids(13)]  # next tokens at 5 / 17; prompts in slots 2, 3
-    assert model.takes_rows(2 + 6 + 13, cache) and not model.takes_rows(33, cache)
+    assert model.takes_rows(2 + 6 + 13, cache) and not model.takes_rows(GEMV_MAX_ROWS + 1, cache)
     before = cache.k.clone(), cache.v.clone()
     tokens = steps[0] + steps[1] + prompts[0] + prompts[1]
     slots, positions = [0, 5] + [2] * 6 + [3] * 13, [5, 17, *range(6), *range(13)]

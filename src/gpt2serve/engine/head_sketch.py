@@ -20,6 +20,7 @@ from gpt2serve.engine import native
 from gpt2serve.engine.linear import PackedLinear, in_huge_pages, quantize_int8
 
 MAX_CANDIDATE_SHARE = 0.125
+SKETCH_MAX_ROWS = 32  # more rows than this take the full head: their candidates' union grows with them
 ROUNDING = 2.0**-24  # float32's unit roundoff
 WIDEN = 1.001
 SLACK_CHUNK = 1024  # rows per float64 temporary (gpt2-xl: 13 MB)

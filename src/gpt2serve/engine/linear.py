@@ -61,8 +61,10 @@ DENSE_CHUNK = 8192  # rows of a matrix widened to float32 at a time (quantizing;
 INT8_REDUCE_RANGE = not torch.cpu._is_vnni_supported()
 
 
-# gemv.c reads the weights once per 8 rows; beyond this many rows a dense product (compute-bound) wins.
-GEMV_MAX_ROWS = 32
+# gemv.c reads the weights once per 8 rows and sums each row alone. On a Zen 5 a prompt of 48-512 tokens
+# ran 1.3-3.5x faster through decode.c than through torch's dense products (benchmarks/bench_prefill.py;
+# even at 1024): more rows than this (products, and prompts through decode.c) go to torch.
+GEMV_MAX_ROWS = 512
 HUGE_PAGE = 2 << 20  # bytes of a transparent huge page (x86-64 Linux)
 KERNEL_CHOICES = ("auto", "gemv", "torch")
 

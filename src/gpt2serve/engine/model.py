@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from gpt2serve.engine import native
 from gpt2serve.engine.config import ModelConfig
-from gpt2serve.engine.head_sketch import HeadSketch
+from gpt2serve.engine.head_sketch import SKETCH_MAX_ROWS, HeadSketch
 from gpt2serve.engine.linear import (
     DENSE_CHUNK,
     GEMV_MAX_ROWS,
@@ -317,8 +317,9 @@ class GPT2(torch.nn.Module):
     def _head(self, x: torch.Tensor, top: int | None) -> torch.Tensor:
         """Logits of the (N, C) final-norm outputs; with `top`, only what each row's `top` largest can
         be is exact, the rest may be -inf (see head_sketch.py)."""
-        if top is not None and self.head_sketch is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
-            return self.head_sketch.logits(x, top)
+        sketch = self.head_sketch
+        if top is not None and sketch is not None and x.dim() == 2 and x.shape[0] <= SKETCH_MAX_ROWS:
+            return sketch.logits(x, top)
         return self.lm_head(x)
 
     @torch.inference_mode()
