@@ -45,6 +45,7 @@ class Shape:
     temperature: float = 1.0
     num_beams: int = 1
     no_repeat_ngram_size: int = 0
+    prompt_tokens: int = 0  # 0: bench_engine's 8-token prompt; else a prompt of this many tokens
 
 
 SHAPES: dict[str, Shape] = {
@@ -64,6 +65,8 @@ SHAPES: dict[str, Shape] = {
         top_k=50,
         top_p=0.92,
     ),
+    # A long prompt: the time to read it (one pass over the weights for 500 rows) is most of the request.
+    "long_prompt": Shape("long_prompt", "greedy, 1 seq, 500-token prompt, 20 new", 20, prompt_tokens=500),
 }
 
 
@@ -156,13 +159,15 @@ class GPT2ServeRunner:
 
     engine = "gpt2serve"
 
-    def __init__(self, spec: str, precision: str, threads: int, prompt: str):
+    def __init__(self, spec: str, precision: str, threads: int):
         self.precision = self.compute = precision
-        self.prompt = prompt
         self.eng = load_engine(spec, precision, threads)
 
     def run(self, shape: Shape, prompt_ids: list[int], seed: int) -> list[int]:
-        result = self.eng.generate_sync(self.prompt, sampling_params(shape, seed))
+        prompt = self.eng.tokenizer.decode(prompt_ids)  # the engine takes text: it must encode back
+        if self.eng.tokenizer.encode(prompt) != prompt_ids:
+            raise ValueError("the prompt's token ids do not survive decoding and encoding again")
+        result = self.eng.generate_sync(prompt, sampling_params(shape, seed))
         return [len(o.token_ids) for o in result.outputs]
 
     def close(self) -> None:
@@ -176,7 +181,7 @@ class TransformersRunner:
 
     engine = "transformers"
 
-    def __init__(self, hf_dir: Path, precision: str, threads: int, prompt: str):
+    def __init__(self, hf_dir: Path, precision: str, threads: int):
         from transformers import GPT2LMHeadModel
 
         torch.set_num_threads(threads)
@@ -221,7 +226,7 @@ class CT2Runner:
 
     engine = "ctranslate2"
 
-    def __init__(self, ct2_dir: Path | None, precision: str, threads: int, prompt: str):
+    def __init__(self, ct2_dir: Path | None, precision: str, threads: int):
         import ctranslate2
 
         self.precision = precision
@@ -276,10 +281,10 @@ def _status_kb(field: str) -> int:
     return 0
 
 
-def _worker(conn, engine: str, precision: str, source, threads: int, prompt: str) -> None:
+def _worker(conn, engine: str, precision: str, source, threads: int) -> None:
     """The loop of a runner's process: build the runner, then time the requests it is sent."""
     try:
-        runner = RUNNERS[engine](source, precision, threads, prompt)
+        runner = RUNNERS[engine](source, precision, threads)
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -296,11 +301,11 @@ def _worker(conn, engine: str, precision: str, source, threads: int, prompt: str
 class RemoteRunner:
     """A runner in a process of its own (spawned: a fresh interpreter, no inherited thread pools)."""
 
-    def __init__(self, engine: str, precision: str, source, threads: int, prompt: str):
+    def __init__(self, engine: str, precision: str, source, threads: int):
         self.engine, self.precision = engine, precision
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        args = (child, engine, precision, source, threads, prompt)
+        args = (child, engine, precision, source, threads)
         self.proc = ctx.Process(target=_worker, args=args, daemon=True)
         self.proc.start()
         kind, info = self.conn.recv()

@@ -9,10 +9,12 @@ engines held in memory together alternate, so load from other processes hits the
 with a small model, the engines of one precision with a model over 2 GB (`--interleave`,
 `--per-precision`, `--sequential` choose).
 
-The roofline is the time to stream the weights read per step (every matrix, and the output head) once
-from RAM at the read bandwidth that bench_roofline.py measures.
+The "long_prompt" shape has a 500-token prompt and 20 new tokens: its figure, ms per new token, is mostly
+the prompt's processing (no roofline applies). The roofline is the time to stream the weights read per
+step (every matrix, and the output head) once from RAM at the read bandwidth that bench_roofline.py
+measures.
 
-    python benchmarks/bench_engine.py [--model random:gpt2] [--shapes greedy,top_p,beam,seed]
+    python benchmarks/bench_engine.py [--model random:gpt2] [--shapes greedy,top_p,beam,seed,long_prompt]
         [--precisions float32,bfloat16,int8] [--peers transformers,ct2|none] [--only-peers] [--reps 3]
         [--threads 2] [--interleave|--per-precision|--sequential] [--cold-start [--no-decode]]
         [--out FILE.json] [--plot FILE.png]
@@ -49,6 +51,7 @@ from gpt2serve.engine.model import kernel_family, layer_format  # noqa: E402
 from gpt2serve.engine.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy"  # 8 GPT-2 tokens
+FILLER = " dog, and the dog, who had seen foxes before, did not move; it only watched the field."
 PRECISIONS = ("float32", "bfloat16", "int8")
 BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 WARMUP_TOKENS = 8
@@ -141,9 +144,23 @@ def factories(args, dirs: dict[str, Path]) -> list[tuple[str, str, object]]:
 # -- timing ------------------------------------------------------------------------------------------------
 
 
-def warm_up(runner, shapes: list[Shape], prompt_ids: list[int]) -> None:
+def prompt_ids_for(shape: Shape, tokenizer) -> list[int]:
+    """PROMPT's tokens, or for a shape with prompt_tokens, PROMPT and FILLER cut to that many tokens."""
+    if not shape.prompt_tokens:
+        return tokenizer.encode(PROMPT)
+    n = shape.prompt_tokens
+    ids = tokenizer.encode(PROMPT + FILLER * (n // 15 + 1))[:n]
+    for _ in range(8):  # the cut may split a word that gpt2serve, which takes text, would encode otherwise
+        again = tokenizer.encode(tokenizer.decode(ids))[:n]
+        if again == ids:
+            return ids
+        ids = again
+    raise ValueError(f"no {n}-token prompt that survives decoding and encoding again")
+
+
+def warm_up(runner, shapes: list[Shape], prompt_ids: dict[str, list[int]]) -> None:
     for shape in shapes:
-        runner.run(Shape(**{**shape.__dict__, "new_tokens": WARMUP_TOKENS}), prompt_ids, 0)
+        runner.run(Shape(**{**shape.__dict__, "new_tokens": WARMUP_TOKENS}), prompt_ids[shape.name], 0)
 
 
 def groups(engines: list[tuple], interleave: str) -> list[list[tuple]]:
@@ -157,7 +174,7 @@ def groups(engines: list[tuple], interleave: str) -> list[list[tuple]]:
     return [[e for e in engines if e[1] == p] for p in precisions]
 
 
-def measure(args, prompt_ids: list[int], dirs: dict[str, Path], log) -> tuple[dict, list[dict]]:
+def measure(args, prompt_ids: dict[str, list[int]], dirs: dict[str, Path], log) -> tuple[dict, list[dict]]:
     """{(engine, precision, shape): {"times": [...], "lengths": [...], "compute": ...}}, errors."""
     shapes = [SHAPES[s] for s in args.shapes]
     samples: dict[tuple, dict] = {}
@@ -165,7 +182,7 @@ def measure(args, prompt_ids: list[int], dirs: dict[str, Path], log) -> tuple[di
 
     def open_runner(engine, precision, source):
         try:
-            runner = RemoteRunner(engine, precision, source, args.threads, PROMPT)
+            runner = RemoteRunner(engine, precision, source, args.threads)
         except Exception as exc:  # e.g. a compute type this CPU lacks: recorded, not fatal
             errors.append({"engine": engine, "precision": precision, "error": str(exc)[:300]})
             log(f"skip {engine} {precision}: {exc}")
@@ -176,7 +193,7 @@ def measure(args, prompt_ids: list[int], dirs: dict[str, Path], log) -> tuple[di
     def record(runner, shape, rep):
         if hasattr(bench_roofline, "wait_for_quiet"):  # the machine may be shared: start when it is idle
             bench_roofline.wait_for_quiet(max_wait_s=args.quiet_wait)
-        seconds, lengths = runner.run(shape, prompt_ids, seed=1234 + rep)
+        seconds, lengths = runner.run(shape, prompt_ids[shape.name], seed=1234 + rep)
         key = (runner.engine, runner.precision, shape.name)
         entry = samples.setdefault(key, {"times": [], "lengths": lengths, "compute": str(runner.compute)})
         entry["times"].append(seconds)
@@ -197,12 +214,16 @@ def measure(args, prompt_ids: list[int], dirs: dict[str, Path], log) -> tuple[di
 # -- the report --------------------------------------------------------------------------------------------
 
 
-def summarize(samples: dict, roofline_ms: dict[str, float]) -> tuple[list[dict], list[dict]]:
+def summarize(
+    samples: dict, roofline_ms: dict[str, float], prompt_ids: dict[str, list[int]]
+) -> tuple[list[dict], list[dict]]:
     rows = []
     for (engine, precision, shape_name), entry in samples.items():
         steps = max(entry["lengths"])
         step_ms = [t / steps * 1e3 for t in entry["times"]]
         med = statistics.median(step_ms)
+        # a long prompt's request is mostly its prompt: ms per new token, against no roofline
+        x_roofline = None if SHAPES[shape_name].prompt_tokens else round(med / roofline_ms[precision], 2)
         rows.append(
             {
                 "engine": engine,
@@ -210,13 +231,14 @@ def summarize(samples: dict, roofline_ms: dict[str, float]) -> tuple[list[dict],
                 "compute_type": entry["compute"],
                 "shape": shape_name,
                 "label": SHAPES[shape_name].label,
+                "prompt_tokens": len(prompt_ids[shape_name]),
                 "new_tokens_per_seq": entry["lengths"],
                 "tokens_generated": sum(entry["lengths"]),
                 "reps": len(step_ms),
                 "step_ms_median": round(med, 2),
                 "step_ms_min": round(min(step_ms), 2),
                 "step_ms_all": [round(x, 2) for x in step_ms],
-                "x_roofline": round(med / roofline_ms[precision], 2),
+                "x_roofline": x_roofline,
                 "process_peak_rss_MB": entry.get("peak_rss_MB"),
             }
         )
@@ -292,14 +314,15 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = measure_read_bandwidth()
     log(f"read bandwidth {bandwidth:.1f} GB/s")
     if not args.no_decode:
-        prompt_ids = Tokenizer.bundled().encode(PROMPT)
+        tokenizer = Tokenizer.bundled()
+        prompt_ids = {name: prompt_ids_for(shape, tokenizer) for name, shape in SHAPES.items()}
         dirs = peer_dirs(args.model, args.peers, args.precisions, Path(args.cache_dir)) if args.peers else {}
         samples, errors = measure(args, prompt_ids, dirs, log)
         bandwidth = max(bandwidth, measure_read_bandwidth())  # the best of before and after
         roofline = {p: streamed_bytes(cfg, p) / (bandwidth * 1e9) * 1e3 for p in PRECISIONS}
-        rows, ratios = summarize(samples, roofline)
+        rows, ratios = summarize(samples, roofline, prompt_ids)
         report |= {
-            "prompt_tokens": len(prompt_ids),
+            "prompt_tokens": len(prompt_ids["greedy"]),
             "reps": args.reps,
             "interleaved": args.interleave,
             "read_GBps": round(bandwidth, 2),

@@ -1,20 +1,19 @@
 """Prompt processing on the CPU: one prompt of N tokens through gpt2serve's two CPU paths.
 
-- decode.c: every layer in one C call, the prompt's tokens as rows (what prompts of up to GEMV_MAX_ROWS
-  tokens, with the decode rows of the same step, run on);
-- torch: the layer-by-layer forward of torch operations (scaled_dot_product_attention) with torch's
-  dense matrix products for the prompt's rows (float32 `F.linear`; bfloat16 and int8 widened to
-  float32 in chunks) and gemv.c for the last token's output head, what a longer prompt runs on (and
-  what prompts of more than 32 tokens ran on before decode.c took up to GEMV_MAX_ROWS).
+- decode.c: every layer in one C call, the prompt's tokens as rows, every product on gemv.c (what
+  prompts run on while they fit `GPT2.fused_rows` with the decode rows of their step);
+- torch: the layer-by-layer forward of torch operations (scaled_dot_product_attention), each product on
+  gemv.c up to its `max_gemv_rows` and beyond on torch's dense kernels (oneDNN for float32 and bfloat16
+  where it has them, int8 widened to float32 in chunks): what a longer prompt runs on.
 
 Both compute the logits of the prompt's last token from an empty cache, on the same model; the two
 paths alternate, and the figure is the median of --reps timings after one warm-up.
 
     python benchmarks/bench_prefill.py [--model random:gpt2] [--precisions float32,bfloat16,int8]
-                                       [--tokens 48,128,256,512,1024] [--reps 5] [--threads 2]
+                                       [--tokens 16,32,64,128,256,512] [--reps 5] [--threads 2]
 
-Prints one JSON object: {"model", "threads", "results": [{precision, tokens, decode_c_ms, torch_ms,
-torch_over_decode_c}]}.
+Prints one JSON object: {"model", "threads", "results": [{precision, tokens, fused_rows, decode_c_ms,
+torch_ms, torch_over_decode_c}]} (fused_rows: the most rows decode.c takes for that precision).
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gpt2serve.engine import linear  # noqa: E402
 from gpt2serve.engine.loader import load_checkpoint  # noqa: E402
 from gpt2serve.engine.model import GPT2, make_batch  # noqa: E402
 
@@ -42,12 +40,11 @@ def prefill_ms(model: GPT2, n: int, on_decode_c: bool) -> float:
     if on_decode_c:
         model.forward_rows(ids, [0] * n, list(range(n)), [n - 1], cache)
     else:
-        limit, fused = linear.GEMV_MAX_ROWS, model.fused_decode
-        linear.GEMV_MAX_ROWS, model.fused_decode = 1, False  # 1: the head row on gemv.c
+        model.fused_decode = False
         try:
             model(make_batch([ids], [0], [0], "cpu"), cache)
         finally:
-            linear.GEMV_MAX_ROWS, model.fused_decode = limit, fused
+            model.fused_decode = True
     return (time.perf_counter() - start) * 1e3
 
 
@@ -55,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="random:gpt2")
     ap.add_argument("--precisions", default="float32,bfloat16,int8")
-    ap.add_argument("--tokens", default="48,128,256,512,1024")
+    ap.add_argument("--tokens", default="16,32,64,128,256,512")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -78,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             row = {
                 "precision": precision,
                 "tokens": n,
+                "fused_rows": model.fused_rows,
                 "decode_c_ms": round(fused, 2),
                 "torch_ms": round(torch_ms, 2),
                 "torch_over_decode_c": round(torch_ms / fused, 2),

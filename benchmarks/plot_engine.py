@@ -60,6 +60,12 @@ def plot(report: dict, out: Path, stat: str = "median") -> Path:
     return out
 
 
+def _cell(v: dict | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v['step_ms_median']:.1f}" + ("" if v["x_roofline"] is None else f" ({v['x_roofline']:.1f}x)")
+
+
 def markdown(report: dict) -> str:
     """The step-time table (median ms/step, x roofline) and the speed-up table, as Markdown."""
     rows = report["results"]
@@ -69,7 +75,7 @@ def markdown(report: dict) -> str:
     out = ["| engine | precision | " + " | ".join(shapes) + " |", "|---|---|" + "---|" * len(shapes)]
     for engine, precision in series:
         vals = [cell.get((engine, precision, s)) for s in shapes]
-        text = [f"{v['step_ms_median']:.1f} ({v['x_roofline']:.1f}x)" if v else "-" for v in vals]
+        text = [_cell(v) for v in vals]
         out.append(f"| {engine} | {precision} | " + " | ".join(text) + " |")
     roof = " | ".join(f"{p} {ms:.1f} ms" for p, ms in report["roofline_ms"].items())
     out += ["", f"Roofline at {report['read_GBps']} GB/s: {roof}.", ""]

@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from gpt2serve.engine import model as model_module
 from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.engine import Engine, _logits_read
 from gpt2serve.engine.errors import InvalidParameterError
@@ -56,6 +55,24 @@ def test_greedy_matches_reference(setup):
     for prompt in _prompts():
         got, ids = _run_ids(engine, prompt, SamplingParams(max_new_tokens=12))
         assert got == _reference(ref, ids, do_sample=False, max_new_tokens=12)
+
+
+def test_long_prompts_match_reference(setup):
+    """A prompt longer than decode.c takes runs through the torch-op forward (oneDNN's products past
+    gemv.c's rows, where it has them); greedy and seeded sampling after it as HF's."""
+    engine, ref = setup
+    n = min(engine.model.fused_rows + 30, engine.model_config.n_positions - 10)
+    if n <= engine.model.fused_rows:
+        pytest.skip(f"decode.c takes prompts up to {engine.model.fused_rows} tokens: this context is shorter")
+    prompt = torch.randint(0, 50000, (n,), generator=torch.Generator().manual_seed(9)).tolist()
+    got, ids = _run_ids(engine, prompt, SamplingParams(max_new_tokens=8))
+    assert len(ids) > engine.model.fused_rows
+    assert got == _reference(ref, ids, do_sample=False, max_new_tokens=8)
+    params = SamplingParams.for_mode("sample-top-p", n=1, max_new_tokens=8, seed=5)
+    got, ids = _run_ids(engine, prompt, params)
+    torch.manual_seed(5)
+    kw = dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    assert got == _reference(ref, ids, do_sample=True, max_new_tokens=8, **kw)
 
 
 def test_greedy_with_repetition_penalty_and_ngram_ban_matches_reference(setup):
@@ -130,7 +147,7 @@ def test_concurrent_requests_equal_single_runs_and_share_steps(setup, monkeypatc
     decode rows run in groups of their own and the one longer than 32 tokens runs alone."""
     engine, _ = setup
     if row_limit is not None:
-        monkeypatch.setattr(model_module, "GEMV_MAX_ROWS", row_limit)
+        monkeypatch.setattr(engine.model, "fused_rows", row_limit)
     requests = []
     for i in range(16):
         new = 6 + i % 7  # requests end at different steps, so others are admitted while some decode

@@ -13,6 +13,7 @@ from gpt2serve.engine.linear import (
     FORMATS,
     GEMV_MAX_ROWS,
     PackedLinear,
+    gemv_max_rows,
     mkldnn_bf16,
     quantize_int8,
 )
@@ -171,16 +172,17 @@ def test_fused_gelu_and_residual_add(kernels: str, fmt: str, rows: int) -> None:
 
 @pytest.mark.skipif(not native.available(), reason=NO_GEMV)
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17, "limit", "limit+1", GEMV_MAX_ROWS + 1])
 @pytest.mark.parametrize("width", [64, 72])
-def test_gemv_every_row_count_and_ragged_width(fmt: str, rows: int, width: int) -> None:
+def test_gemv_every_row_count_and_ragged_width(fmt: str, rows: int | str, width: int) -> None:
     """gemv.c's blocks of 1-8 rows (and of 8, 4, 3, 2, 1 weight rows, here with 101 outputs, not a multiple
-    of any), and the dense product past GEMV_MAX_ROWS, all against float64; int8 and float32 are
-    weight-only in gemv: the activations stay float32. 72 inputs end AVX-512's 16-wide loop with an 8-wide
-    step."""
+    of any), and the dense product past the format's `max_gemv_rows` (oneDNN or widened weights), all
+    against float64; int8 and float32 are weight-only in gemv: the activations stay float32. 72 inputs
+    end AVX-512's 16-wide loop with an 8-wide step."""
     weight, bias = _conv1d(width, 101, seed=8)
     layer = PackedLinear(weight, bias, fmt, kernels="gemv")
-    assert layer.kernel == "gemv"
+    assert layer.kernel == "gemv" and layer.max_gemv_rows == gemv_max_rows(fmt) <= GEMV_MAX_ROWS
+    rows = {"limit": layer.max_gemv_rows, "limit+1": layer.max_gemv_rows + 1}.get(rows, rows)
     x = torch.randn(rows, width)
     ref = x.double() @ weight.double() + bias.double()
     tolerance = {"float32": 1e-6, "bfloat16": 5e-3, "float16": 1e-3, "int8": 1e-2}[fmt]
@@ -205,9 +207,9 @@ def test_gemv_row_results_do_not_depend_on_the_batch(fmt: str, width: int) -> No
     """Bit for bit, a row's output is the same alone or among others (every block sums the inputs in the
     same order), so a request decodes the same whatever runs beside it."""
     layer = PackedLinear(*_conv1d(width, 101, seed=9), fmt, kernels="gemv")
-    x = torch.randn(GEMV_MAX_ROWS, width)
+    x = torch.randn(layer.max_gemv_rows, width)
     alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
-    for rows in range(2, GEMV_MAX_ROWS + 1):
+    for rows in range(2, layer.max_gemv_rows + 1):
         assert torch.equal(layer(x[:rows]), alone[:rows]), rows
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from gpt2serve.engine import native
-from gpt2serve.engine.linear import GEMV_MAX_ROWS
+from gpt2serve.engine.linear import GEMV_MAX_ROWS, PackedLinear
 from gpt2serve.engine.loader import load_checkpoint
 from gpt2serve.engine.model import GPT2, make_batch
 from tests.engine.test_linear import NO_GEMV
@@ -34,6 +34,22 @@ def test_incremental_decode_matches_reference_logits(pair):
         assert torch.allclose(got, expected[n_prompt - 1], atol=1e-4, rtol=0)
         for t in range(n_prompt, n_prompt + 4):
             got = ours(make_batch([[int(ids[t])]], [slot], [t], "cpu"), cache)[0]
+            assert torch.allclose(got, expected[t], atol=1e-4, rtol=0)
+
+
+def test_long_prompts_match_reference_logits(pair):
+    """Prompts past decode.c's rows run layer by layer, their products past gemv.c's rows on oneDNN."""
+    ours, ref = pair
+    gen = torch.Generator().manual_seed(3)
+    cache = ours.new_cache(n_slots=1)
+    for n_prompt in (ours.fused_rows + 1, 120):
+        ids = torch.randint(0, 50257, (n_prompt + 2,), generator=gen)
+        with torch.no_grad():
+            expected = ref(ids[None]).logits[0]
+        got = ours(make_batch([ids[:n_prompt].tolist()], [0], [0], "cpu"), cache, last_only=False)[0]
+        assert torch.allclose(got, expected[:n_prompt], atol=1e-4, rtol=0)
+        for t in range(n_prompt, n_prompt + 2):
+            got = ours(make_batch([[int(ids[t])]], [0], [t], "cpu"), cache)[0]
             assert torch.allclose(got, expected[t], atol=1e-4, rtol=0)
 
 
@@ -200,11 +216,15 @@ def test_fused_decode_refuses_what_it_cannot_take(wide_heads):
 @pytest.mark.skipif(not native.available(), reason=NO_GEMV)
 @pytest.mark.parametrize("fmt", ["float32", "int8"])
 def test_fused_prefill_matches_the_layer_by_layer_forward(wide_heads, fmt):
-    """Prompts (up to GEMV_MAX_ROWS tokens in all) run on decode.c as rows of one slot at consecutive
+    """Prompts (up to `fused_rows` tokens in all) run on decode.c as rows of one slot at consecutive
     positions: every position's logits and the cache it writes equal the torch-op forward's, for a fresh
-    prompt, a continued one, and two prompts side by side, short and long."""
+    prompt, a continued one, and two prompts side by side, short and long (the torch-op forward then
+    keeps every product on gemv.c too: oneDNN's would round bfloat16 activations)."""
     loaded = load_checkpoint(str(wide_heads))
     model = GPT2(loaded.config, loaded.state_dict, fmt, "cpu", "gemv")
+    for layer in model.modules():
+        if isinstance(layer, PackedLinear):
+            layer.max_gemv_rows = GEMV_MAX_ROWS
     gen = torch.Generator().manual_seed(7)
     cases = [([3], [0], 20), ([5], [40], 12), ([1, 6], [0, 9], 16), ([2], [0], 100), ([4, 7], [0, 20], 60)]
     # (slots, starts, tokens per row)
@@ -271,7 +291,7 @@ def test_prompts_and_decode_rows_in_one_forward_equal_separate_ones(wide_heads, 
     for slot, n in ((0, 5), (5, 17)):  # running sequences
         model(make_batch([ids(n)], [slot], [0], "cpu"), cache)
     steps, prompts = [ids(1), ids(1)], [ids(6), ids(13)]  # next tokens at 5 / 17; prompts in slots 2, 3
-    assert model.takes_rows(2 + 6 + 13, cache) and not model.takes_rows(GEMV_MAX_ROWS + 1, cache)
+    assert model.takes_rows(2 + 6 + 13, cache) and not model.takes_rows(model.fused_rows + 1, cache)
     before = cache.k.clone(), cache.v.clone()
     tokens = steps[0] + steps[1] + prompts[0] + prompts[1]
     slots, positions = [0, 5] + [2] * 6 + [3] * 13, [5, 17, *range(6), *range(13)]

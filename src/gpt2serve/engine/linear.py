@@ -61,12 +61,22 @@ DENSE_CHUNK = 8192  # rows of a matrix widened to float32 at a time (quantizing;
 INT8_REDUCE_RANGE = not torch.cpu._is_vnni_supported()
 
 
-# gemv.c reads the weights once per 8 rows and sums each row alone. On a Zen 5 a prompt of 48-512 tokens
-# ran 1.3-3.5x faster through decode.c than through torch's dense products (benchmarks/bench_prefill.py;
-# even at 1024): more rows than this (products, and prompts through decode.c) go to torch.
+# gemv.c reads the weights once per 8 rows and sums each row alone, whatever the other rows. Past a few
+# dozen rows products are bound by arithmetic, where oneDNN's float32 and bfloat16 (AVX512-BF16) kernels
+# do more per cycle: on a Zen 5 a whole prompt of 64-512 tokens ran 1.2-1.9x faster through them
+# (benchmarks/bench_prefill.py). int8, and formats without oneDNN, stay on gemv.c up to GEMV_MAX_ROWS
+# (their dense product widens the weight to float32 per call).
 GEMV_MAX_ROWS = 512
+ONEDNN_FROM_ROWS = 65
 HUGE_PAGE = 2 << 20  # bytes of a transparent huge page (x86-64 Linux)
 KERNEL_CHOICES = ("auto", "gemv", "torch")
+
+
+def gemv_max_rows(fmt: str) -> int:
+    """The most rows gemv.c multiplies a matrix of this format by; more go to a dense product."""
+    if fmt == "float32" and torch.backends.mkldnn.is_available() or fmt == "bfloat16" and mkldnn_bf16():
+        return ONEDNN_FROM_ROWS - 1
+    return GEMV_MAX_ROWS
 
 
 def use_gemv(kernels: str, in_features: int) -> bool:
@@ -205,9 +215,9 @@ class PackedLinear(torch.nn.Module):
 
     def _pack_gemv(self, w: torch.Tensor, fmt: str) -> None:
         """gemv.c's layout: the (out, in) matrix itself, row-major, in the format's dtype (int8: per-row
-        scales), in huge pages where the OS gives them; a dense product for many rows widens it to
-        float32 in chunks."""
-        self.kernel, self.scale = "gemv", None
+        scales), in huge pages where the OS gives them. Past `max_gemv_rows` rows oneDNN multiplies it as
+        it is (float32, bfloat16), else it is widened to float32 in chunks."""
+        self.kernel, self.scale, self.max_gemv_rows = "gemv", None, gemv_max_rows(fmt)
         if fmt == "int8":
             w, self.scale = quantize_int8(w)
         self.weight = in_huge_pages(w, getattr(torch, fmt))
@@ -269,17 +279,19 @@ class PackedLinear(torch.nn.Module):
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         x = x if x.dtype == torch.float32 else x.float()
-        if x.shape[0] <= GEMV_MAX_ROWS:
+        if x.shape[0] <= self.max_gemv_rows:
             return native.gemv(x, self.weight, self.scale, self.bias)
-        if self.weight.dtype == torch.float32:
-            return F.linear(x, self.weight, self.bias)
+        onednn = torch.backends.mkldnn.is_available()
+        if self.weight.dtype == torch.bfloat16 and mkldnn_bf16():
+            b = None if self.bias is None else self.bias.bfloat16()
+            return mkldnn._linear_pointwise(x.bfloat16(), self.weight, b, "none", [], "").float()
         chunks = []
         for start in range(0, self.out_features, DENSE_CHUNK):
             w = self.weight[start : start + DENSE_CHUNK].float()
             w = w if self.scale is None else w * self.scale[start : start + DENSE_CHUNK, None]
             b = None if self.bias is None else self.bias[start : start + DENSE_CHUNK]
-            chunks.append(F.linear(x, w, b))
-        return torch.cat(chunks, dim=-1)
+            chunks.append(mkldnn._linear_pointwise(x, w, b, "none", [], "") if onednn else F.linear(x, w, b))
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)
 
     def _fbgemm_dynamic_int8(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x.float(), self.weight, INT8_REDUCE_RANGE)

@@ -19,10 +19,10 @@ from gpt2serve.engine.config import ModelConfig
 from gpt2serve.engine.head_sketch import SKETCH_MAX_ROWS, HeadSketch
 from gpt2serve.engine.linear import (
     DENSE_CHUNK,
-    GEMV_MAX_ROWS,
     INT8_REDUCE_RANGE,
     MKLDNN_MIN_ROWS,
     PackedLinear,
+    gemv_max_rows,
     use_gemv,
 )
 
@@ -293,6 +293,7 @@ class GPT2(torch.nn.Module):
         self.min_rows = MKLDNN_MIN_ROWS if self.lm_head.kernel == "mkldnn_packed" else 1
         self.decode_layers = self._decode_layers()
         self.fused_decode = self.decode_layers is not None  # tests turn it off to compare the two paths
+        self.fused_rows = gemv_max_rows(fmt)  # rows decode.c takes: beyond, torch's products are faster
 
     def _decode_layers(self) -> native.DecodeLayers | None:
         """decode.c's view of the layers, where every matrix runs on gemv.c and the widths suit it."""
@@ -311,8 +312,8 @@ class GPT2(torch.nn.Module):
         return KVCache(self.cfg, n_slots, max_len or self.cfg.n_positions, self.act_dtype, self.device)
 
     def takes_rows(self, n: int, cache: KVCache) -> bool:
-        """Whether `forward_rows` runs `n` rows: on decode.c, up to GEMV_MAX_ROWS, float32 cache."""
-        return self.fused_decode and n <= GEMV_MAX_ROWS and cache.k.dtype == torch.float32
+        """Whether `forward_rows` runs `n` rows: on decode.c, up to `fused_rows`, float32 cache."""
+        return self.fused_decode and n <= self.fused_rows and cache.k.dtype == torch.float32
 
     def _head(self, x: torch.Tensor, top: int | None) -> torch.Tensor:
         """Logits of the (N, C) final-norm outputs; with `top`, only what each row's `top` largest can

@@ -148,7 +148,7 @@ int gpt2serve_decode(const layer_t *layers, int n_layer, int n_head, float eps, 
                     vc[at + k] = q[2 * C + k];
                 }
             }
-#pragma omp for schedule(static)
+#pragma omp for schedule(static, 1) /* round robin: a prompt's later rows attend to more keys */
             for (int t = 0; t < M * n_head; ++t) {
                 int i = t / n_head, head = t % n_head;
                 size_t at = (size_t)slots[i] * slot_stride + (size_t)head * max_len * hs;
