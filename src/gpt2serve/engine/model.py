@@ -59,6 +59,11 @@ class KVCache:
                 cache[:, d, :, start:length].copy_(cache[:, s, :, start:length])
 
 
+# decode.c attends row by row: past ~128 prompt tokens a prompt ran faster through the layer-by-layer
+# forward (scaled_dot_product_attention) even where both multiply on gemv.c (int8 on a Zen 5: 0.81-0.94x
+# the time at 256-512 tokens, benchmarks/bench_prefill.py).
+FUSED_MAX_ROWS = 128
+
 # Decode attention reads keys up to the row's position rounded up to this (see DecodeGroup).
 KEY_BUCKET = 64
 
@@ -293,7 +298,7 @@ class GPT2(torch.nn.Module):
         self.min_rows = MKLDNN_MIN_ROWS if self.lm_head.kernel == "mkldnn_packed" else 1
         self.decode_layers = self._decode_layers()
         self.fused_decode = self.decode_layers is not None  # tests turn it off to compare the two paths
-        self.fused_rows = gemv_max_rows(fmt)  # rows decode.c takes: beyond, torch's products are faster
+        self.fused_rows = min(gemv_max_rows(fmt), FUSED_MAX_ROWS)  # the most rows decode.c takes
 
     def _decode_layers(self) -> native.DecodeLayers | None:
         """decode.c's view of the layers, where every matrix runs on gemv.c and the widths suit it."""
