@@ -4,8 +4,11 @@ trained one), repeated for checkpoints of different random seeds, on this machin
 
 The test runs one checkpoint (seed 0); this shows how much the two figures move from one set of weights
 to the next (one position is 0.5 % of the top-1 agreement, and most disagreements are near-ties).
+`--long-prompt N` takes the positions of one N-token prompt instead (the test's prompts joined): past
+`GPT2.fused_rows` tokens a prompt runs layer by layer, its products on oneDNN where it has them.
 
-    python benchmarks/bench_int8_accuracy.py [--seeds 0-7] [--formats int8,bfloat16] [--out FILE.json]
+    python benchmarks/bench_int8_accuracy.py [--seeds 0-7] [--formats int8,bfloat16] [--long-prompt N]
+                                             [--out FILE.json]
 
 Prints one JSON object: {"kernels", "results": [{seed, format, mean_kl, top1_agreement}], "summary"}.
 """
@@ -31,11 +34,11 @@ from tests.checkpoints import make_checkpoint  # noqa: E402
 from tests.engine import test_int8_accuracy as accuracy  # noqa: E402
 
 
-def rescaled(seed: int, folder: Path):
+def rescaled(seed: int, folder: Path, n_positions: int = 128):
     """The test's checkpoint for `seed`, rescaled as the test's `state` fixture does."""
-    loaded = load_checkpoint(
-        str(make_checkpoint(folder / f"seed{seed}", n_layer=2, n_head=4, n_embd=64, seed=seed))
-    )
+    shape = dict(n_layer=2, n_head=4, n_embd=64, n_positions=n_positions)
+    path = make_checkpoint(folder / f"seed{seed}", seed=seed, **shape)
+    loaded = load_checkpoint(str(path))
     sd = {}
     for name, tensor in loaded.state_dict.items():
         if name in ("wte.weight", "wpe.weight"):
@@ -58,14 +61,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0-7", help="a range (0-7) or a comma list")
     parser.add_argument("--formats", default="int8,bfloat16")
+    parser.add_argument("--long-prompt", type=int, default=0, help="one prompt of this many tokens")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     tokenizer = Tokenizer.bundled()
     prompts = [tokenizer.encode(text)[: accuracy.TOKENS_PER_PROMPT] for text in accuracy.PROMPTS]
+    if args.long_prompt:
+        prompts = [tokenizer.encode(" ".join(accuracy.PROMPTS) * 4)[: args.long_prompt]]
+    n_positions = max(128, len(prompts[0]))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds(args.seeds):
-            config, sd = rescaled(seed, Path(tmp))
+            config, sd = rescaled(seed, Path(tmp), n_positions)
             ref = accuracy._log_probs(config, sd, "float32", prompts)
             p = ref.exp()
             for fmt in args.formats.split(","):
@@ -90,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
             "checkpoints_below_97pct": sum(r["top1_agreement"] < 0.97 for r in rows),
         }
     kernels = kernel_family("auto", ModelConfig(n_embd=64), accuracy.torch.device("cpu"))
-    text = json.dumps({"kernels": kernels, "results": results, "summary": summary}, indent=1)
+    positions = sum(len(ids) for ids in prompts)
+    report = {"kernels": kernels, "positions": positions, "prompts": len(prompts)}
+    text = json.dumps(report | {"results": results, "summary": summary}, indent=1)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

@@ -63,9 +63,9 @@ INT8_REDUCE_RANGE = not torch.cpu._is_vnni_supported()
 
 # gemv.c reads the weights once per 8 rows and sums each row alone, whatever the other rows. Past a few
 # dozen rows products are bound by arithmetic, where oneDNN's float32 and bfloat16 (AVX512-BF16) kernels
-# do more per cycle: on a Zen 5 a whole prompt of 64-512 tokens ran 1.2-1.9x faster through them
-# (benchmarks/bench_prefill.py). int8, and formats without oneDNN, stay on gemv.c up to GEMV_MAX_ROWS
-# (their dense product widens the weight to float32 per call).
+# do more per cycle: on a Zen 5 whole prompts of 128-512 tokens ran 1.2-2x faster through them
+# (benchmarks/bench_prefill.py). int8, and formats without such kernels, stay on gemv.c up to
+# GEMV_MAX_ROWS (their dense product widens the weight to float32 per call).
 GEMV_MAX_ROWS = 512
 ONEDNN_FROM_ROWS = 65
 HUGE_PAGE = 2 << 20  # bytes of a transparent huge page (x86-64 Linux)
@@ -281,16 +281,23 @@ class PackedLinear(torch.nn.Module):
         x = x if x.dtype == torch.float32 else x.float()
         if x.shape[0] <= self.max_gemv_rows:
             return native.gemv(x, self.weight, self.scale, self.bias)
-        onednn = torch.backends.mkldnn.is_available()
-        if self.weight.dtype == torch.bfloat16 and mkldnn_bf16():
-            b = None if self.bias is None else self.bias.bfloat16()
-            return mkldnn._linear_pointwise(x.bfloat16(), self.weight, b, "none", [], "").float()
+        return self._dense_rows(x)
+
+    def _dense_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """gemv.c's matrix times more rows than it takes: on oneDNN, float32 as it is and bfloat16 where it
+        has bf16 kernels (the activations rounded to bfloat16 too), else float32 copies (int8: its scales
+        then multiply the output; oneDNN's bfloat16 would cost int8 1-1.5 points of top-1 agreement)."""
+        as_bf16 = self.weight.dtype == torch.bfloat16 and mkldnn_bf16()
+        dtype = torch.bfloat16 if as_bf16 else torch.float32
+        onednn = as_bf16 or torch.backends.mkldnn.is_available()
+        x_in = x.to(dtype)
         chunks = []
-        for start in range(0, self.out_features, DENSE_CHUNK):
-            w = self.weight[start : start + DENSE_CHUNK].float()
-            w = w if self.scale is None else w * self.scale[start : start + DENSE_CHUNK, None]
-            b = None if self.bias is None else self.bias[start : start + DENSE_CHUNK]
-            chunks.append(mkldnn._linear_pointwise(x, w, b, "none", [], "") if onednn else F.linear(x, w, b))
+        for start in range(0, self.out_features, DENSE_CHUNK):  # bounded temporaries (the head's rows)
+            rows = slice(start, start + DENSE_CHUNK)
+            w = self.weight[rows].to(dtype)
+            y = mkldnn._linear_pointwise(x_in, w, None, "none", [], "").float() if onednn else F.linear(x, w)
+            y = y if self.scale is None else y * self.scale[rows]
+            chunks.append(y if self.bias is None else y + self.bias[rows])
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)
 
     def _fbgemm_dynamic_int8(self, x: torch.Tensor) -> torch.Tensor:
