@@ -63,7 +63,9 @@ def test_long_prompts_match_reference(setup):
     engine, ref = setup
     n = min(engine.model.fused_rows + 30, engine.model_config.n_positions - 10)
     if n <= engine.model.fused_rows:
-        pytest.skip(f"decode.c takes prompts up to {engine.model.fused_rows} tokens: this context is shorter")
+        pytest.skip(  # runs where oneDNN takes float32 products past 64 rows (x86 CPU builds of torch)
+            f"decode.c takes {engine.model.fused_rows} rows here, more than this checkpoint's context holds"
+        )
     prompt = torch.randint(0, 50000, (n,), generator=torch.Generator().manual_seed(9)).tolist()
     got, ids = _run_ids(engine, prompt, SamplingParams(max_new_tokens=8))
     assert len(ids) > engine.model.fused_rows
