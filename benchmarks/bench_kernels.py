@@ -1,14 +1,17 @@
 """Which CPU kernels to run: torch's (oneDNN/fbgemm) against gpt2serve's C kernels, or the C kernels'
-AVX2 build against their AVX-512 build, end to end on this machine.
+AVX2 build against their AVX-512 build, or against the C kernels of another revision, end to end on this
+machine.
 
 Both sides live in one process and their requests alternate, so the machine's load (which moves a
 decode step by 10-30 % from minute to minute on a shared host) hits them alike. `--compare families`
 loads one engine per kernel family (`--cpu-kernels torch` and `gemv`); `--compare isa` loads one engine
 and switches the C library it calls between the AVX2 and the AVX-512 build (same weights, same layout),
-so it needs a CPU with AVX-512. The figure is ms per decode step (wall time of a request / new tokens),
-the median over `--reps` alternations after a warm-up; request shapes as in bench_engine.py.
+so it needs a CPU with AVX-512; `--compare revision` loads one engine and switches between the C library
+built from `--base`'s csrc (a git revision, default HEAD) and the one built from the working tree. The
+figure is ms per decode step (wall time of a request / new tokens), the median over `--reps` alternations
+after a warm-up; request shapes as in bench_engine.py.
 
-    python benchmarks/bench_kernels.py [--compare families|isa] [--model random:gpt2]
+    python benchmarks/bench_kernels.py [--compare families|isa|revision] [--base REV] [--model random:gpt2]
         [--precisions float32,bfloat16,int8] [--shapes greedy,beam,seed] [--reps 5] [--out FILE.json]
 
 Prints one JSON object: {"compare", "model", "machine", "results": [{precision, shape, <side>_ms...,
@@ -21,7 +24,9 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,9 +50,27 @@ def isa_libraries() -> dict:
     return libraries
 
 
+def revision_libraries(base: str) -> dict:
+    """The C library built from `base`'s csrc ("base") and from the working tree's ("worktree")."""
+    sources, root = native.SOURCES, Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in sources:
+            name = path.relative_to(root).as_posix()
+            git = ["git", "show", f"{base}:{name}"]
+            shown = subprocess.run(git, cwd=root, capture_output=True, check=True)
+            (Path(tmp) / path.name).write_bytes(shown.stdout)
+        native.SOURCES = [Path(tmp) / path.name for path in sources]
+        native.library.cache_clear()
+        libraries = {"base": native.library()}  # built into the kernel cache, so tmp may go
+    native.SOURCES = sources
+    native.library.cache_clear()
+    return libraries | {"worktree": native.library()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--compare", choices=("families", "isa"), default="families")
+    parser.add_argument("--compare", choices=("families", "isa", "revision"), default="families")
+    parser.add_argument("--base", default="HEAD", help="the revision --compare revision measures against")
     parser.add_argument("--model", default="random:gpt2")
     parser.add_argument("--precisions", default="float32,bfloat16,int8")
     parser.add_argument("--shapes", default="greedy,beam,seed")
@@ -56,9 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.compare == "isa" and native.isa() != "avx512":
         sys.exit("--compare isa needs a CPU with AVX-512")
-    current = ["avx512"]
+    libraries = {}
     if args.compare == "isa":
         libraries = isa_libraries()
+    elif args.compare == "revision":
+        libraries = revision_libraries(args.base)
+    current = [next(iter(libraries), None)]
+    if libraries:
         native.library = lambda: libraries[current[0]]  # decode and gemv look the library up per call
     results = []
     for precision in args.precisions.split(","):
@@ -66,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             engines = {side: load_engine(args.model, precision, 2, side) for side in ("torch", "gemv")}
         else:
             engine = load_engine(args.model, precision, 2, "gemv")
-            engines = {side: engine for side in native.ISAS}
+            engines = {side: engine for side in libraries}
         for shape in args.shapes.split(","):
             p = sampling_params(SHAPES[shape], seed=1)
             times: dict[str, list[float]] = {side: [] for side in engines}
@@ -87,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             engine.stop()
     report = {
         "compare": args.compare,
+        **({"base": args.base} if args.compare == "revision" else {}),
         "model": args.model,
         "reps": args.reps,
         "machine": machine(),
