@@ -28,6 +28,7 @@ from gpt2serve.engine.errors import (
     EngineStoppedError,
     InvalidParameterError,
     ModelLoadError,
+    NonFiniteLogitsError,
     RequestTimeoutError,
 )
 
@@ -74,6 +75,7 @@ ERROR_TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (RequestTimeoutError, 504, "timeout_error"),
     (EngineStoppedError, 503, "service_unavailable"),
     (ModelLoadError, 503, "service_unavailable"),
+    (NonFiniteLogitsError, 500, "server_error"),
 )
 
 HTTP_TYPES = {

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from gpt2serve.engine import sampling
 from gpt2serve.engine.config import EngineConfig
-from gpt2serve.engine.errors import EngineStoppedError, RequestTimeoutError
+from gpt2serve.engine.errors import EngineStoppedError, NonFiniteLogitsError, RequestTimeoutError
 from gpt2serve.engine.loader import LoadedModel, load_checkpoint, returning_freed_memory
 from gpt2serve.engine.model import GPT2, make_batch
 from gpt2serve.engine.params import SamplingParams
@@ -216,19 +216,31 @@ class Engine:
             decoding = [r for r in self.scheduler.running if r not in admitted]
             joining, groups = self._group_prompts(decoding, admitted)
             for group in groups:
-                try:
-                    self._step([], group)
-                except Exception as exc:  # a bug must fail its requests, never the loop
-                    self._fail(group, exc)
+                self._step_isolated([], group)
             if decoding or joining:
-                try:
-                    self._step(decoding, joining)
-                except Exception as exc:
-                    self._fail(decoding + joining, exc)
+                self._step_isolated(decoding, joining)
         self._abort_all(EngineStoppedError("the server is shutting down"))
 
+    def _step_isolated(self, decoding: list[Request], prompts: list[Request]) -> None:
+        """`_step`, where a failure fails only the request that causes it: the step is run again for
+        each request alone (the cache positions it wrote are written again with the same values), so
+        the others continue token for token as if the failing one had never joined."""
+        try:
+            self._step(decoding, prompts)
+        except Exception as exc:  # a bug or a poisoned row must fail its own request, never the loop
+            if len(decoding) + len(prompts) == 1:
+                self._fail([*decoding, *prompts], exc)
+                return
+            log.warning(
+                "a step of %d requests failed (%r); running each alone", len(decoding) + len(prompts), exc
+            )
+            for req in decoding:
+                self._step_isolated([req], [])
+            for req in prompts:
+                self._step_isolated([], [req])
+
     def _fail(self, reqs: list[Request], exc: Exception) -> None:
-        log.exception("generation failed for request(s) %s", [r.id for r in reqs])
+        log.error("generation failed for request(s) %s", [r.id for r in reqs], exc_info=exc)
         for r in reqs:
             self._finish(r, error=exc)
 
@@ -331,31 +343,75 @@ class Engine:
 
     def _advance(self, rows: list[tuple[Request, Sequence]], logits: torch.Tensor) -> None:
         """Choose each row's next token, update the requests, retire what finished."""
+        failed: dict[int, Exception] = {}
         plain = [i for i, (r, _) in enumerate(rows) if r.beam is None]
         if plain:
-            picked = self._pick_tokens([rows[i] for i in plain], logits[plain])
+            picked = self._choose_isolated([rows[i] for i in plain], logits[plain])
             eos = self.tokenizer.eos_token_id
             for i, token in zip(plain, picked):
                 req, seq = rows[i]
-                req.append_token(seq, token, eos)
-                if seq.finish_reason is not None and req.active:
-                    with self._cond:
-                        self.scheduler.release_slot(req, seq.slot)
+                if isinstance(token, Exception):
+                    failed[req.id] = token
+                elif req.id not in failed:
+                    try:
+                        self._append(req, seq, token, eos)
+                    except Exception as exc:
+                        failed[req.id] = exc
         beams: dict[int, tuple[Request, list[int]]] = {}
         for i, (r, _) in enumerate(rows):
             if r.beam is not None:
                 beams.setdefault(r.id, (r, []))[1].append(i)
         for req, idx in beams.values():
             idx.sort(key=lambda i: rows[i][1].index)  # beam order
-            self._beam_step(req, logits[idx])
+            try:
+                self._beam_step(req, logits[idx])
+            except Exception as exc:
+                failed[req.id] = exc
         for req in {id(r): r for r, _ in rows}.values():
-            if not req.active:
+            if req.id in failed:
+                self._fail([req], failed[req.id])
+            elif not req.active:
                 self._finish(req)
+
+    def _append(self, req: Request, seq: Sequence, token: int, eos: int) -> None:
+        req.append_token(seq, token, eos)
+        if seq.finish_reason is not None and req.active:
+            with self._cond:
+                self.scheduler.release_slot(req, seq.slot)
+
+    def _choose_isolated(
+        self, rows: list[tuple[Request, Sequence]], logits: torch.Tensor
+    ) -> list[int | Exception]:
+        """Each row's token, or the exception that row's request met. A failure of the batched choice
+        restores the rows' generators and chooses again request by request, so the others draw exactly
+        what they would have drawn without the failing one."""
+        generators = [s.generator for _, s in rows]
+        states = [None if g is None else g.get_state() for g in generators]
+        try:
+            return list(self._pick_tokens(rows, logits))
+        except Exception as exc:
+            log.warning("token choice for %d rows failed (%r); choosing per request", len(rows), exc)
+        for g, state in zip(generators, states):
+            if g is not None:
+                g.set_state(state)
+        picked: list[int | Exception] = [0] * len(rows)
+        by_request: dict[int, list[int]] = {}
+        for i, (req, _) in enumerate(rows):
+            by_request.setdefault(req.id, []).append(i)
+        for idx in by_request.values():
+            try:
+                tokens: list[int | Exception] = list(self._pick_tokens([rows[i] for i in idx], logits[idx]))
+            except Exception as exc:
+                tokens = [exc] * len(idx)
+            for i, token in zip(idx, tokens):
+                picked[i] = token
+        return picked
 
     def _pick_tokens(self, rows: list[tuple[Request, Sequence]], logits: torch.Tensor) -> list[int]:
         raw = logits.float()
         x = self._apply_processors(rows, raw)  # processors return new tensors: raw stays as it was
         params = [r.params for r, _ in rows]
+        _check_finite(x, [p.temperature if p.do_sample else 1.0 for p in params])
         picked: list[int] = [0] * len(rows)
         plain = [i for i, p in enumerate(params) if not p.do_sample]
         if plain:
@@ -478,6 +534,16 @@ def _logits_read(reqs: list[Request]) -> int | None:
                 return None
             k = max(k, p.top_k + 1)
     return k
+
+
+def _check_finite(x: torch.Tensor, temperatures: list[float]) -> None:
+    """Raise NonFiniteLogitsError when a row's largest logit over its temperature is NaN or infinite
+    (nothing could be drawn from it). The caller then chooses per request, so only that one fails."""
+    top = x.amax(dim=-1) / torch.tensor(temperatures, dtype=x.dtype, device=x.device)  # (B,)
+    if not bool(torch.isfinite(top).all()):
+        raise NonFiniteLogitsError(
+            "the model's logits for this request are not finite (NaN or inf), so no token can be chosen"
+        )
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -30,3 +30,7 @@ class RequestTimeoutError(GPT2ServeError):
 
 class EngineStoppedError(GPT2ServeError):
     """The engine is not running (still loading, or shutting down)."""
+
+
+class NonFiniteLogitsError(GPT2ServeError):
+    """A row's logits became NaN or infinite (a broken checkpoint); only its request fails."""

@@ -16,6 +16,10 @@ MAX_RETURN_SEQUENCES = 16
 MAX_BEAMS = 16
 MAX_STOP_STRINGS = 8
 MAX_SEED = 2**63 - 1
+# Float32 logits are divided by the temperature and by (or multiplied with) the repetition penalty: outside
+# these bounds that overflows to inf or flattens every logit to 0, and a NaN row cannot be drawn from.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 1e5
+MIN_PENALTY, MAX_PENALTY = 1e-5, 1e5
 
 
 class Mode(str, Enum):
@@ -37,6 +41,15 @@ class Mode(str, Enum):
 def _require(ok: bool, param: str, message: str) -> None:
     if not ok:
         raise InvalidParameterError(param, message)
+
+
+def _require_float32_range(v: object, param: str, low: float, high: float) -> None:
+    _require(
+        _is_number(v) and low <= v <= high,
+        param,
+        f"`{param}` must be a number in [{low:g}, {high:g}] (beyond it float32 logits overflow or flatten), "
+        f"got {v!r}",
+    )
 
 
 def _is_int(v: object) -> bool:
@@ -107,7 +120,7 @@ class SamplingParams:
     # -- validation --------------------------------------------------------------------------------
     def _validate(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p
-        _require(_is_number(t) and t > 0, "temperature", f"`temperature` must be a number > 0, got {t!r}")
+        _require_float32_range(t, "temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
         _require(_is_int(k) and k >= 0, "top_k", f"`top_k` must be an integer >= 0, got {k!r}")
         _require(_is_number(p) and 0 < p <= 1, "top_p", f"`top_p` must be in (0, 1], got {p!r}")
         b = self.num_beams
@@ -134,12 +147,7 @@ class SamplingParams:
             _require(
                 v is None or (_is_int(v) and v >= 1), name, f"`{name}` must be an integer >= 1, got {v!r}"
             )
-        rp = self.repetition_penalty
-        _require(
-            _is_number(rp) and rp > 0,
-            "repetition_penalty",
-            f"`repetition_penalty` must be a number > 0, got {rp!r}",
-        )
+        _require_float32_range(self.repetition_penalty, "repetition_penalty", MIN_PENALTY, MAX_PENALTY)
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             _require(_is_number(v) and -2 <= v <= 2, name, f"`{name}` must be in [-2, 2], got {v!r}")

@@ -97,7 +97,10 @@ class Request:
         self.cancelled.set()
 
     def start(self, tokenizer: Tokenizer, device: torch.device) -> None:
-        """Create one sequence per slot once the scheduler has given the request its slots."""
+        """Create one sequence per slot once the scheduler has given the request its slots (once: a step
+        run again after a failure starts it again)."""
+        if self.sequences:
+            return
         seed = self.params.seed
         for i, slot in enumerate(self.slots):
             gen = None
