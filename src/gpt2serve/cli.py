@@ -37,9 +37,8 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         request = SeedRequest(input=args.text, **given)
         params = request.to_params()
-        engine = Engine.load(
-            args.model, EngineConfig(device=args.device, dtype=args.dtype, max_batch_size=16)
-        )
+        config = EngineConfig(device=args.device, dtype=args.dtype, max_batch_size=16, max_request_share=1.0)
+        engine = Engine.load(args.model, config)
         engine.start()
         try:
             result = engine.generate_sync(args.text, params)

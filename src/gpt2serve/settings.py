@@ -63,6 +63,13 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError("must be in (0, 1]")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -162,6 +169,30 @@ class Settings:
         "few-row matrix kernels on CPU: gemv (gpt2serve's, built with the C compiler on first use), torch "
         "(oneDNN/fbgemm), auto (gemv on CPUs without AVX-512 where a compiler is found)",
         _choice(*CPU_KERNELS), default="auto",
+    )
+    max_prompt_tokens: int | None = _setting(
+        "--max-prompt-tokens", ("GPT2SERVE_MAX_PROMPT_TOKENS",),
+        "longest prompt in tokens; a longer one gets 400 (one over this many characters x 128 is refused "
+        "before it is tokenized)", _positive(int), shown="the model's context - 1",
+    )
+    max_request_share: float = _setting(
+        "--max-request-share", ("GPT2SERVE_MAX_REQUEST_SHARE",),
+        "the share of the KV slots one request's sequences (beams or samples) may hold; more gets 400",
+        _share, default=0.5,
+    )
+    max_stop_length: int = _setting(
+        "--max-stop-length", ("GPT2SERVE_MAX_STOP_LENGTH",), "characters in one stop string; longer gets 400",
+        _positive(int), default=256,
+    )
+    max_lines_per_body: int = _setting(
+        "--max-lines-per-body", ("GPT2SERVE_MAX_LINES_PER_BODY",),
+        "requests in one JSON Lines body (which shares one deadline); more gets 400", _positive(int),
+        default=1000,
+    )
+    max_prompts_per_request: int = _setting(
+        "--max-prompts-per-request", ("GPT2SERVE_MAX_PROMPTS_PER_REQUEST",),
+        "prompts in one OpenAI completion request (a `prompt` list); more gets 400", _positive(int),
+        default=32,
     )
     log_level: str = _setting(
         "--log-level", ("GPT2SERVE_LOG_LEVEL",), "logging level", _choice(*LOG_LEVELS), default="info"

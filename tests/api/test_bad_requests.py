@@ -20,6 +20,7 @@ from gpt2serve.engine.errors import (
 
 OK = {"input": "Hello there"}
 JSON_CT = {"content-type": "application/json"}
+BOUNDS = "[1e-05, 100000]"  # the float32-safe range of temperature and repetition_penalty
 
 
 def case(id: str, body: object, status: int, fragment: str, param: str | None = None, **extra: object):
@@ -50,8 +51,12 @@ FIELD_CASES = [
     case("top_p-string", {**OK, "top_p": "high"}, 400, "valid number", "top_p"),
     case("top_k-negative", {**OK, "mode": "sample-top-k", "top_k": -1}, 400, ">= 0", "top_k"),
     case("top_k-float", {**OK, "top_k": 1.5}, 400, "valid integer", "top_k"),
-    case("temperature-zero", {**OK, "mode": "sample", "temperature": 0}, 400, "> 0", "temperature"),
-    case("temperature-negative", {**OK, "mode": "sample", "temperature": -1}, 400, "> 0", "temperature"),
+    case("temperature-zero", {**OK, "mode": "sample", "temperature": 0}, 400, BOUNDS, "temperature"),
+    case("temperature-negative", {**OK, "mode": "sample", "temperature": -1}, 400, BOUNDS, "temperature"),
+    case("temperature-tiny", {**OK, "mode": "sample", "temperature": 1e-300}, 400, BOUNDS, "temperature"),
+    case("temperature-huge", {**OK, "mode": "sample", "temperature": 1e300}, 400, BOUNDS, "temperature"),
+    case("repetition_penalty-tiny", {**OK, "repetition_penalty": 1e-300}, 400, BOUNDS, "repetition_penalty"),
+    case("max_new_tokens-huge", {**OK, "max_new_tokens": 10**6}, 400, "<= 128", "max_new_tokens"),
     case("temperature-string", {**OK, "temperature": "hot"}, 400, "valid number", "temperature"),
     case("num_beams-zero", {**OK, "mode": "beam", "num_beams": 0}, 400, "[1, 16]", "num_beams"),
     case("num_beams-too-many", {**OK, "mode": "beam", "num_beams": 17}, 400, "[1, 16]", "num_beams"),
@@ -64,14 +69,14 @@ FIELD_CASES = [
     case("stop-number", {**OK, "stop": 5}, 400, "valid string", "stop"),
     case("stop-empty-string", {**OK, "stop": [""]}, 400, "non-empty", "stop"),
     case("stop-too-many", {**OK, "stop": [str(i) for i in range(9)]}, 400, "at most 8", "stop"),
-    case("repetition_penalty-zero", {**OK, "mode": "beam", "repetition_penalty": 0}, 400, "> 0",
+    case("repetition_penalty-zero", {**OK, "mode": "beam", "repetition_penalty": 0}, 400, BOUNDS,
          "repetition_penalty"),
     case("stream-not-bool", {**OK, "stream": "yes"}, 400, "valid boolean", "stream"),
     case("v1-length-zero", {**OK, "length": 0}, 400, "`length` must be", "length"),
     case("v1-k-negative", {**OK, "k": -1}, 400, "`k` must be", "k"),
     case("v1-p-above-one", {**OK, "p": 2.0}, 400, "`p` must be", "p"),
     case("v1-test-not-bool", {**OK, "test": "yes"}, 400, "valid boolean", "test"),
-    case("v1-repetition_penalty-negative", {**OK, "repetition_penalty": -1.0}, 400, "> 0",
+    case("v1-repetition_penalty-negative", {**OK, "repetition_penalty": -1.0}, 400, BOUNDS,
          "repetition_penalty"),
     case("v1-stop_token-number", {**OK, "stop_token": 7}, 400, "valid string", "stop_token"),
     case("formats-mixed", {**OK, "length": 10, "mode": "beam"}, 400, "mixes fields", "mode"),

@@ -205,7 +205,9 @@ def test_kv_cache_budget_caps_the_slots(tiny_checkpoint):
     refused with a message naming the limit."""
     per_slot = 2 * 2 * 128 * 64 * 4  # layers x context x width x float32, keys and values
     engine = Engine.load(
-        str(tiny_checkpoint), EngineConfig(max_batch_size=16, kv_cache_gb=3.5 * per_slot / 2**30)
+        str(tiny_checkpoint), EngineConfig(
+            max_batch_size=16, kv_cache_gb=3.5 * per_slot / 2**30, max_request_share=1.0
+        )
     )
     engine.start()
     try:

@@ -2,12 +2,14 @@
 
 Start-up: the server listens at once and loads the model in the background (GET /ping answers 503 until
 the model has loaded and run one warm-up generation, then 200). Shutdown: on SIGTERM the server stops
-accepting connections, lets requests in flight finish for up to `shutdown_grace_s`, stops the engine
-and exits with status 0.
+accepting connections, lets requests in flight finish for up to `shutdown_grace_s`, then stops the
+engine, which answers every request still open with 503 (a stream: its error event), and exits with
+status 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import logging
@@ -39,6 +41,8 @@ ROUTE_MODULES = (
     "gpt2serve.api.routes.metrics",
 )
 KEEP_ALIVE_S = 75  # longer than the 60 s idle timeout of the load balancers in front of endpoints
+FLUSH_S = 2.0  # after the shutdown grace, time to send the 503s of the requests it ended
+logger = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -79,20 +83,44 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     os._exit(0)
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn, whose graceful shutdown ends in answers: when the grace period runs out, the engine
+    stops and every request still open gets the 503 envelope (a stream, its error event), with
+    `FLUSH_S` left to send them before uvicorn would cancel what remains."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace_s: float):
+        super().__init__(config)
+        self.state, self.grace_s = state, grace_s
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        loop = asyncio.get_running_loop()
+
+        def stop_engine() -> None:
+            logger.warning("shutdown grace of %g s is over: ending the requests still open", self.grace_s)
+            loop.run_in_executor(None, self.state.close)
+
+        timer = loop.call_later(self.grace_s, stop_engine)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
 def serve(settings: Settings) -> None:
     """Run the server until SIGTERM or SIGINT; return (exit status 0) after a graceful shutdown."""
     configure_logging(settings.log_level)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,  # uvicorn's loggers go through the root handler configured above
         log_level=settings.log_level,
         access_log=False,  # RequestContextMiddleware logs each request once, with its id
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + FLUSH_S),
         timeout_keep_alive=KEEP_ALIVE_S,
     )
-    server = uvicorn.Server(config)
+    server = GracefulServer(config, app.state.server, settings.shutdown_grace_s)
     if threading.current_thread() is threading.main_thread():
         # uvicorn shuts down gracefully on SIGTERM, then restores this handler and raises the signal
         # again: exit with status 0 rather than die of the signal.

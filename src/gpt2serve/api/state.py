@@ -34,6 +34,9 @@ def engine_config(settings: Settings) -> EngineConfig:
         dtype=None if settings.dtype == "auto" else settings.dtype,
         threads=settings.threads,
         cpu_kernels=settings.cpu_kernels,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        max_request_share=settings.max_request_share,
+        max_stop_length=settings.max_stop_length,
     )
 
 

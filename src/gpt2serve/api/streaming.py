@@ -71,17 +71,33 @@ class SSEResponse(StreamingResponse):
 class EngineBatch:
     """Engine requests for several prompts with the same parameters: all are queued, or none is."""
 
-    def __init__(self, engine: Engine, prompts: list[str], params: SamplingParams, stream: bool):
+    def __init__(
+        self,
+        engine: Engine,
+        prompts: list[str],
+        params: SamplingParams,
+        stream: bool,
+        prompt_ids: list[list[int]] | None = None,
+    ):
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self.requests: list = []
         self.results: list[GenerationResult | None] = [None] * len(prompts)
         try:
             for k, prompt in enumerate(prompts):
-                self.requests.append(engine.submit(prompt, params, self._sink(loop, k), stream))
+                ids = None if prompt_ids is None else prompt_ids[k]
+                self.requests.append(engine.submit(prompt, params, self._sink(loop, k), stream, ids))
         except BaseException:
             self.cancel()
             raise
+
+    @classmethod
+    async def open(
+        cls, engine: Engine, prompts: list[str], params: SamplingParams, stream: bool
+    ) -> EngineBatch:
+        """The batch, its prompts tokenized off the event loop first."""
+        ids = [await engine.encode_async(p) if p else [] for p in prompts]
+        return cls(engine, prompts, params, stream, ids)
 
     def _sink(self, loop: asyncio.AbstractEventLoop, k: int) -> Callable[[object], None]:
         def sink(item: object) -> None:
@@ -132,14 +148,14 @@ def wants_stream(accept: str | None, body: Any) -> bool:
     return False
 
 
-def open_native_stream(state: ServerState, body: Any) -> AsyncIterator[bytes]:
+async def open_native_stream(state: ServerState, body: Any) -> AsyncIterator[bytes]:
     """Validate a native request and queue it; return its SSE events. Raises (before anything is sent)
     what the non-streamed request would: APIError, ValidationError, InvalidParameterError, overload."""
     req = parse_request(body)
     params = req.to_params()
     if isinstance(req, V1Request) and req.test:
         return _canned(req)
-    batch = EngineBatch(state.require_engine(), [req.input], params, stream=True)
+    batch = await EngineBatch.open(state.require_engine(), [req.input], params, stream=True)
     prefix = req.input if isinstance(req, SeedRequest) else ""
     return _native_events(batch, params, prefix, req.answer)
 
@@ -182,6 +198,6 @@ async def with_error_event(chunks: AsyncIterator[bytes], request_id: str = "-") 
         await chunks.aclose()
 
 
-def native_sse_response(state: ServerState, body: Any, request_id: str = "-") -> SSEResponse:
+async def native_sse_response(state: ServerState, body: Any, request_id: str = "-") -> SSEResponse:
     """The streamed answer to a native request (see the module docstring)."""
-    return SSEResponse(with_error_event(open_native_stream(state, body), request_id))
+    return SSEResponse(with_error_event(await open_native_stream(state, body), request_id))

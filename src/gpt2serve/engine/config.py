@@ -73,9 +73,14 @@ class EngineConfig:
     dtype: str | None = None  # float32 | bfloat16 | float16 | int8; None: the device's default
     threads: int | None = None  # torch intra-op threads; None: torch's default
     cpu_kernels: str = "auto"  # auto | gemv | torch: see gpt2serve.engine.linear.use_gemv
+    max_prompt_tokens: int | None = None  # None: the model's context - 1
+    max_request_share: float = 0.5  # of the KV slots, what one request's sequences may hold
+    max_stop_length: int = 256  # characters in one stop string
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if not 0 < self.max_request_share <= 1:
+            raise ValueError(f"max_request_share must be in (0, 1], got {self.max_request_share}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -23,10 +24,15 @@ import torch.nn.functional as F
 
 from gpt2serve.engine import sampling
 from gpt2serve.engine.config import EngineConfig
-from gpt2serve.engine.errors import EngineStoppedError, NonFiniteLogitsError, RequestTimeoutError
+from gpt2serve.engine.errors import (
+    EngineStoppedError,
+    InvalidParameterError,
+    NonFiniteLogitsError,
+    RequestTimeoutError,
+)
 from gpt2serve.engine.loader import LoadedModel, load_checkpoint, returning_freed_memory
 from gpt2serve.engine.model import GPT2, make_batch
-from gpt2serve.engine.params import SamplingParams
+from gpt2serve.engine.params import SamplingParams, require
 from gpt2serve.engine.request import (
     CompletionOutput,
     GenerationResult,
@@ -47,6 +53,8 @@ LOAD_DTYPES = {
     "float16": torch.float16,
     "int8": torch.float32,
 }
+
+INLINE_ENCODE_CHARS = 4096  # prompts up to this long are tokenized in the caller's thread (< 1 ms)
 
 
 @dataclass
@@ -81,7 +89,8 @@ class Engine:
         n_slots = self._slots_that_fit()
         self.cache = self.model.new_cache(n_slots)
         max_tokens = self.config.max_total_tokens or n_slots * loaded.config.n_positions
-        self.scheduler = Scheduler(n_slots, self.config.max_queue, max_tokens)
+        per_request = max(1, math.ceil(n_slots * self.config.max_request_share))
+        self.scheduler = Scheduler(n_slots, self.config.max_queue, max_tokens, per_request)
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -143,23 +152,75 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     # -- submission --------------------------------------------------------------------------------
+    @property
+    def max_prompt_tokens(self) -> int:
+        context = self.model_config.n_positions
+        return min(self.config.max_prompt_tokens or context - 1, context - 1)
+
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's token ids, or InvalidParameterError naming the limit. A prompt longer than the
+        limit can hold (every token covers at most `max_token_chars` characters) is refused before
+        tokenizing it."""
+        limit = self.max_prompt_tokens
+        most = limit * self.tokenizer.max_token_chars
+        require(
+            len(prompt) <= most,
+            "input",
+            f"`input` is {len(prompt)} characters: more than the {limit} tokens this server takes can hold "
+            f"(at most {most} characters)",
+        )
+        try:
+            ids = self.tokenizer.encode(prompt)
+        except (TypeError, ValueError) as exc:  # e.g. a lone surrogate, which UTF-8 cannot encode
+            raise InvalidParameterError("input", f"`input` cannot be tokenized: {exc}") from None
+        context = self.model_config.n_positions
+        why = f" (the model's context is {context})" if limit == context - 1 else " (--max-prompt-tokens)"
+        require(len(ids) <= limit, "input", f"`input` is {len(ids)} tokens; at most {limit}{why}")
+        return ids
+
+    async def encode_async(self, prompt: str) -> list[int]:
+        """`encode` off the event loop for a long prompt (tokenizing 100k characters takes ~40 ms)."""
+        if len(prompt) <= INLINE_ENCODE_CHARS:
+            return self.encode(prompt)
+        return await asyncio.to_thread(self.encode, prompt)
+
     def submit(
-        self, prompt: str, params: SamplingParams, sink: Callable[[object], None], stream: bool
+        self,
+        prompt: str,
+        params: SamplingParams,
+        sink: Callable[[object], None],
+        stream: bool,
+        prompt_ids: list[int] | None = None,
+        deadline: float | None = None,
     ) -> Request:
         """Validate and queue a request; `sink` receives StreamDeltas (if `stream`), then a
-        GenerationResult or an exception. Raises InvalidParameterError or EngineOverloadedError at once."""
+        GenerationResult or an exception. Raises InvalidParameterError or EngineOverloadedError at once.
+        `prompt_ids`: the prompt already encoded (`encode_async`); `deadline`: a time.monotonic() by
+        which it must end (default: request_timeout_s from now)."""
         if not self.running:
             raise EngineStoppedError("the engine is not running")
-        prompt_ids = self.tokenizer.encode(prompt) if prompt else []
+        longest = self.config.max_stop_length
+        for stop in params.stop:
+            require(
+                len(stop) <= longest,
+                "stop",
+                f"a `stop` string may be at most {longest} characters, got one of {len(stop)}",
+            )
+        if prompt_ids is None:
+            prompt_ids = self.encode(prompt) if prompt else []
         budget = params.new_token_budget(len(prompt_ids), self.model_config.n_positions)
-        req = Request(prompt, prompt_ids, params, budget, sink, stream, self.config.request_timeout_s)
+        if deadline is None and self.config.request_timeout_s is not None:
+            deadline = time.monotonic() + self.config.request_timeout_s
+        req = Request(prompt, prompt_ids, params, budget, sink, stream, deadline)
         with self._cond:
             self.scheduler.add(req)
             self._cond.notify()
         return req
 
-    async def generate(self, prompt: str, params: SamplingParams) -> GenerationResult:
-        async for item in self._items(prompt, params, stream=False):
+    async def generate(
+        self, prompt: str, params: SamplingParams, deadline: float | None = None
+    ) -> GenerationResult:
+        async for item in self._items(prompt, params, stream=False, deadline=deadline):
             return item
         raise EngineStoppedError("the engine ended the request without a result")
 
@@ -170,7 +231,7 @@ class Engine:
         async for item in self._items(prompt, params, stream=True):
             yield item
 
-    async def _items(self, prompt: str, params: SamplingParams, stream: bool):
+    async def _items(self, prompt: str, params: SamplingParams, stream: bool, deadline: float | None = None):
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
@@ -180,7 +241,8 @@ class Engine:
             except RuntimeError:  # the caller's loop is gone
                 req.cancel()
 
-        req = self.submit(prompt, params, sink, stream)
+        ids = await self.encode_async(prompt) if prompt else []
+        req = self.submit(prompt, params, sink, stream, prompt_ids=ids, deadline=deadline)
         try:
             while True:
                 item = await q.get()
@@ -251,7 +313,7 @@ class Engine:
                 self.scheduler.finish(req)
                 self.stats.requests_cancelled += 1
             elif req.deadline is not None and now > req.deadline:
-                limit = self.config.request_timeout_s
+                limit = self.config.request_timeout_s or 0
                 self._finish(req, error=RequestTimeoutError(f"the request ran past its {limit:g} s deadline"))
 
     def _abort_all(self, error: Exception) -> None:

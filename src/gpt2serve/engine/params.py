@@ -38,13 +38,14 @@ class Mode(str, Enum):
             raise InvalidParameterError("mode", f"`mode` must be one of {allowed}; got {value!r}") from None
 
 
-def _require(ok: bool, param: str, message: str) -> None:
+def require(ok: bool, param: str, message: str) -> None:
+    """Raise InvalidParameterError(param, message) unless `ok`."""
     if not ok:
         raise InvalidParameterError(param, message)
 
 
 def _require_float32_range(v: object, param: str, low: float, high: float) -> None:
-    _require(
+    require(
         _is_number(v) and low <= v <= high,
         param,
         f"`{param}` must be a number in [{low:g}, {high:g}] (beyond it float32 logits overflow or flatten), "
@@ -121,38 +122,38 @@ class SamplingParams:
     def _validate(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p
         _require_float32_range(t, "temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
-        _require(_is_int(k) and k >= 0, "top_k", f"`top_k` must be an integer >= 0, got {k!r}")
-        _require(_is_number(p) and 0 < p <= 1, "top_p", f"`top_p` must be in (0, 1], got {p!r}")
+        require(_is_int(k) and k >= 0, "top_k", f"`top_k` must be an integer >= 0, got {k!r}")
+        require(_is_number(p) and 0 < p <= 1, "top_p", f"`top_p` must be in (0, 1], got {p!r}")
         b = self.num_beams
-        _require(
+        require(
             _is_int(b) and 1 <= b <= MAX_BEAMS,
             "num_beams",
             f"`num_beams` must be in [1, {MAX_BEAMS}], got {b!r}",
         )
         n = self.n
-        _require(
+        require(
             _is_int(n) and 1 <= n <= MAX_RETURN_SEQUENCES,
             "num_return_sequences",
             f"`num_return_sequences` must be in [1, {MAX_RETURN_SEQUENCES}], got {n!r}",
         )
         if b > 1:
-            _require(
+            require(
                 n <= b,
                 "num_return_sequences",
                 f"`num_return_sequences` must be <= num_beams ({b}) in beam mode, got {n}",
             )
-            _require(not self.do_sample, "num_beams", "beam search with sampling is not supported")
+            require(not self.do_sample, "num_beams", "beam search with sampling is not supported")
         for name in ("max_new_tokens", "max_length"):
             v = getattr(self, name)
-            _require(
+            require(
                 v is None or (_is_int(v) and v >= 1), name, f"`{name}` must be an integer >= 1, got {v!r}"
             )
         _require_float32_range(self.repetition_penalty, "repetition_penalty", MIN_PENALTY, MAX_PENALTY)
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
-            _require(_is_number(v) and -2 <= v <= 2, name, f"`{name}` must be in [-2, 2], got {v!r}")
+            require(_is_number(v) and -2 <= v <= 2, name, f"`{name}` must be in [-2, 2], got {v!r}")
         ng = self.no_repeat_ngram_size
-        _require(
+        require(
             _is_int(ng) and ng >= 0,
             "no_repeat_ngram_size",
             f"`no_repeat_ngram_size` must be an integer >= 0, got {ng!r}",
@@ -161,24 +162,24 @@ class SamplingParams:
 
     def _validate_stop_and_seed(self) -> None:
         stop = self.stop
-        _require(
+        require(
             isinstance(stop, tuple) and all(isinstance(s, str) and s for s in stop),
             "stop",
             f"`stop` must be a list of non-empty strings, got {stop!r}",
         )
-        _require(
+        require(
             len(stop) <= MAX_STOP_STRINGS,
             "stop",
             f"`stop` may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}",
         )
         s = self.seed
-        _require(
+        require(
             s is None or (_is_int(s) and 0 <= s <= MAX_SEED),
             "seed",
             f"`seed` must be an integer in [0, {MAX_SEED}] (or -1 for no seed), got {s!r}",
         )
         lp = self.logprobs
-        _require(
+        require(
             lp is None or (_is_int(lp) and 0 <= lp <= 5),
             "logprobs",
             f"`logprobs` must be in [0, 5], got {lp!r}",
@@ -187,8 +188,8 @@ class SamplingParams:
     # -- per-request limits ------------------------------------------------------------------------
     def new_token_budget(self, prompt_len: int, context: int) -> int:
         """How many tokens to generate for a prompt of `prompt_len` tokens in a `context`-token model."""
-        _require(prompt_len >= 1, "input", "`input` must not be empty")
-        _require(
+        require(prompt_len >= 1, "input", "`input` must not be empty")
+        require(
             prompt_len < context,
             "input",
             f"`input` is {prompt_len} tokens; the model's context is {context}, "
@@ -196,12 +197,12 @@ class SamplingParams:
         )
         room = context - prompt_len
         if self.max_length is not None:
-            _require(
+            require(
                 self.max_length <= context,
                 "max_length",
                 f"`max_length` must be <= {context} (the model's context), got {self.max_length}",
             )
-            _require(
+            require(
                 self.max_length > prompt_len,
                 "max_length",
                 f"`max_length` counts the prompt's tokens: it must be greater than the prompt's "
@@ -209,6 +210,11 @@ class SamplingParams:
             )
             budget = self.max_length - prompt_len
         elif self.max_new_tokens is not None:
+            require(
+                self.max_new_tokens <= context,
+                "max_new_tokens",
+                f"`max_new_tokens` must be <= {context} (the model's context), got {self.max_new_tokens}",
+            )
             budget = self.max_new_tokens
         else:
             budget = 16

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -78,12 +77,12 @@ class Request:
         budget: int,
         sink: Callable[[object], None],
         stream: bool,
-        timeout_s: float | None,
+        deadline: float | None,
     ):
         self.id = next(_ids)
         self.prompt, self.prompt_ids, self.params, self.budget = prompt, prompt_ids, params, budget
         self.sink, self.stream = sink, stream
-        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.deadline = deadline  # time.monotonic() by which it must end
         self.cancelled = threading.Event()
         self.sequences: list[Sequence] = []
         self.beam: BeamGroup | None = None

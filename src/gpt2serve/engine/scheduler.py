@@ -21,8 +21,11 @@ class Schedulable(Protocol):
 
 
 class Scheduler:
-    def __init__(self, n_slots: int, max_queue: int, max_total_tokens: int):
+    def __init__(
+        self, n_slots: int, max_queue: int, max_total_tokens: int, max_request_slots: int | None = None
+    ):
         self.n_slots = n_slots
+        self.max_request_slots = n_slots if max_request_slots is None else min(n_slots, max_request_slots)
         self.max_queue = max_queue
         self.max_total_tokens = max_total_tokens
         self.free_slots: list[int] = list(range(n_slots - 1, -1, -1))  # pop() hands out slot 0 first
@@ -32,11 +35,11 @@ class Scheduler:
 
     def add(self, req: Schedulable) -> None:
         """Queue a request, or refuse it at once when it can never fit or the queue is full."""
-        if req.n_slots > self.n_slots:
+        if req.n_slots > self.max_request_slots:
             raise InvalidParameterError(
                 "num_return_sequences",
-                f"the request needs {req.n_slots} sequences (beams or samples) at once; "
-                f"this server runs at most {self.n_slots}",
+                f"the request needs {req.n_slots} sequences (beams or samples) at once; this server lets one "
+                f"request hold at most {self.max_request_slots} of its {self.n_slots} KV slots",
             )
         if req.token_cost > self.max_total_tokens:
             raise InvalidParameterError(

@@ -36,6 +36,9 @@ class Tokenizer:
         self.source = source
         self.eos_token_id: int = DEFAULT_EOS_ID if eos_id is None else eos_id
         self.vocab_size: int = inner.get_vocab_size(with_added_tokens=True)
+        # The most characters one token can stand for: byte-level BPE spells each byte as one character
+        # of the vocabulary, and a character is at least one byte.
+        self.max_token_chars: int = max((len(t) for t in inner.get_vocab(with_added_tokens=False)), default=1)
 
     @classmethod
     def bundled(cls) -> Tokenizer:

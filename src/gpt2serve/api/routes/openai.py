@@ -96,8 +96,10 @@ async def completions(request: Request) -> Any:
     try:
         req = await _read_request(request)
         prompts, params = req.prompts, req.to_params()
-        engine = server_state(request).require_engine()
-        batch = EngineBatch(engine, prompts, params, stream=bool(req.stream))
+        state = server_state(request)
+        _check_prompt_count(len(prompts), state.settings.max_prompts_per_request, state.settings.max_queue)
+        engine = state.require_engine()
+        batch = await EngineBatch.open(engine, prompts, params, stream=bool(req.stream))
     except Exception as exc:
         return openai_error(exc, request_id)
     model = engine.model_name
@@ -108,6 +110,16 @@ async def completions(request: Request) -> Any:
     except Exception as exc:
         return openai_error(exc, request_id)
     return JSONResponse(proto.completion(req, results, model, engine.tokenizer))
+
+
+def _check_prompt_count(count: int, most: int, queue: int) -> None:
+    """A `prompt` list longer than the server could ever queue at once is a 400, not a 503 to retry."""
+    limit = min(most, max(1, queue))
+    if count > limit:
+        raise APIError(
+            400, f"`prompt` holds {count} prompts; this server takes at most {limit} in one request",
+            param="prompt",
+        )  # fmt: skip
 
 
 async def _stream(

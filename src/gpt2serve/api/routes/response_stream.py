@@ -43,7 +43,7 @@ async def invoke_with_response_stream(endpoint_name: str, request: Request) -> R
             raise APIError(415, message, "unsupported_media_type")
         content.check_custom_attributes(request.headers.get("x-amzn-sagemaker-custom-attributes"))
         body = content.parse_json(content.decode_body(await request.body()))
-        chunks = open_native_stream(server_state(request), body)
+        chunks = await open_native_stream(server_state(request), body)
     except BodyTooLargeError:
         raise  # the runtime itself refuses a body over its limit with 413
     except Exception as exc:

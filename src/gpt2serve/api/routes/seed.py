@@ -19,17 +19,18 @@ A client that disconnects while its non-streamed request runs cancels the genera
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
 from gpt2serve.api import content
 from gpt2serve.api.disconnect import ClientDisconnectedError, until_disconnected
-from gpt2serve.api.errors import BodyTooLargeError, describe, model_error, request_id_of
+from gpt2serve.api.errors import APIError, BodyTooLargeError, describe, model_error, request_id_of
 from gpt2serve.api.protocol import V1Request, parse_request
 from gpt2serve.api.state import ServerState, server_state
 from gpt2serve.api.streaming import native_sse_response, wants_stream
-from gpt2serve.engine.errors import EngineStoppedError
+from gpt2serve.engine.errors import EngineStoppedError, RequestTimeoutError
 
 router = APIRouter()
 
@@ -79,7 +80,7 @@ async def _invoke(request: Request) -> Response:
     if request_type == content.JSON:
         body = content.parse_json(text)
         if wants_stream(accept, body):  # "stream": true or Accept: text/event-stream
-            return native_sse_response(state, body, request_id_of(request))
+            return await native_sse_response(state, body, request_id_of(request))
         answer_type = content.answer_media_type(accept, request_type)
         answer = await until_disconnected(request, answer_one(state, body))
         return Response(content.render([answer], answer_type, single=True), media_type=answer_type)
@@ -89,23 +90,34 @@ async def _invoke(request: Request) -> Response:
     return Response(content.render(answers, answer_type, single=False), media_type=answer_type)
 
 
-async def answer_one(state: ServerState, body: Any) -> Any:
+async def answer_one(state: ServerState, body: Any, deadline: float | None = None) -> Any:
     """Validate one request body, run it, and shape the answer for its format."""
     req = parse_request(body)
     params = req.to_params()
     if isinstance(req, V1Request) and req.test:
         return req.answer(None)
-    result = await state.require_engine().generate(req.input, params)
+    result = await state.require_engine().generate(req.input, params, deadline=deadline)
     return req.answer(result)
 
 
 async def _answer_lines(state: ServerState, lines: list[tuple[int, str]], request_id: str) -> list[Any]:
-    limit = asyncio.Semaphore(max(1, state.settings.max_batch_size))
+    """Every line's answer; the lines share one deadline, the body's (request_timeout_s from now)."""
+    settings = state.settings
+    if len(lines) > settings.max_lines_per_body:
+        raise APIError(
+            400, f"the JSON Lines body holds {len(lines)} requests; at most {settings.max_lines_per_body}",
+            param="body",
+        )  # fmt: skip
+    limit = asyncio.Semaphore(max(1, settings.max_batch_size))
+    deadline = time.monotonic() + settings.request_timeout_s
 
     async def one(number: int, line: str) -> Any:
         async with limit:
             try:
-                return await answer_one(state, content.parse_json(line, line=number))
+                if time.monotonic() > deadline:
+                    limit_s = settings.request_timeout_s
+                    raise RequestTimeoutError(f"the body ran past its {limit_s:g} s deadline")
+                return await answer_one(state, content.parse_json(line, line=number), deadline)
             except Exception as exc:
                 info = describe(exc, request_id)
                 if info.status == 503:
