@@ -54,8 +54,9 @@ def test_requests_past_the_grace_get_503_answers(slow_checkpoint):
         callers.append(threading.Thread(target=_post, args=(
             server.url, "/v1/completions", {"prompt": "Hi", "max_tokens": 1000, "seed": 1}, out, "openai")))
         native = {**LONG, "stream": True}
-        callers.append(threading.Thread(target=_stream, args=(server.url, "/invocations", native, out, "stream",
-                                                              started)))  # fmt: skip
+        callers.append(
+            threading.Thread(target=_stream, args=(server.url, "/invocations", native, out, "stream", started))
+        )
         callers.append(threading.Thread(target=_stream, args=(
             server.url, "/v1/completions", {"prompt": "Hi", "max_tokens": 1000, "stream": True}, out,
             "openai_stream", threading.Event())))  # fmt: skip
