@@ -51,11 +51,23 @@ def test_requests_past_the_grace_get_503_answers(slow_checkpoint):
         started = threading.Event()
         callers = [threading.Thread(target=_post, args=(server.url, "/invocations", LONG, out, f"plain{i}"))
                    for i in range(3)]  # fmt: skip
-        callers.append(threading.Thread(target=_post, args=(
-            server.url, "/v1/completions", {"prompt": "Hi", "max_tokens": 1000, "seed": 1}, out, "openai")))
+        callers.append(
+            threading.Thread(
+                target=_post,
+                args=(
+                    server.url,
+                    "/v1/completions",
+                    {"prompt": "Hi", "max_tokens": 1000, "seed": 1},
+                    out,
+                    "openai",
+                ),
+            )
+        )
         native = {**LONG, "stream": True}
         callers.append(
-            threading.Thread(target=_stream, args=(server.url, "/invocations", native, out, "stream", started))
+            threading.Thread(
+                target=_stream, args=(server.url, "/invocations", native, out, "stream", started)
+            ),
         )
         callers.append(threading.Thread(target=_stream, args=(
             server.url, "/v1/completions", {"prompt": "Hi", "max_tokens": 1000, "stream": True}, out,
