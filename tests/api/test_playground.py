@@ -1,0 +1,156 @@
+"""The playground page in a real browser (Debian's chromium driven by Playwright) against a live server:
+beam search streamed side by side, Stop freeing the slots (seen on /metrics), an invalid field's message
+next to it, markup in a prompt shown as text, and wide and narrow screenshots.
+
+No browser is downloaded: Playwright launches the system's `chromium` (`apt-get install chromium`; .ci/run
+installs it). Set PLAYGROUND_SCREENSHOTS=DIR to keep the screenshots there too (docs/ holds the README's).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api.conftest import ThreadServer, wait_for
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium); no browser is downloaded"
+)
+WIDE, NARROW = {"width": 1360, "height": 900}, {"width": 390, "height": 844}
+TIMEOUT_MS = 15_000
+WAIT_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, long_server: ThreadServer) -> Iterator[object]:
+    context = browser.new_context(viewport=WIDE)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
+    page.goto(long_server.url + "/")
+    sync_api.expect(page.locator("#model")).to_contain_text("parameters")
+    yield page
+    context.close()
+    assert not [p for p in problems if "400" not in p], problems  # a refused request logs its 400
+
+
+def engine_gauges(url: str) -> dict[str, float]:
+    """The engine's gauges and request outcomes, read from GET /metrics."""
+    values = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            key = sample.name + "".join(f"[{v}]" for v in sample.labels.values())
+            values[key] = sample.value
+    return values
+
+
+def fill(page, **fields: object) -> None:
+    for name, value in fields.items():
+        if name == "mode":
+            page.select_option("#f-mode", str(value))
+        else:
+            page.fill(f"#f-{name}", str(value))
+
+
+def generate_and_wait(page, count: int) -> None:
+    page.click("#generate")
+    sync_api.expect(page.locator("#sequences .sequence.finished")).to_have_count(count)
+    sync_api.expect(page.locator("#stats")).to_contain_text("tokens/s")
+
+
+def screenshot(page, tmp_path: Path, name: str, viewport: dict[str, int]) -> Path:
+    page.set_viewport_size(viewport)
+    path = tmp_path / f"playground-{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    keep = os.environ.get("PLAYGROUND_SCREENSHOTS")
+    if keep:
+        shutil.copy(path, Path(keep) / path.name)
+    return path
+
+
+def test_playground_streams_stops_and_names_the_bad_field(page, long_server: ThreadServer, tmp_path: Path) -> None:
+    url = long_server.url
+    # beam: the sampling fields are disabled, num_beams is not; the sequences come out side by side.
+    prompt = "The playground shows"
+    page.fill("#f-input", prompt)
+    fill(page, mode="beam", num_beams=3, num_return_sequences=2, max_new_tokens=8)
+    assert page.is_disabled("#f-top_p") and page.is_disabled("#f-temperature") and page.is_disabled("#f-seed")
+    assert page.is_enabled("#f-num_beams")
+    generate_and_wait(page, 2)
+    shown = page.locator("#sequences .sequence .text").all_text_contents()
+    body = {"input": prompt, "mode": "beam", "num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 8}
+    assert shown == httpx.post(f"{url}/invocations", json=body, timeout=30).json()
+    boxes = [page.locator(f'#sequences .sequence[data-index="{i}"]').bounding_box() for i in range(2)]
+    assert boxes[0]["y"] == boxes[1]["y"] and boxes[0]["x"] < boxes[1]["x"]  # side by side
+    assert '"mode":"beam"' in page.text_content("#snippet")  # copy as curl: the same request
+
+    # Stop during a long generation (16 x ~1000 tokens): the server frees the slots.
+    before = engine_gauges(url)
+    fill(page, mode="sample", num_return_sequences=16, max_new_tokens=1000, seed=3)
+    page.press("#f-input", "Control+Enter")
+    sync_api.expect(page.locator("#sequences .sequence .generated").first).not_to_have_text("")
+    assert engine_gauges(url)["gpt2serve_engine_slots_in_use"] > 0
+    page.click("#stop")
+    sync_api.expect(page.locator("#stats")).to_contain_text("stopped")
+
+    def freed() -> bool:
+        now = engine_gauges(url)
+        return now["gpt2serve_engine_slots_in_use"] == 0 and now["gpt2serve_engine_running_requests"] == 0
+
+    wait_for(freed, timeout=WAIT_S, what="the slots to be freed")
+    after = engine_gauges(url)
+    cancelled = "gpt2serve_engine_requests_total[cancelled]"
+    assert after[cancelled] == before[cancelled] + 1
+    assert after["gpt2serve_engine_requests_total[finished]"] == before["gpt2serve_engine_requests_total[finished]"]
+
+    # An invalid top_p: the server's message shows next to the field, and no sequence is shown.
+    fill(page, mode="sample-top-p", top_p="1.5", num_return_sequences=2, max_new_tokens=5)
+    page.click("#generate")
+    message = page.locator('.field[data-field="top_p"] .field-error')
+    sync_api.expect(message).to_have_text("`top_p` must be in (0, 1], got 1.5")
+    assert page.get_attribute("#f-top_p", "aria-invalid") == "true"
+    assert page.locator("#sequences .sequence").count() == 0
+
+    # A good request again, then the screenshots.
+    fill(page, top_p="0.9", num_return_sequences=3, max_new_tokens=24, seed=1)
+    generate_and_wait(page, 3)
+    wide = screenshot(page, tmp_path, "wide", WIDE)
+    narrow = screenshot(page, tmp_path, "narrow", NARROW)
+    assert page.evaluate("document.documentElement.scrollWidth") <= NARROW["width"]  # nothing overflows
+    assert wide.stat().st_size > 10_000 and narrow.stat().st_size > 10_000
+
+
+def test_markup_in_prompt_and_errors_is_shown_as_text(page) -> None:
+    prompt = '<script>window.__ran = "script"</script><img src=x onerror="window.__ran = \'img\'"> and on'
+    page.fill("#f-input", prompt)
+    fill(page, mode="greedy", num_return_sequences=1, max_new_tokens=4)
+    generate_and_wait(page, 1)
+    card = page.locator("#sequences .sequence")
+    assert card.locator(".prompt").text_content() == prompt
+    assert card.locator(".text").text_content().startswith(prompt)
+    # An error message quoting markup (the given seed) is text too.
+    fill(page, mode="sample", seed='<img src=x onerror="window.__ran = \'error\'">')
+    page.click("#generate")
+    sync_api.expect(page.locator("#err-seed")).to_contain_text('<img src=x onerror="window.__ran')
+    assert page.locator("main img, main script").count() == 0
+    page.wait_for_timeout(200)  # an image error handler would have fired by now
+    assert page.evaluate("window.__ran") is None
