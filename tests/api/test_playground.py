@@ -19,11 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.conftest import ThreadServer, wait_for
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install .[test])"
+)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium); no browser is downloaded"
+    CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install chromium); none is downloaded"
 )
 WIDE, NARROW = {"width": 1360, "height": 900}, {"width": 390, "height": 844}
 TIMEOUT_MS = 15_000
@@ -87,7 +89,30 @@ def screenshot(page, tmp_path: Path, name: str, viewport: dict[str, int]) -> Pat
     return path
 
 
-def test_playground_streams_stops_and_names_the_bad_field(page, long_server: ThreadServer, tmp_path: Path) -> None:
+def stop_frees_the_slots(page, url: str) -> None:
+    """Stop during a long generation (16 x ~1000 tokens): the server frees the slots (seen on /metrics)."""
+    before = engine_gauges(url)
+    fill(page, mode="sample", num_return_sequences=16, max_new_tokens=1000, seed=3)
+    page.press("#f-input", "Control+Enter")
+    sync_api.expect(page.locator("#sequences .sequence .generated").first).not_to_have_text("")
+    assert engine_gauges(url)["gpt2serve_engine_slots_in_use"] > 0
+    page.click("#stop")
+    sync_api.expect(page.locator("#stats")).to_contain_text("stopped")
+
+    def freed() -> bool:
+        now = engine_gauges(url)
+        return now["gpt2serve_engine_slots_in_use"] == 0 and now["gpt2serve_engine_running_requests"] == 0
+
+    wait_for(freed, timeout=WAIT_S, what="the slots to be freed")
+    after = engine_gauges(url)
+    cancelled, finished = (f"gpt2serve_engine_requests_total[{k}]" for k in ("cancelled", "finished"))
+    assert after[cancelled] == before[cancelled] + 1
+    assert after[finished] == before[finished]  # nothing ran to its end
+
+
+def test_playground_streams_stops_and_names_the_bad_field(
+    page, long_server: ThreadServer, tmp_path: Path
+) -> None:
     url = long_server.url
     # beam: the sampling fields are disabled, num_beams is not; the sequences come out side by side.
     prompt = "The playground shows"
@@ -103,24 +128,7 @@ def test_playground_streams_stops_and_names_the_bad_field(page, long_server: Thr
     assert boxes[0]["y"] == boxes[1]["y"] and boxes[0]["x"] < boxes[1]["x"]  # side by side
     assert '"mode":"beam"' in page.text_content("#snippet")  # copy as curl: the same request
 
-    # Stop during a long generation (16 x ~1000 tokens): the server frees the slots.
-    before = engine_gauges(url)
-    fill(page, mode="sample", num_return_sequences=16, max_new_tokens=1000, seed=3)
-    page.press("#f-input", "Control+Enter")
-    sync_api.expect(page.locator("#sequences .sequence .generated").first).not_to_have_text("")
-    assert engine_gauges(url)["gpt2serve_engine_slots_in_use"] > 0
-    page.click("#stop")
-    sync_api.expect(page.locator("#stats")).to_contain_text("stopped")
-
-    def freed() -> bool:
-        now = engine_gauges(url)
-        return now["gpt2serve_engine_slots_in_use"] == 0 and now["gpt2serve_engine_running_requests"] == 0
-
-    wait_for(freed, timeout=WAIT_S, what="the slots to be freed")
-    after = engine_gauges(url)
-    cancelled = "gpt2serve_engine_requests_total[cancelled]"
-    assert after[cancelled] == before[cancelled] + 1
-    assert after["gpt2serve_engine_requests_total[finished]"] == before["gpt2serve_engine_requests_total[finished]"]
+    stop_frees_the_slots(page, url)
 
     # An invalid top_p: the server's message shows next to the field, and no sequence is shown.
     fill(page, mode="sample-top-p", top_p="1.5", num_return_sequences=2, max_new_tokens=5)
@@ -148,9 +156,52 @@ def test_markup_in_prompt_and_errors_is_shown_as_text(page) -> None:
     assert card.locator(".prompt").text_content() == prompt
     assert card.locator(".text").text_content().startswith(prompt)
     # An error message quoting markup (the given seed) is text too.
-    fill(page, mode="sample", seed='<img src=x onerror="window.__ran = \'error\'">')
+    fill(page, mode="sample", seed="<img src=x onerror=\"window.__ran = 'error'\">")
     page.click("#generate")
     sync_api.expect(page.locator("#err-seed")).to_contain_text('<img src=x onerror="window.__ran')
     assert page.locator("main img, main script").count() == 0
     page.wait_for_timeout(200)  # an image error handler would have fired by now
     assert page.evaluate("window.__ran") is None
+
+
+def test_the_page_asks_for_a_key_and_sends_it(browser, long_server: ThreadServer) -> None:
+    """A server with API keys (issue 19's, played here by a route that answers 401 without the key) and
+    random weights (its /info answer with `random_weights` set): the page asks for the key, keeps it in
+    sessionStorage, sends it as a Bearer token, never writes it into the code panel, and shows the notice."""
+    key, seen = "s3cret-key", []
+    context = browser.new_context(viewport=WIDE)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+
+    def guard(route) -> None:
+        auth = route.request.headers.get("authorization")
+        seen.append((route.request.url.rsplit("/", 1)[-1], auth))
+        if auth != f"Bearer {key}":
+            error = {"error": {"message": "an API key is required", "type": "authentication_error"}}
+            route.fulfill(status=401, json=error)
+        elif route.request.url.endswith("/info"):
+            info = route.fetch().json()
+            info["model"]["random_weights"] = True
+            route.fulfill(json=info)
+        else:
+            route.continue_()
+
+    page.route("**/info", guard)
+    page.route("**/invocations", guard)
+    try:
+        page.goto(long_server.url + "/")
+        sync_api.expect(page.locator("#key-panel")).to_be_visible()
+        sync_api.expect(page.locator("#key-message")).to_contain_text("needs an API key")
+        page.fill("#api-key", key)
+        page.click("#key-save")
+        sync_api.expect(page.locator("#model")).to_contain_text("parameters")
+        sync_api.expect(page.locator("#random-notice")).to_contain_text("random weights")
+        fill(page, mode="greedy", num_return_sequences=1, max_new_tokens=3)
+        generate_and_wait(page, 1)
+        assert seen[0] == ("info", None) and ("invocations", f"Bearer {key}") in seen
+        assert page.evaluate("sessionStorage.getItem('gpt2serve.apiKey')") == key
+        assert page.evaluate("localStorage.length") == 0
+        snippet = page.text_content("#snippet")
+        assert "$GPT2SERVE_API_KEY" in snippet and key not in snippet
+    finally:
+        context.close()

@@ -61,8 +61,10 @@ async function loadInfo() {
   $("model").title = `${m.layers} layers, ${m.heads} heads, width ${m.width}`;
   const notice = $("random-notice");
   notice.hidden = !m.random_weights;
-  notice.textContent = `${m.name} has random weights: its text is gibberish. It is here to try the API ` +
-    "and measure speed; serve a real checkpoint (--model gpt2, or a directory) for real text.";
+  const flag = document.createElement("code");
+  flag.textContent = "--model gpt2";
+  notice.replaceChildren(`${m.name} has random weights: its text is gibberish. It is here to try the API ` +
+    "and measure speed; serve a real checkpoint (", flag, " or a directory) for real text.");
 }
 
 function size(n) {
