@@ -8,8 +8,13 @@ installs it). Set PLAYGROUND_SCREENSHOTS=DIR to keep the screenshots there too (
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import io
+import json
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +22,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.conftest import ThreadServer, wait_for
+from tests.api.conftest import ThreadServer, make_settings, wait_for
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install .[test])"
@@ -145,6 +150,10 @@ def test_playground_streams_stops_and_names_the_bad_field(
     narrow = screenshot(page, tmp_path, "narrow", NARROW)
     assert page.evaluate("document.documentElement.scrollWidth") <= NARROW["width"]  # nothing overflows
     assert wide.stat().st_size > 10_000 and narrow.stat().st_size > 10_000
+    background = "getComputedStyle(document.body).backgroundColor"
+    assert page.evaluate(background) == "rgb(247, 247, 245)"
+    page.emulate_media(color_scheme="dark")  # the system's setting: dark
+    assert page.evaluate(background) == "rgb(20, 20, 22)"
 
 
 def test_markup_in_prompt_and_errors_is_shown_as_text(page) -> None:
@@ -205,3 +214,56 @@ def test_the_page_asks_for_a_key_and_sends_it(browser, long_server: ThreadServer
         assert "$GPT2SERVE_API_KEY" in snippet and key not in snippet
     finally:
         context.close()
+
+
+def test_an_error_event_mid_stream_is_shown(browser, long_server: ThreadServer) -> None:
+    """A generation that runs past the server's deadline ends its stream with `event: error` (a 504
+    envelope): the page keeps the text so far and shows the message."""
+    server = ThreadServer(make_settings(long_server.settings.model, request_timeout_s=1.0)).start()
+    context = browser.new_context(viewport=WIDE)
+    try:
+        server.wait_ready()
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server.url + "/")
+        sync_api.expect(page.locator("#model")).to_contain_text("parameters")
+        fill(page, mode="sample", num_return_sequences=16, max_new_tokens=1000)
+        page.click("#generate")
+        sync_api.expect(page.locator("#err-general")).to_have_text("the request ran past its 1 s deadline")
+        sync_api.expect(page.locator("#stats")).to_have_text("the generation failed")
+        assert page.locator("#sequences .sequence").count() == 16
+        assert page.locator("#sequences .generated").first.text_content() != ""
+        assert page.is_enabled("#generate") and page.is_disabled("#stop")
+    finally:
+        context.close()
+        server.stop()
+
+
+def run_snippet(page, tab: str) -> str:
+    """What the "copy as" panel's `tab` snippet prints when run (Python in this process, shell by bash)."""
+    page.click(f'[data-tab="{tab}"]')
+    code = page.text_content("#snippet")
+    if tab == "curl":
+        done = subprocess.run(["bash", "-c", code], capture_output=True, text=True, timeout=60, check=True)
+        return done.stdout
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, f"<{tab} snippet>", "exec"), {})
+    return out.getvalue()
+
+
+def test_copy_as_snippets_make_the_same_text(page) -> None:
+    """The curl, boto3 and OpenAI snippets, run as shown, give the text the page showed (a seeded request)."""
+    prompt = "Copy me:"
+    page.fill("#f-input", prompt)
+    fill(page, mode="sample", temperature=0.9, top_k=40, top_p=0.95, seed=5, num_return_sequences=2)
+    fill(page, max_new_tokens=6)
+    generate_and_wait(page, 2)
+    shown = page.locator("#sequences .sequence .text").all_text_contents()
+    done = run_snippet(page, "curl").split("event: done\ndata: ", 1)[1].split("\n", 1)[0]
+    assert json.loads(done)["outputs"] == shown
+    assert ast.literal_eval(run_snippet(page, "boto3")) == shown
+    continuations = ast.literal_eval(run_snippet(page, "openai"))
+    assert [prompt + text for text in continuations] == shown
+    page.click('[data-tab="invoke"]')
+    assert page.text_content("#snippet").startswith("gpt2serve invoke 'Copy me:' --url http://127.0.0.1:")

@@ -157,8 +157,11 @@ class Columns {
     });
   }
 
-  stopAll() {
-    for (const card of this.cards.values()) if (!card.box.classList.contains("finished")) card.state.textContent = "stopped";
+  /** Mark the sequences still running as `label` ("stopped", "failed"). */
+  endAll(label) {
+    for (const card of this.cards.values()) {
+      if (!card.box.classList.contains("finished")) card.state.textContent = label;
+    }
   }
 }
 
@@ -193,7 +196,7 @@ async function generate() {
     await consume(response.body, columns, times, t0);
   } catch (err) {
     if (err.name === "AbortError") {
-      columns.stopAll();
+      columns.endAll("stopped");
       $("stats").textContent = `stopped after ${seconds(performance.now() - t0)}`;
     } else {
       form.showError({ message: `the request failed: ${err.message}` });
@@ -208,6 +211,7 @@ async function generate() {
 async function consume(stream, columns, times, t0) {
   for await (const { event, data } of readEvents(stream)) {
     if (event === "error") {
+      columns.endAll("failed");
       form.showError(data.error || {});
       $("stats").textContent = "the generation failed";
       return;

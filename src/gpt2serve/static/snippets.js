@@ -75,7 +75,10 @@ function openai(body, e, origin, withKey) {
   return [withKey ? "import os\n" : "", "from openai import OpenAI\n", ...notes.map((n) => n + "\n"),
     `client = OpenAI(base_url=${py(origin + "/v1")}, api_key=${key})\n`,
     `stream = client.completions.create(\n    model="gpt2",\n${lines.join("\n")}\n    stream=True,\n)\n`,
-    "for chunk in stream:\n    for choice in chunk.choices:\n        print(choice.index, choice.text)"].join("");
+    `texts = [""] * ${args.n}\n`,
+    "for chunk in stream:  # pieces of each choice's text as they come\n",
+    "    for choice in chunk.choices:\n        texts[choice.index] += choice.text\n",
+    "print(texts)"].join("");
 }
 
 function invoke(body, effective, origin, withKey) {
