@@ -114,6 +114,20 @@ def client(api_server: ThreadServer) -> Iterator[httpx.Client]:
         yield c
 
 
+@pytest.fixture(scope="package")
+def long_server(checkpoint_factory) -> Iterator[ThreadServer]:
+    """A tiny model with GPT-2's 1024-token context, so one request can run for a long time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    checkpoint = checkpoint_factory(n_layer=2, n_head=4, n_embd=64, n_positions=1024)
+    server = ThreadServer(make_settings(str(checkpoint))).start()
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+        torch.set_num_threads(threads)
+
+
 class ProcessServer:
     """`python -m gpt2serve.api.container serve ...` in a subprocess, as the container runs it."""
 

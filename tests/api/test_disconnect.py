@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 
 import httpx
 import pytest
-import torch
 from prometheus_client import CollectorRegistry
 
-from tests.api.conftest import ThreadServer, make_settings, wait_for
+from tests.api.conftest import ThreadServer, wait_for
 
 # Each request asks for ~1000 tokens x 16 sequences: well over 10 s of work for this model, unless
 # cancelled.
@@ -27,20 +25,6 @@ CASES = [
     pytest.param("/v1/completions", json.dumps(LONG_V1), "application/json", id="openai"),
 ]
 WAIT_S = 10.0
-
-
-@pytest.fixture(scope="module")
-def long_server(checkpoint_factory) -> Iterator[ThreadServer]:
-    """A tiny model with GPT-2's 1024-token context, so one request can run for a long time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    checkpoint = checkpoint_factory(n_layer=2, n_head=4, n_embd=64, n_positions=1024)
-    server = ThreadServer(make_settings(str(checkpoint))).start()
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
-        torch.set_num_threads(threads)
 
 
 def send_raw(url: str, path: str, body: str, content_type: str) -> socket.socket:

@@ -90,6 +90,18 @@ def test_native_stream_joins_to_the_non_streamed_answer(client: httpx.Client, bo
     assert len(last) == len(strings) and set(last.values()) <= {"stop", "length"}
 
 
+def test_done_event_counts_the_tokens(client: httpx.Client, api_server: ThreadServer) -> None:
+    body = {"input": PROMPT, "mode": "beam", "num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 5}
+    _, events = stream(client, {**body, "stream": True})
+    name, done = events[-1]
+    ids = api_server.state.engine.tokenizer.encode(PROMPT)
+    length = [data["finish_reason"] == "length" for _, data in events[:-1] if data["finish_reason"]]
+    assert name == "done" and len(length) == 2
+    made = done["usage"]["completion_tokens"]
+    assert done["usage"]["prompt_tokens"] == len(ids)
+    assert made <= 10 and (made == 10) == all(length)
+
+
 def test_accept_header_alone_asks_for_a_stream(client: httpx.Client) -> None:
     body = {"input": PROMPT, "mode": "greedy", "num_return_sequences": 1, "max_new_tokens": 4}
     r, events = stream(client, body, accept="text/event-stream")

@@ -39,6 +39,8 @@ ROUTE_MODULES = (
     "gpt2serve.api.routes.response_stream",
     "gpt2serve.api.routes.openai",
     "gpt2serve.api.routes.metrics",
+    "gpt2serve.api.routes.info",
+    "gpt2serve.api.routes.playground",
 )
 KEEP_ALIVE_S = 75  # longer than the 60 s idle timeout of the load balancers in front of endpoints
 # The engine thread releases the GIL around every C call and must win it back from the event loop: at

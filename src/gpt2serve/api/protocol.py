@@ -37,6 +37,17 @@ DEFAULT_MAX_LENGTH = 100
 # What a v1 request with "test": true gets instead of a generation.
 V1_TEST_OUTPUT = " This is a test response from the GPT-2 text generation model; the model did not run."
 
+# The fields of the current request each mode reads beyond the common ones (`input`, the lengths,
+# `num_return_sequences`, `no_repeat_ngram_size`, `repetition_penalty`, `stop`); a sampling mode reads
+# `seed`. The playground disables the others (tests/api/test_info.py checks this against to_params).
+MODE_FIELDS: dict[str, tuple[str, ...]] = {
+    "sample-top-p": ("top_p", "seed"),
+    "sample-top-k": ("top_k", "seed"),
+    "sample": ("temperature", "top_k", "top_p", "seed"),
+    "beam": ("num_beams",),
+    "greedy": (),
+}
+
 _STRICT = ConfigDict(strict=True, extra="ignore")
 
 

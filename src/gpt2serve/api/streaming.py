@@ -15,7 +15,10 @@ first event of each sequence starts with the prompt, so the texts of sequence i 
 string of the non-streamed answer. A last event carries that whole answer:
 
     event: done
-    data: {"outputs": <the non-streamed JSON answer>}
+    data: {"outputs": <the non-streamed JSON answer>, "usage": {"prompt_tokens": P, "completion_tokens": C}}
+
+(`usage` counts tokens: the prompt's, and those generated over all sequences; a v1 `"test": true`
+request, which runs no model, has none.)
 
 An error after the stream began ends it with `event: error` and the usual `{"error": {...}}` object.
 Text is split only between characters, never inside a multi-byte one (the engine's incremental decoder
@@ -169,7 +172,7 @@ async def _native_events(
     try:
         async for _, item in batch.items():
             if isinstance(item, GenerationResult):
-                yield sse_event({"outputs": answer(item)}, event="done")
+                yield sse_event({"outputs": answer(item), "usage": usage(item)}, event="done")
                 continue
             for i in range(copies) if copies > 1 else (item.index,):
                 text = item.text if i in started else prefix + item.text
@@ -178,6 +181,11 @@ async def _native_events(
                     yield sse_event({"index": i, "text": text, "finish_reason": item.finish_reason})
     finally:
         batch.cancel()  # at once, even when closed while suspended at a `yield`
+
+
+def usage(result: GenerationResult) -> dict[str, int]:
+    """Token counts of a finished request (every sequence's generated tokens summed)."""
+    return {"prompt_tokens": len(result.prompt_token_ids), "completion_tokens": result.completion_tokens}
 
 
 async def _canned(req: V1Request) -> AsyncIterator[bytes]:
