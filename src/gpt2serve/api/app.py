@@ -31,6 +31,7 @@ from gpt2serve.api.connections import guarded_protocol
 from gpt2serve.api.errors import install_error_handlers
 from gpt2serve.api.metrics import ServerMetrics
 from gpt2serve.api.middleware import RequestContextMiddleware
+from gpt2serve.api.openapi import install_openapi
 from gpt2serve.api.state import ServerState
 from gpt2serve.engine.engine import Engine
 from gpt2serve.settings import Settings
@@ -68,6 +69,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     for name in ROUTE_MODULES:
         if importlib.util.find_spec(name) is not None:
             app.include_router(importlib.import_module(name).router)
+    install_openapi(app)
     return app
 
 
