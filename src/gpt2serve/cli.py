@@ -8,6 +8,8 @@ import logging
 import sys
 import typing
 
+from gpt2serve import __version__
+
 GENERATE_DEFAULT_MODEL = "random:gpt2"
 
 
@@ -59,15 +61,17 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gpt2serve.api.app import serve
-    from gpt2serve.settings import Settings
+    from gpt2serve.settings import settings_or_exit
 
-    serve(Settings.from_args(args))
-    return 0
+    settings = settings_or_exit(args)
+    from gpt2serve.api.app import serve  # after the settings: a bad one must not wait for torch to import
+
+    return serve(settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2serve", description="A fast GPT-2 text-generation server.")
+    parser.add_argument("--version", action="version", version=f"gpt2serve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from gpt2serve.settings import add_arguments

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -130,6 +131,20 @@ class Settings:
     shutdown_grace_s: float = _setting(
         "--shutdown-grace-s", ("GPT2SERVE_SHUTDOWN_GRACE_S",),
         "on SIGTERM, seconds in-flight requests get to finish", _positive(float), default=25.0,
+    )
+    header_timeout_s: float = _setting(
+        "--header-timeout-s", ("GPT2SERVE_HEADER_TIMEOUT_S",),
+        "seconds a request's headers may take to arrive (from its first byte, or from the connection's "
+        "start); past it: 408 and the connection is closed", _positive(float), default=10.0,
+    )
+    body_timeout_s: float = _setting(
+        "--body-timeout-s", ("GPT2SERVE_BODY_TIMEOUT_S",),
+        "seconds a request's whole body may take to arrive after its headers; past it: 408 and the "
+        "connection is closed", _positive(float), default=30.0,
+    )
+    max_connections: int = _setting(
+        "--max-connections", ("GPT2SERVE_MAX_CONNECTIONS",),
+        "open connections at most; one more is answered 503 and closed", _positive(int), default=512,
     )
     max_batch_size: int = _setting(
         "--max-batch-size", ("GPT2SERVE_MAX_BATCH_SIZE",),
@@ -260,3 +275,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             type=_argparse_type(f.name, meta["parse"]),
             help=f"{meta['help']} (env: {env}; default: {default})",
         )
+
+
+def settings_or_exit(ns: argparse.Namespace) -> Settings:
+    """`Settings.from_args(ns)`; a bad environment variable prints one line and exits with status 2 (as
+    argparse does for a bad flag)."""
+    try:
+        return Settings.from_args(ns)
+    except ValueError as exc:
+        print(f"gpt2serve: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

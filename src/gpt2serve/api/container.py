@@ -15,7 +15,8 @@ import argparse
 import os
 import sys
 
-from gpt2serve.settings import Settings, add_arguments
+from gpt2serve import __version__
+from gpt2serve.settings import add_arguments, settings_or_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,21 +24,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gpt2serve-entrypoint",
         description="SageMaker container entry point for gpt2serve: `serve [flags]` runs the HTTP server.",
     )
+    parser.add_argument("--version", action="version", version=f"gpt2serve {__version__}")
     add_arguments(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "serve":
         argv = argv[1:]
     elif argv and not argv[0].startswith("-"):
         os.execvp(argv[0], argv)  # not a server start: run the given command instead
-    settings = Settings.from_args(build_parser().parse_args(argv))
+    settings = settings_or_exit(build_parser().parse_args(argv))
     from gpt2serve.api.app import serve  # after parsing: --help must not wait for torch to import
 
-    serve(settings)
+    return serve(settings)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gpt2serve.api import jsondecode
 from gpt2serve.api.errors import APIError
 
 JSON = "application/json"
@@ -87,12 +88,9 @@ def decode_body(body: bytes) -> str:
 
 
 def parse_json(text: str, line: int | None = None) -> Any:
-    """The decoded JSON value, or 400 saying where the syntax error is."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        where = f"line {exc.lineno} column {exc.colno}" if line is None else f"line {line} column {exc.colno}"
-        raise APIError(400, f"malformed JSON: {exc.msg} at {where}") from None
+    """The decoded JSON value, or 400 saying what is wrong and where (syntax, depth, number size, lone
+    surrogates: see `gpt2serve.api.jsondecode`)."""
+    return jsondecode.loads(text, line)
 
 
 def split_lines(text: str) -> list[tuple[int, str]]:

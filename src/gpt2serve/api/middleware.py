@@ -1,11 +1,12 @@
-"""ASGI middleware: a request id on every answer, the request body size limit, one log line per request
-(and one observation for the metrics).
+"""ASGI middleware: a request id on every answer, the request body size limit and read deadline, one log
+line per request (and one observation for the metrics).
 
 Pure ASGI (no BaseHTTPMiddleware) so streamed answers pass through untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gpt2serve.api.errors import BodyTooLargeError, describe
+from gpt2serve.api.errors import APIError, BodyTooLargeError, describe
 
 access_log = logging.getLogger("gpt2serve.access")
 
@@ -24,6 +25,12 @@ _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 QUIET_PATHS = ("/ping", "/health")  # polled every few seconds: logged at DEBUG unless they fail
 # Called with (method, route path template or None, status, seconds) when an answer ends.
 Observer = Callable[[str, str | None, int, float], None]
+
+
+class BodyReadTimeoutError(APIError):
+    def __init__(self, timeout_s: float):
+        message = f"the request body did not arrive within {timeout_s:g} s of its headers"
+        super().__init__(408, message, "timeout_error")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -35,13 +42,18 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 class RequestContextMiddleware:
     """Tags each request with an id (the caller's X-Request-Id if it is sane, else a new one), sends it
-    back as X-Request-Id, enforces `max_body_bytes`, turns an unhandled exception into the 500 envelope
-    and logs method, path, status and duration (and hands them to `observer`, if given)."""
+    back as X-Request-Id, enforces `max_body_bytes` and `body_timeout_s` (the whole body must arrive
+    within it of the headers: 408, and the connection is closed), turns an unhandled exception into the 500
+    envelope and logs method, path, status and duration (and hands them to `observer`, if given)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, observer: Observer | None = None):
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, observer: Observer | None = None,
+        body_timeout_s: float | None = None,
+    ):  # fmt: skip
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.observer = observer
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,18 +64,22 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = [0]  # 0: no answer started yet
+        body_state = {"timed_out": False}
 
         async def send_tagged(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
+                headers = MutableHeaders(scope=message)
+                headers.append(REQUEST_ID_HEADER, request_id)
+                if body_state["timed_out"]:  # the rest of the body is not read: close the connection
+                    headers["connection"] = "close"
             await send(message)
 
         try:
             if self._declared_too_large(scope):
                 await describe(BodyTooLargeError(self.max_body_bytes)).response()(scope, receive, send_tagged)
                 return
-            await self.app(scope, self._limited(receive), send_tagged)
+            await self.app(scope, self._limited(receive, body_state), send_tagged)
         except Exception as exc:
             if status[0]:  # the answer has begun: nothing better to send
                 raise
@@ -80,13 +96,26 @@ class RequestContextMiddleware:
         length = _header(scope, b"content-length")
         return length is not None and length.strip().isdigit() and int(length) > self.max_body_bytes
 
-    def _limited(self, receive: Receive) -> Receive:
-        """`receive` that raises BodyTooLargeError once more than the limit has arrived (chunked bodies)."""
+    def _limited(self, receive: Receive, body_state: dict[str, bool]) -> Receive:
+        """`receive` that raises BodyTooLargeError once more than the limit has arrived (chunked bodies),
+        and BodyReadTimeoutError when the body is not complete `body_timeout_s` after the headers."""
         seen = [0]
+        timeout = self.body_timeout_s
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        complete = [False]
 
         async def limited() -> Message:
-            message = await receive()
+            if complete[0] or deadline is None:
+                message = await receive()  # after the body: waits for a disconnect, with no deadline
+            else:
+                try:
+                    left = deadline - asyncio.get_running_loop().time()
+                    message = await asyncio.wait_for(receive(), max(left, 0.0))
+                except TimeoutError:
+                    body_state["timed_out"] = True
+                    raise BodyReadTimeoutError(timeout) from None
             if message["type"] == "http.request":
+                complete[0] = not message.get("more_body", False)
                 seen[0] += len(message.get("body", b""))
                 if seen[0] > self.max_body_bytes:
                     raise BodyTooLargeError(self.max_body_bytes)

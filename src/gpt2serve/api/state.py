@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from fastapi import Request
 
@@ -51,6 +52,9 @@ class ServerState:
         self._closing = False
         self._lock = threading.Lock()
         self._loader: threading.Thread | None = None
+        # Called (from the load thread) with the reason when the model fails to load; `serve()` uses it
+        # to make the process exit non-zero.
+        self.on_load_failure: Callable[[str], None] | None = None
 
     def start_loading(self) -> None:
         """Load in a daemon thread: a stuck download must not keep the process alive at shutdown."""
@@ -66,7 +70,10 @@ class ServerState:
             engine.generate_sync(WARMUP_PROMPT, SamplingParams(max_new_tokens=2))
         except Exception as exc:
             self.load_error = f"the model {name!r} could not be loaded: {exc}"
-            logger.error("%s", self.load_error, exc_info=exc)
+            logger.debug("model load failed", exc_info=exc)
+            logger.error("%s", self.load_error)
+            if self.on_load_failure is not None:
+                self.on_load_failure(self.load_error)
             return
         with self._lock:
             self.engine = engine

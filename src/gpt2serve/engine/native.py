@@ -5,8 +5,8 @@ oneDNN's and MKL's small-batch paths reach about two thirds of it (see linear.py
 where the CPU has AVX-512, else 8 (`isa`). decode.c: a whole decode step through every layer in one call
 (see `decode`). sampling.c: an exact top-k, the head sketch's candidates and torch's CPU generator
 advanced without drawing every number (see `topk`, `candidates`, `uniform_at`). The library is cached
-under `$GPT2SERVE_CACHE_DIR` (default `~/.cache/gpt2serve`, else the temporary directory), keyed by a hash
-of the source and the compile command (`$CC`, else `cc`, and the instruction set's flags). Without a C
+under `$GPT2SERVE_CACHE_DIR` (default `~/.cache/gpt2serve`; see `kernel_cache`), keyed by a hash of the
+source and the compile command (`$CC`, else `cc`, and the instruction set's flags). Without a C
 compiler, or on a CPU without AVX2 and FMA, `available()` is false and the caller keeps torch's kernels
 (`--cpu-kernels torch` chooses them).
 """
@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from gpt2serve.engine import kernel_cache
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +34,6 @@ AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
 ISAS = ("avx2", "avx512")
 FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
 K_MULTIPLE = 8  # the kernels read 8 weights at a time
-
-
-def _cache_dirs() -> list[Path]:
-    configured = os.environ.get("GPT2SERVE_CACHE_DIR")
-    if configured:
-        return [Path(configured)]
-    return [Path.home() / ".cache" / "gpt2serve", Path(tempfile.gettempdir()) / "gpt2serve"]
 
 
 def isa() -> str | None:
@@ -58,37 +50,6 @@ def isa() -> str | None:
 
 def _flags() -> tuple[str, ...]:
     return FLAGS + AVX512_FLAGS if isa() == "avx512" else FLAGS
-
-
-def _build(compiler: str, flags: tuple[str, ...]) -> Path:
-    """The compiled library, from the cache or compiled now (written to a temporary name, then renamed,
-    so concurrent builds never load a partial file)."""
-    source = b"".join(path.read_bytes() for path in SOURCES)
-    key = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
-    errors = []
-    for folder in _cache_dirs():
-        target = folder / f"kernels-{key}.so"
-        if target.exists():
-            return target
-        tmp = None
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-            os.close(fd)
-            subprocess.run(
-                [compiler, *flags, "-o", tmp, *(str(p) for p in SOURCES if p.suffix == ".c")],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
-            os.replace(tmp, target)
-            return target
-        except (OSError, subprocess.SubprocessError) as exc:
-            stderr = getattr(exc, "stderr", b"") or b""
-            errors.append(f"{folder}: {exc} {stderr.decode(errors='replace')[-500:]}")
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
-    raise OSError("; ".join(errors))
 
 
 def compiler() -> str | None:
@@ -108,12 +69,12 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         try:
-            lib = ctypes.CDLL(str(_build(cc, flags)))
+            lib = ctypes.CDLL(str(kernel_cache.build(cc, flags, SOURCES)))
         except OSError as exc:
             if flags == FLAGS:
                 raise
             log.warning("the AVX-512 build of the gemv kernels failed (%s); building them for AVX2", exc)
-            lib = ctypes.CDLL(str(_build(cc, FLAGS)))
+            lib = ctypes.CDLL(str(kernel_cache.build(cc, FLAGS, SOURCES)))
     except OSError as exc:
         log.warning("gemv kernels off: building %s failed: %s", SOURCES[0].parent, exc)
         return None
