@@ -36,6 +36,7 @@ from gpt2serve.engine.request import (
     TokenLogprob,
 )
 from gpt2serve.engine.scheduler import Scheduler
+from gpt2serve.engine.usage import current_meter, metered
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,9 @@ class Engine:
             raise EngineStoppedError("the engine is not running")
         prompt_ids = self.tokenizer.encode(prompt) if prompt else []
         budget = params.new_token_budget(len(prompt_ids), self.model_config.n_positions)
+        meter = current_meter.get()  # the caller's, where the HTTP layer meters its key's usage
+        if meter is not None:
+            sink = metered(sink, meter)
         req = Request(prompt, prompt_ids, params, budget, sink, stream, self.config.request_timeout_s)
         with self._cond:
             self.scheduler.add(req)
