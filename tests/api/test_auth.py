@@ -4,9 +4,12 @@ signatures, unsigned requests, the open paths, per-key quotas on the wire and on
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,10 +30,27 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from tests.api.conftest import ThreadServer, make_settings
+from gpt2serve.api.app import create_app
+from gpt2serve.api.auth import (
+    AuthConfigError,
+    key_digest,
+    load_auth_config,
+    parse_credentials_file,
+    parse_keys_file,
+    short_hash,
+)
+from gpt2serve.api.container import container_settings
+from gpt2serve.api.quotas import Quota
+from gpt2serve.settings import Settings, add_arguments
+from tests.api.conftest import SRC, ThreadServer, free_port, make_settings, wait_for
 
 AKID, SECRET = "AKIDGPT2SERVETEST", "s3cr3t/Key+ForTheSigV4TestsOnly0123456789"
-ALICE, BOB, CAROL, DAVE = "alice-0123456789abcdef", "bob-0123456789abcdef", "carol-0123456789ab", "dave-0123456789abcd"
+ALICE, BOB, CAROL, DAVE = (
+    "alice-0123456789abcdef",
+    "bob-0123456789abcdef",
+    "carol-0123456789ab",
+    "dave-0123456789abcd",
+)
 ORIGIN = "http://playground.example"
 BODY = {"input": "The quick brown fox", "seed": 3, "num_return_sequences": 1, "max_length": 10}
 RUNTIME = "/endpoints/gpt2/invocations"
@@ -68,7 +88,9 @@ def runtime_client(url: str, secret: str = SECRET, akid: str = AKID):
 
 
 def invoke(client) -> list[str]:
-    answer = client.invoke_endpoint(EndpointName="gpt2", ContentType="application/json", Body=json.dumps(BODY))
+    answer = client.invoke_endpoint(
+        EndpointName="gpt2", ContentType="application/json", Body=json.dumps(BODY)
+    )
     return json.loads(answer["Body"].read())
 
 
@@ -83,7 +105,9 @@ def test_boto3_with_the_right_secret_succeeds(secured: ThreadServer) -> None:
     texts = invoke(runtime_client(secured.url))
     assert len(texts) == 1 and texts[0].startswith(BODY["input"])
     stream = runtime_client(secured.url).invoke_endpoint_with_response_stream(
-        EndpointName="gpt2", ContentType="application/json", Body=json.dumps({"input": "Hi", "max_new_tokens": 4})
+        EndpointName="gpt2",
+        ContentType="application/json",
+        Body=json.dumps({"input": "Hi", "max_new_tokens": 4}),
     )
     assert b"".join(e["PayloadPart"]["Bytes"] for e in stream["Body"] if "PayloadPart" in e)
 
@@ -177,16 +201,31 @@ def test_openai_client_with_right_and_wrong_key(secured: ThreadServer) -> None:
 
 def test_unsigned_requests_get_401_and_wrong_keys_403(secured: ThreadServer) -> None:
     with httpx.Client(base_url=secured.url, timeout=60) as c:
-        for method, path in (("POST", "/invocations"), ("POST", "/v1/completions"), ("GET", "/metrics"),
-                             ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/execution-parameters")):
+        for method, path in (
+            ("POST", "/invocations"),
+            ("POST", "/v1/completions"),
+            ("GET", "/metrics"),
+            ("GET", "/docs"),
+            ("GET", "/openapi.json"),
+            ("GET", "/execution-parameters"),
+        ):
             answer = c.request(method, path, json=BODY)
             assert answer.status_code == 401, path
-            assert answer.json()["error"]["type"] == "authentication_error" and "www-authenticate" in answer.headers
+            assert (
+                answer.json()["error"]["type"] == "authentication_error"
+                and "www-authenticate" in answer.headers
+            )
         wrong = c.post("/invocations", json=BODY, headers={"x-api-key": "not-a-key"})
-        assert wrong.status_code == 403 and wrong.json()["error"]["message"] == "the request's credential was not accepted"
+        assert (
+            wrong.status_code == 403
+            and wrong.json()["error"]["message"] == "the request's credential was not accepted"
+        )
         # The runtime path answers as AWS does: 403 MissingAuthenticationTokenException.
         runtime = c.post(RUNTIME, json=BODY)
-        assert runtime.status_code == 403 and runtime.headers["x-amzn-errortype"] == "MissingAuthenticationTokenException"
+        assert (
+            runtime.status_code == 403
+            and runtime.headers["x-amzn-errortype"] == "MissingAuthenticationTokenException"
+        )
         assert runtime.json()["message"] == "Missing Authentication Token"
         for header in ({"x-api-key": BOB}, {"authorization": f"Bearer {BOB}"}):
             assert c.post("/invocations", json=BODY, headers=header).status_code == 200
@@ -249,7 +288,124 @@ def test_cors_only_for_the_listed_origins(secured: ThreadServer, client: httpx.C
     assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == ORIGIN
     refused = httpx.post(f"{secured.url}/v1/completions", json={}, headers={"origin": ORIGIN})
     assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ORIGIN
-    other = httpx.options(f"{secured.url}/v1/completions", headers={**preflight, "origin": "http://evil.example"})
+    other = httpx.options(
+        f"{secured.url}/v1/completions", headers={**preflight, "origin": "http://evil.example"}
+    )
     assert "access-control-allow-origin" not in other.headers
     # The common test server has no --cors-origins: no CORS headers at all.
     assert "access-control-allow-origin" not in client.get("/ping", headers={"origin": ORIGIN}).headers
+
+
+# -- configuration: files, flags, variables, defaults (no server) --
+
+
+def test_keys_file_names_quotas_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"{ALICE}\n\n  # comment\n{BOB} bob concurrent_requests=2 tokens_per_minute=50 # x\n")
+    unnamed, bob = parse_keys_file(str(path), Quota(requests_per_minute=7))
+    assert unnamed.name == short_hash(ALICE) and unnamed.quota == Quota(None, 7, None)
+    assert bob.name == "bob" and bob.quota == Quota(2, 7, 50) and bob.digest == key_digest(BOB)
+    for line, message in ((f"{ALICE} a rpm=3", ":1: unknown option 'rpm'"),
+                          (f"{ALICE} a requests_per_minute=0", "requests_per_minute must be an integer > 0"),
+                          ("k\u00e9y-0123456789abcdef", "printable ASCII")):  # fmt: skip
+        path.write_text(line)
+        with pytest.raises(AuthConfigError, match=message):
+            parse_keys_file(str(path), Quota())
+
+
+def test_credentials_file_sections(tmp_path: Path) -> None:
+    path = tmp_path / "credentials"
+    path.write_text(f"[ci]\naws_access_key_id = {AKID}\naws_secret_access_key = {SECRET}\nregion = x\n"
+                    "[temp]\naws_access_key_id=ASIA1\naws_secret_access_key=s\naws_session_token=t\n"
+                    "requests_per_minute = 4\n")  # fmt: skip
+    credentials, quotas = parse_credentials_file(str(path), Quota())
+    assert credentials[AKID].name == "ci" and credentials["ASIA1"].session_token == "t"
+    assert quotas["ASIA1"].requests_per_minute == 4 and quotas[AKID] == Quota()
+    path.write_text("[ci]\naws_access_key_id = A\n")
+    with pytest.raises(AuthConfigError, match=r"\[ci\]: needs aws_access_key_id and aws_secret_access_key"):
+        parse_credentials_file(str(path), Quota())
+
+
+def test_api_key_flag_repeats_and_the_variable_takes_a_list(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--api-key", ALICE, "--api-key", BOB, "--key-requests-per-minute", "9"])
+    settings = Settings.from_args(args, {"GPT2SERVE_API_KEYS": "ignored-when-the-flag-is-given"})
+    assert settings.api_keys == (ALICE, BOB) and settings.key_requests_per_minute == 9
+    from_env = Settings.from_env({"GPT2SERVE_API_KEYS": f"{ALICE}, {BOB}", "GPT2SERVE_CORS_ORIGINS": "*"})
+    assert from_env.api_keys == (ALICE, BOB) and from_env.cors_origins == ("*",)
+    config = load_auth_config(from_env)
+    assert [k.name for k in config.api_keys] == [short_hash(ALICE), short_hash(BOB)]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--api-keys-file", str(tmp_path / "missing")])
+    path = tmp_path / "keys"
+    path.write_text(f"{ALICE} same\n{BOB} same\n")
+    with pytest.raises(AuthConfigError, match="unique"):
+        load_auth_config(Settings(api_keys_file=str(path)))
+
+
+def test_serve_binds_loopback_and_the_container_all_interfaces() -> None:
+    assert Settings.from_env({}).host == "127.0.0.1"
+    assert container_settings([], {}).host == "0.0.0.0"
+    assert container_settings(["--host", "10.0.0.1"], {}).host == "10.0.0.1"
+    assert container_settings([], {"GPT2SERVE_HOST": "127.0.0.1"}).host == "127.0.0.1"
+
+
+def test_warning_when_open_beyond_loopback(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="gpt2serve.api.auth"):
+        create_app(Settings(model="random:gpt2", host="0.0.0.0"))
+        create_app(Settings(model="random:gpt2", host="127.0.0.1"))
+        create_app(Settings(model="random:gpt2", host="0.0.0.0", api_keys=(ALICE,)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "listening on 0.0.0.0 with no API keys" in warnings[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl to make a certificate")
+def test_tls_under_uvicorn_with_the_asgi_factory(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days",
+         "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(SRC), "GPT2SERVE_MODEL": str(tiny_checkpoint),
+           "GPT2SERVE_DEVICE": "cpu", "GPT2SERVE_API_KEYS": ALICE, "GPT2SERVE_THREADS": "1"}  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "gpt2serve.api.asgi:create",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ssl-keyfile",
+        str(key),
+        "--ssl-certfile",
+        str(cert),
+    ]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, trust = f"https://127.0.0.1:{port}", ssl.create_default_context(cafile=str(cert))
+    try:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{url}/ping", verify=trust, timeout=2).status_code == 200
+            except httpx.TransportError:
+                return proc.poll() is not None  # stop waiting if it died
+
+        wait_for(ready, what="TLS server ready")
+        assert proc.poll() is None
+        body = {"model": "gpt2", "prompt": "Hi", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body, verify=trust).status_code == 401
+        http_client = httpx.Client(verify=trust)
+        with openai.OpenAI(
+            base_url=f"{url}/v1", api_key=ALICE, http_client=http_client, max_retries=0
+        ) as oai:
+            assert oai.completions.create(**body).choices[0].text is not None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

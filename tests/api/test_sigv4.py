@@ -66,8 +66,16 @@ VECTORS = {
 
 
 def botocore_signed(
-    method: str, target: str, headers: list, body: bytes, *, at: datetime = SUITE_TIME,
-    service: str = SERVICE, region: str = REGION, secret: str = SECRET, token: str | None = None,
+    method: str,
+    target: str,
+    headers: list,
+    body: bytes,
+    *,
+    at: datetime = SUITE_TIME,
+    service: str = SERVICE,
+    region: str = REGION,
+    secret: str = SECRET,
+    token: str | None = None,
 ) -> AWSRequest:
     """The request as botocore signs it at time `at` (botocore reads the time from get_current_datetime)."""
     request = AWSRequest(method=method, url=f"https://{HOST}{target}", data=body)
@@ -192,6 +200,8 @@ def test_a_payload_hash_header_must_be_the_bodys() -> None:
         "SignedHeaders=x-amz-date;host, Signature=0",
         "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, "
         "SignedHeaders=x-amz-date, Signature=0",
+        "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, "
+        "SignedHeaders=host;x-amz-date, Signature=\u00e9\u00e9",  # not hex, not even ASCII
     ],
 )
 def test_malformed_authorization_headers_are_refused(authorization: str) -> None:

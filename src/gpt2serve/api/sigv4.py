@@ -230,7 +230,7 @@ def verify(
     string_to_sign = f"{ALGORITHM}\n{amz_date}\n{auth.scope}\n{digest}"
     key = signing_key(credential.secret_access_key, auth.date, auth.region, auth.service)
     expected = hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, auth.signature):
+    if not hmac.compare_digest(expected.encode(), auth.signature.encode("utf-8", "surrogateescape")):
         raise SigV4Error(Failure.BAD_SIGNATURE, "the signature does not match")
     _check_session_token(request, credential)
     return credential
