@@ -42,7 +42,7 @@ from gpt2serve.api.auth import (
 from gpt2serve.api.container import container_settings
 from gpt2serve.api.quotas import Quota
 from gpt2serve.settings import Settings, add_arguments
-from tests.api.conftest import SRC, ThreadServer, free_port, make_settings, wait_for
+from tests.api.conftest import SMALL_BODY_MB, SRC, ThreadServer, free_port, make_settings, wait_for
 
 AKID, SECRET = "AKIDGPT2SERVETEST", "s3cr3t/Key+ForTheSigV4TestsOnly0123456789"
 ALICE, BOB, CAROL, DAVE = (
@@ -70,7 +70,7 @@ def secured(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     torch.set_num_threads(1)
     settings = make_settings(
         str(tiny_checkpoint), api_keys_file=str(keys), sigv4_credentials=str(credentials),
-        cors_origins=(ORIGIN,),
+        cors_origins=(ORIGIN,), max_body_mb=SMALL_BODY_MB,
     )  # fmt: skip
     server = ThreadServer(settings).start()
     try:
@@ -186,6 +186,18 @@ def test_a_body_changed_after_signing_is_refused(secured: ThreadServer) -> None:
     prepared.body = changed
     prepared.headers["Content-Length"] = str(len(changed))
     assert requests.Session().send(prepared, timeout=60).status_code == 403
+
+
+def test_a_signed_body_over_the_limit_gets_413_before_its_signature_is_checked(secured: ThreadServer) -> None:
+    big = b"x" * int(SMALL_BODY_MB * 2**20 * 2)
+    request = botocore_signed(secured.url, big)
+    headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+
+    def chunks():  # no Content-Length: the limit applies while the body arrives
+        yield from (big[i : i + 8192] for i in range(0, len(big), 8192))
+
+    answer = httpx.post(request.url, content=chunks(), headers=headers)
+    assert answer.status_code == 413 and answer.json()["error"]["type"] == "request_too_large"
 
 
 def test_openai_client_with_right_and_wrong_key(secured: ThreadServer) -> None:
