@@ -28,6 +28,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import FastAPI
 from prometheus_client import Counter
@@ -237,7 +238,7 @@ class AuthMiddleware:
                 raise Refusal(False, "UnrecognizedClientException", "SigV4 signature, no credentials file")
             body, receive = await _read_body(receive)
             request = sigv4.SignedRequest(
-                scope["method"], scope.get("raw_path", b"").decode("latin-1") or scope["path"],
+                scope["method"], (scope.get("raw_path") or quote(scope["path"]).encode()).decode("latin-1"),
                 scope.get("query_string", b"").decode("latin-1"), headers, body,
             )  # fmt: skip
             try:
@@ -251,13 +252,14 @@ class AuthMiddleware:
         return self._match_key(given), receive
 
     def _match_key(self, given: str) -> str:
-        digest = key_digest(given.encode("latin-1"))
+        raw = given.encode("latin-1")  # as the header arrived
+        digest = key_digest(raw)
         found = None
         for key in self.config.api_keys:  # every key compared: the time does not depend on which matched
             if hmac.compare_digest(digest, key.digest):
                 found = key.name
         if found is None:
-            raise Refusal(False, "UnrecognizedClientException", f"unknown API key {short_hash(digest)}")
+            raise Refusal(False, "UnrecognizedClientException", f"unknown API key {short_hash(raw)}")
         return found
 
 
