@@ -78,6 +78,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _readable_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise ValueError("no such file")
+    return text
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -93,10 +103,13 @@ def _setting(
     default: Any = None,
     computed: Callable[[Mapping[str, str] | None], Any] | None = None,
     shown: str = "",
+    repeat: bool = False,
 ) -> Any:
     """A `Settings` field: `computed(environ)` gives a default that depends on the environment, and
-    `shown` describes it in --help."""
-    meta = {"flag": flag, "env": env, "help": help, "parse": parse, "computed": computed, "shown": shown}
+    `shown` describes it in --help. A `repeat` flag may be given several times: `parse` returns a tuple
+    (from one flag or the whole variable) and the tuples are joined."""
+    meta = {"flag": flag, "env": env, "help": help, "parse": parse, "computed": computed, "shown": shown,
+            "repeat": repeat}  # fmt: skip
     if computed is not None:
         return field(default_factory=lambda: computed(None), metadata=meta)
     return field(default=default, metadata=meta)
@@ -120,7 +133,10 @@ class Settings:
         "--device", ("GPT2SERVE_DEVICE",), "auto (CUDA if available), cpu, cuda or cuda:<n>", _device,
         default="auto",
     )
-    host: str = _setting("--host", ("GPT2SERVE_HOST",), "interface to listen on", str, default="0.0.0.0")
+    host: str = _setting(
+        "--host", ("GPT2SERVE_HOST",),
+        "interface to listen on (the container entry point listens on 0.0.0.0)", str, default="127.0.0.1",
+    )
     port: int = _setting(
         "--port", ("SAGEMAKER_BIND_TO_PORT", "GPT2SERVE_PORT"), "TCP port to listen on", _port, default=8080
     )
@@ -212,6 +228,46 @@ class Settings:
     log_level: str = _setting(
         "--log-level", ("GPT2SERVE_LOG_LEVEL",), "logging level", _choice(*LOG_LEVELS), default="info"
     )
+    # -- who may call, and how much (gpt2serve.api.auth) --
+    api_keys: tuple[str, ...] = _setting(
+        "--api-key", ("GPT2SERVE_API_KEYS",),
+        "an API key callers send as `Authorization: Bearer KEY` or `x-api-key`; repeat the flag for more "
+        "(the variable takes a comma-separated list)", _list, default=(), shown="none", repeat=True,
+    )
+    api_keys_file: str | None = _setting(
+        "--api-keys-file", ("GPT2SERVE_API_KEYS_FILE",),
+        "file of API keys: one a line, `KEY [NAME] [concurrent_requests=N] [requests_per_minute=N] "
+        "[tokens_per_minute=N]`", _readable_file, shown="none",
+    )
+    sigv4_credentials: str | None = _setting(
+        "--sigv4-credentials", ("GPT2SERVE_SIGV4_CREDENTIALS",),
+        "AWS shared-credentials file (~/.aws/credentials format) whose key pairs may call with SigV4 "
+        "signatures (service sagemaker)", _readable_file, shown="none",
+    )
+    sigv4_region: str | None = _setting(
+        "--sigv4-region", ("GPT2SERVE_SIGV4_REGION",), "the region SigV4 signatures must be scoped to",
+        str, shown="any region",
+    )
+    key_concurrent_requests: int | None = _setting(
+        "--key-concurrent-requests", ("GPT2SERVE_KEY_CONCURRENT_REQUESTS",),
+        "requests one key may have in flight, for keys whose file entry sets none", _positive(int),
+        shown="no limit",
+    )
+    key_requests_per_minute: int | None = _setting(
+        "--key-requests-per-minute", ("GPT2SERVE_KEY_REQUESTS_PER_MINUTE",),
+        "requests one key may start in any 60 s, for keys whose file entry sets none", _positive(int),
+        shown="no limit",
+    )
+    key_tokens_per_minute: int | None = _setting(
+        "--key-tokens-per-minute", ("GPT2SERVE_KEY_TOKENS_PER_MINUTE",),
+        "tokens one key's requests may generate in any 60 s, for keys whose file entry sets none",
+        _positive(int), shown="no limit",
+    )
+    cors_origins: tuple[str, ...] = _setting(
+        "--cors-origins", ("GPT2SERVE_CORS_ORIGINS",),
+        "comma-separated origins browsers may call from (`*`: any); CORS is off without it", _list,
+        default=(), shown="none (CORS off)",
+    )
 
     @classmethod
     def from_args(
@@ -222,6 +278,8 @@ class Settings:
         values: dict[str, Any] = {}
         for f in fields(cls):
             value = getattr(ns, f.name, None) if ns is not None else None
+            if isinstance(value, list):  # a repeated flag: one tuple per occurrence
+                value = tuple(item for part in value for item in part)
             if value is None:
                 value = _from_env(f.name, f.metadata, environ)
             if value is None and f.metadata["computed"] is not None:
@@ -272,16 +330,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             meta["flag"],
             dest=f.name,
             default=None,
+            action="append" if meta["repeat"] else "store",
             type=_argparse_type(f.name, meta["parse"]),
             help=f"{meta['help']} (env: {env}; default: {default})",
         )
 
 
-def settings_or_exit(ns: argparse.Namespace) -> Settings:
-    """`Settings.from_args(ns)`; a bad environment variable prints one line and exits with status 2 (as
-    argparse does for a bad flag)."""
+def settings_or_exit(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """`Settings.from_args(ns, environ)`; a bad environment variable prints one line and exits with status
+    2 (as argparse does for a bad flag)."""
     try:
-        return Settings.from_args(ns)
+        return Settings.from_args(ns, environ)
     except ValueError as exc:
         print(f"gpt2serve: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

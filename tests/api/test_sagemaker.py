@@ -16,7 +16,7 @@ import httpx
 import pytest
 from botocore.config import Config
 
-from gpt2serve.api.container import build_parser
+from gpt2serve.api.container import build_parser, container_settings
 from gpt2serve.settings import Settings, add_arguments
 from tests.api.conftest import SRC, ThreadServer, make_settings, wait_for
 
@@ -121,7 +121,7 @@ def test_ping_is_503_while_loading_and_sigterm_then_exits_0(process_server) -> N
 
 def test_sagemaker_environment() -> None:
     env = {"SAGEMAKER_BIND_TO_PORT": "9123", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20", "SAGEMAKER_BATCH": "true"}
-    settings = Settings.from_env(env)
+    settings = container_settings([], env)  # the container listens on all interfaces, as SageMaker needs
     assert (settings.port, settings.max_body_mb, settings.request_timeout_s) == (9123, 20.0, 590.0)
     assert settings.host == "0.0.0.0"
     assert Settings.from_env({}).port == 8080 and Settings.from_env({}).request_timeout_s == 50.0

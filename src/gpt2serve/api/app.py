@@ -29,6 +29,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from gpt2serve import __version__
+from gpt2serve.api.auth import install_auth
 from gpt2serve.api.connections import guarded_protocol
 from gpt2serve.api.errors import install_error_handlers
 from gpt2serve.api.metrics import ServerMetrics
@@ -72,6 +73,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.server = state
     app.state.metrics = metrics = ServerMetrics(state)
     install_error_handlers(app)
+    install_auth(app, settings)  # API keys, SigV4, quotas, CORS: inside the request context middleware
     app.add_middleware(
         RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, observer=metrics.observe,
         body_timeout_s=settings.body_timeout_s,

@@ -42,6 +42,7 @@ from gpt2serve.engine.request import (
     TokenLogprob,
 )
 from gpt2serve.engine.scheduler import Scheduler
+from gpt2serve.engine.usage import current_meter, metered
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,9 @@ class Engine:
         budget = params.new_token_budget(len(prompt_ids), self.model_config.n_positions)
         if deadline is None and self.config.request_timeout_s is not None:
             deadline = time.monotonic() + self.config.request_timeout_s
+        meter = current_meter.get()  # the caller's, where the HTTP layer meters its key's usage
+        if meter is not None:
+            sink = metered(sink, meter)
         req = Request(prompt, prompt_ids, params, budget, sink, stream, deadline)
         with self._cond:
             self.scheduler.add(req)
