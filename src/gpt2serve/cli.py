@@ -59,6 +59,37 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from gpt2serve.batch import BatchOptions, run_batch
+
+    options = BatchOptions(
+        input=args.input, output=args.output, model=args.model, url=args.url, concurrency=args.concurrency,
+        device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+    )  # fmt: skip
+    return run_batch(options)
+
+
+def _add_batch(sub: argparse._SubParsersAction) -> None:
+    batch = sub.add_parser(
+        "batch", help="answer a JSON Lines file of requests, line for line (resumable)",
+        description="Each input line is a request (seed API fields, an OpenAI-style {\"prompt\": ...}, or a "
+        "JSON string); each output line its answer or error record, in input order. Rerun the same command "
+        "to continue an interrupted job. Exit status: 0 all answered, 1 some lines failed, 2 stopped early.",
+    )  # fmt: skip
+    batch.add_argument("input", help="JSON Lines file of requests, or - for standard input")
+    batch.add_argument("-o", "--output", required=True, help="output (resumed if it exists), - for stdout")
+    where = batch.add_mutually_exclusive_group()
+    model_help = f"run locally: checkpoint dir, hub id or random:<size> (default {GENERATE_DEFAULT_MODEL})"
+    where.add_argument("--model", default=GENERATE_DEFAULT_MODEL, help=model_help)
+    where.add_argument("--url", help="send the lines to this server (a base URL or an .../invocations path)")
+    batch.add_argument("--concurrency", type=int, default=None,
+                       help="requests in flight (default: 2 x --max-batch-size locally, 16 with --url)")
+    batch.add_argument("--max-batch-size", type=int, default=32, help="local engine: KV slots (default 32)")
+    batch.add_argument("--dtype", default=None, help="local engine: float32 | bfloat16 | float16 | int8")
+    batch.add_argument("--device", default="cpu", help="local engine: cpu | cuda | auto (default cpu)")
+    batch.set_defaults(func=_batch)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from gpt2serve.api.app import serve
     from gpt2serve.settings import Settings
@@ -91,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the API's JSON array")
     _add_request_flags(gen)
     gen.set_defaults(func=_generate)
+    _add_batch(sub)
     return parser
 
 

@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request, Response
 from gpt2serve.api import content
 from gpt2serve.api.disconnect import ClientDisconnectedError, until_disconnected
 from gpt2serve.api.errors import BodyTooLargeError, describe, model_error, request_id_of
-from gpt2serve.api.protocol import V1Request, parse_request
+from gpt2serve.api.protocol import answer_request
 from gpt2serve.api.state import ServerState, server_state
 from gpt2serve.api.streaming import native_sse_response, wants_stream
 from gpt2serve.engine.errors import EngineStoppedError
@@ -91,12 +91,7 @@ async def _invoke(request: Request) -> Response:
 
 async def answer_one(state: ServerState, body: Any) -> Any:
     """Validate one request body, run it, and shape the answer for its format."""
-    req = parse_request(body)
-    params = req.to_params()
-    if isinstance(req, V1Request) and req.test:
-        return req.answer(None)
-    result = await state.require_engine().generate(req.input, params)
-    return req.answer(result)
+    return await answer_request(body, lambda prompt, params: state.require_engine().generate(prompt, params))
 
 
 async def _answer_lines(state: ServerState, lines: list[tuple[int, str]], request_id: str) -> list[Any]:
