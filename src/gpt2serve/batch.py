@@ -49,6 +49,7 @@ class BatchOptions:
     device: str = "cpu"
     dtype: str | None = None
     max_batch_size: int = 32
+    threads: int | None = None
 
 
 class FatalLineError(Exception):

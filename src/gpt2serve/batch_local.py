@@ -33,7 +33,7 @@ class LocalBatch:
         queue = max(256, options.concurrency or 0)
         config = EngineConfig(
             device=options.device, dtype=options.dtype, max_batch_size=options.max_batch_size,
-            max_queue=queue, request_timeout_s=None,
+            max_queue=queue, request_timeout_s=None, threads=options.threads,
         )  # fmt: skip
         engine = Engine.load(options.model, config)
         engine.start()

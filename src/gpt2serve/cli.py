@@ -64,7 +64,7 @@ def _batch(args: argparse.Namespace) -> int:
 
     options = BatchOptions(
         input=args.input, output=args.output, model=args.model, url=args.url, concurrency=args.concurrency,
-        device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+        device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, threads=args.threads,
     )  # fmt: skip
     return run_batch(options)
 
@@ -87,6 +87,7 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--max-batch-size", type=int, default=32, help="local engine: KV slots (default 32)")
     batch.add_argument("--dtype", default=None, help="local engine: float32 | bfloat16 | float16 | int8")
     batch.add_argument("--device", default="cpu", help="local engine: cpu | cuda | auto (default cpu)")
+    batch.add_argument("--threads", type=int, default=None, help="local engine: CPU threads")
     batch.set_defaults(func=_batch)
 
 
