@@ -34,7 +34,8 @@ BAD_LINES = [
 
 
 def request(i: int, tokens: int = 4) -> dict:
-    return {"id": i, "input": f"Line {i} says", "max_new_tokens": tokens, "seed": i, "num_return_sequences": 1}
+    return {"id": i, "input": f"Line {i} says", "max_new_tokens": tokens, "seed": i,
+            "num_return_sequences": 1}  # fmt: skip
 
 
 def write_mixed(path: Path, n: int, tokens: int = 4, bad_every: int = 7) -> dict[int, str]:
