@@ -18,7 +18,8 @@ import torch
 from gpt2serve import batch_remote
 from gpt2serve.batch import EXIT_LINES_FAILED, EXIT_OK, EXIT_STOPPED, BatchOptions, run_batch
 from gpt2serve.batch_output import resume_point
-from tests.api.conftest import ThreadServer, free_port, make_settings
+from tests.api.conftest import ThreadServer, free_port
+from tests.live_server import tiny_server
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # Bad lines and the words their error records must carry.
@@ -169,14 +170,8 @@ def test_stdin_to_stdout_with_plain_progress(tmp_path, tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: Path) -> Iterator[ThreadServer]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    s = ThreadServer(make_settings(str(tiny_checkpoint))).start().wait_ready()
-    try:
+    with tiny_server(tiny_checkpoint) as s:
         yield s
-    finally:
-        s.stop()
-        torch.set_num_threads(threads)
 
 
 def test_url_mode_answers_as_local_mode(tmp_path, tiny_checkpoint, server, one_thread):
