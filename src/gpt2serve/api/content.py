@@ -4,6 +4,9 @@ Request bodies are JSON (`application/json`, or no Content-Type) or JSON Lines (
 `application/jsonl`, `application/x-jsonlines`: one request per non-empty line). Answers are JSON or
 JSON Lines as `Accept` asks; `*/*`, `application/*` or no Accept answer in the request's format.
 A JSON Lines body answered as JSON gets a JSON array holding one answer per line.
+In a batch transform job (`SAGEMAKER_BATCH=true`), a JSON body of several newline-joined records (what
+`SplitType=Line` with `BatchStrategy=MultiRecord` sends, labelled application/json) is JSON Lines, and
+is answered one answer per line whatever the Accept type, as SageMaker assembles records by line.
 """
 
 from __future__ import annotations
@@ -93,6 +96,17 @@ def parse_json(text: str, line: int | None = None) -> Any:
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}" if line is None else f"line {line} column {exc.colno}"
         raise APIError(400, f"malformed JSON: {exc.msg} at {where}") from None
+
+
+def is_multi_record(text: str) -> bool:
+    """Several newline-joined JSON records (not one JSON value that spans lines)."""
+    if len(split_lines(text)) < 2:
+        return False
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return True
+    return False
 
 
 def split_lines(text: str) -> list[tuple[int, str]]:

@@ -12,7 +12,8 @@ server is busy or stopping fails the whole body with 503, so batch transform ret
 Errors: `/invocations` answers the status of the error (400, 503 ...), as a container does;
 `/endpoints/<name>/invocations` answers as the SageMaker runtime service does, with HTTP 424 `ModelError`
 whose `OriginalStatusCode` and `OriginalMessage` carry that status and body (boto3 raises ModelError);
-a body over the size limit gets 413 on both paths, as the runtime service refuses one itself.
+a body over the size limit gets 413 on both paths, as the runtime service refuses one itself. The runtime
+path's answers carry `x-Amzn-Invoked-Production-Variant`, as the service's do.
 A client that disconnects while its non-streamed request runs cancels the generation.
 """
 
@@ -27,6 +28,7 @@ from gpt2serve.api import content
 from gpt2serve.api.disconnect import ClientDisconnectedError, until_disconnected
 from gpt2serve.api.errors import BodyTooLargeError, describe, model_error, request_id_of
 from gpt2serve.api.protocol import answer_request
+from gpt2serve.api.routes.response_stream import PRODUCTION_VARIANT
 from gpt2serve.api.state import ServerState, server_state
 from gpt2serve.api.streaming import native_sse_response, wants_stream
 from gpt2serve.engine.errors import EngineStoppedError
@@ -48,7 +50,7 @@ async def execution_parameters(request: Request) -> dict[str, Any]:
     settings = server_state(request).settings
     return {
         "MaxConcurrentTransforms": settings.max_concurrent_transforms,
-        "BatchStrategy": "MULTI_RECORD",
+        "BatchStrategy": settings.batch_strategy,
         "MaxPayloadInMB": max(1, int(settings.max_body_mb)),  # SageMaker takes whole MB
     }
 
@@ -63,11 +65,13 @@ async def invocations(request: Request) -> Response:
 async def invoke_endpoint(endpoint_name: str, request: Request) -> Response:
     """The runtime service's InvokeEndpoint: an error is a 424 ModelError carrying the container's answer."""
     try:
-        return await _invoke(request)
+        response = await _invoke(request)
     except (BodyTooLargeError, ClientDisconnectedError):
         raise  # the runtime itself refuses a body over its limit with 413, before the model sees it
     except Exception as exc:
-        return model_error(exc, request_id_of(request))
+        response = model_error(exc, request_id_of(request))
+    response.headers["x-Amzn-Invoked-Production-Variant"] = PRODUCTION_VARIANT
+    return response
 
 
 async def _invoke(request: Request) -> Response:
@@ -76,7 +80,9 @@ async def _invoke(request: Request) -> Response:
     content.check_custom_attributes(request.headers.get("x-amzn-sagemaker-custom-attributes"))
     text = content.decode_body(await request.body())
     state = server_state(request)
-    if request_type == content.JSON:
+    in_batch_job = state.settings.batch_transform  # SAGEMAKER_BATCH=true: newline-joined JSON is JSON Lines
+    multi_record = request_type == content.JSON and in_batch_job and content.is_multi_record(text)
+    if request_type == content.JSON and not multi_record:
         body = content.parse_json(text)
         if wants_stream(accept, body):  # "stream": true or Accept: text/event-stream
             return native_sse_response(state, body, request_id_of(request))
@@ -86,7 +92,8 @@ async def _invoke(request: Request) -> Response:
     answer_type = content.answer_media_type(accept, request_type)
     lines = content.split_lines(text)
     answers = await until_disconnected(request, _answer_lines(state, lines, request_id_of(request)))
-    return Response(content.render(answers, answer_type, single=False), media_type=answer_type)
+    rendered = content.render(answers, content.JSONLINES if multi_record else answer_type, single=False)
+    return Response(rendered, media_type=answer_type)
 
 
 async def answer_one(state: ServerState, body: Any) -> Any:
