@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
     _add_batch(sub)
     _add_invoke(sub)
+    from gpt2serve.sagemaker_cli import add_sagemaker
+
+    add_sagemaker(sub)
     return parser
 
 
