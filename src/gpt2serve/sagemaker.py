@@ -133,11 +133,15 @@ class SageMaker:
         container: dict[str, Any] = {"Image": args.image_uri, "Environment": dict(args.env)}
         if args.model_data:
             container["ModelDataUrl"] = args.model_data
-        self.sm.create_model(ModelName=args.name, PrimaryContainer=container, ExecutionRoleArn=args.role)
         variant = {"VariantName": VARIANT, "ModelName": args.name, "InstanceType": args.instance_type,
                    "InitialInstanceCount": args.instance_count, "InitialVariantWeight": 1.0}  # fmt: skip
-        self.sm.create_endpoint_config(EndpointConfigName=args.name, ProductionVariants=[variant])
-        self.sm.create_endpoint(EndpointName=args.name, EndpointConfigName=args.name)
+        self.sm.create_model(ModelName=args.name, PrimaryContainer=container, ExecutionRoleArn=args.role)
+        try:
+            self.sm.create_endpoint_config(EndpointConfigName=args.name, ProductionVariants=[variant])
+            self.sm.create_endpoint(EndpointName=args.name, EndpointConfigName=args.name)
+        except Exception:
+            self.delete(args.name)  # no half-made deployment left behind to block the name
+            raise
         if args.wait or args.autoscale:
             self.wait_for(args.name, "endpoint")
         if args.autoscale:
