@@ -1,4 +1,4 @@
-"""The `gpt2serve` command: serve | generate."""
+"""The `gpt2serve` command: serve | generate | batch | invoke | sagemaker."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import typing
 from gpt2serve import __version__
 
 GENERATE_DEFAULT_MODEL = "random:gpt2"
+INVOKE_DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 def _add_request_flags(parser: argparse.ArgumentParser) -> None:
@@ -35,9 +36,8 @@ def _generate(args: argparse.Namespace) -> int:
     from gpt2serve.engine.engine import Engine
     from gpt2serve.engine.errors import GPT2ServeError
 
-    given = {k: v for k, v in vars(args).items() if k in SeedRequest.model_fields}
     try:
-        request = SeedRequest(input=args.text, **given)
+        request = SeedRequest(input=args.text, **_request_params(args))
         params = request.to_params()
         config = EngineConfig(device=args.device, dtype=args.dtype, max_batch_size=16, max_request_share=1.0)
         engine = Engine.load(args.model, config)
@@ -49,15 +49,93 @@ def _generate(args: argparse.Namespace) -> int:
     except GPT2ServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    texts = request.answer(result)
-    if args.json:
-        print(json.dumps(texts, ensure_ascii=False, indent=2))
-    else:
-        for i, text in enumerate(texts):
-            if len(texts) > 1:
-                print(f"--- {i}")
-            print(text)
+    _print_texts(request.answer(result), args.json)
     return 0
+
+
+def _print_texts(texts: list[str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(texts, ensure_ascii=False, indent=2))
+        return
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- {i}")
+        print(text)
+
+
+def _request_params(args: argparse.Namespace) -> dict:
+    """The request fields given on the command line."""
+    from gpt2serve.api.protocol import SeedRequest
+
+    return {k: v for k, v in vars(args).items() if k in SeedRequest.model_fields}
+
+
+def _invoke(args: argparse.Namespace) -> int:
+    from gpt2serve.client import Client, ClientError
+
+    params = _request_params(args)
+    try:
+        if args.endpoint_name:
+            client = Client.sagemaker(args.endpoint_name, region=args.region)
+        else:
+            client = Client(args.url)
+        with client:
+            if not args.stream:
+                _print_texts(client.generate(args.text, **params), args.json)
+                return 0
+            for piece in client.stream(args.text, **params):
+                print(piece, end="", flush=True)
+            print()
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_invoke(sub: argparse._SubParsersAction) -> None:
+    invoke = sub.add_parser("invoke", help="send a prompt to a running server or a SageMaker endpoint")
+    invoke.add_argument("text", help="the prompt")
+    where = invoke.add_mutually_exclusive_group()
+    where.add_argument("--url", default=INVOKE_DEFAULT_URL, help=f"server URL (default {INVOKE_DEFAULT_URL})")
+    endpoint_help = "a SageMaker endpoint, through boto3 (its credentials, region and AWS_ENDPOINT_URL)"
+    where.add_argument("--endpoint-name", help=endpoint_help)
+    invoke.add_argument("--region", default=None, help="the endpoint's AWS region (default: boto3's)")
+    invoke.add_argument("--stream", action="store_true", help="print the text as it is made")
+    invoke.add_argument("--json", action="store_true", help="print the API's JSON array")
+    _add_request_flags(invoke)
+    invoke.set_defaults(func=_invoke)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from gpt2serve.batch import BatchOptions, run_batch
+
+    options = BatchOptions(
+        input=args.input, output=args.output, model=args.model, url=args.url, concurrency=args.concurrency,
+        device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, threads=args.threads,
+    )  # fmt: skip
+    return run_batch(options)
+
+
+def _add_batch(sub: argparse._SubParsersAction) -> None:
+    batch = sub.add_parser(
+        "batch", help="answer a JSON Lines file of requests, line for line (resumable)",
+        description="Each input line is a request (seed API fields, an OpenAI-style {\"prompt\": ...}, or a "
+        "JSON string); each output line its answer or error record, in input order. Rerun the same command "
+        "to continue an interrupted job. Exit status: 0 all answered, 1 some lines failed, 2 stopped early.",
+    )  # fmt: skip
+    batch.add_argument("input", help="JSON Lines file of requests, or - for standard input")
+    batch.add_argument("-o", "--output", required=True, help="output (resumed if it exists), - for stdout")
+    where = batch.add_mutually_exclusive_group()
+    model_help = f"run locally: checkpoint dir, hub id or random:<size> (default {GENERATE_DEFAULT_MODEL})"
+    where.add_argument("--model", default=GENERATE_DEFAULT_MODEL, help=model_help)
+    where.add_argument("--url", help="send the lines to this server (a base URL or an .../invocations path)")
+    batch.add_argument("--concurrency", type=int, default=None,
+                       help="requests in flight (default: 2 x --max-batch-size locally, 16 with --url)")
+    batch.add_argument("--max-batch-size", type=int, default=32, help="local engine: KV slots (default 32)")
+    batch.add_argument("--dtype", default=None, help="local engine: float32 | bfloat16 | float16 | int8")
+    batch.add_argument("--device", default="cpu", help="local engine: cpu | cuda | auto (default cpu)")
+    batch.add_argument("--threads", type=int, default=None, help="local engine: CPU threads")
+    batch.set_defaults(func=_batch)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -94,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the API's JSON array")
     _add_request_flags(gen)
     gen.set_defaults(func=_generate)
+    _add_batch(sub)
+    _add_invoke(sub)
+    from gpt2serve.sagemaker_cli import add_sagemaker
+
+    add_sagemaker(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ SAGEMAKER_MODEL_DIR = "/opt/ml/model"
 FALLBACK_MODEL = "gpt2-xl"
 DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 CPU_KERNELS = ("auto", "gemv", "torch")
+BATCH_STRATEGIES = ("MULTI_RECORD", "SINGLE_RECORD")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -86,6 +87,20 @@ def _readable_file(text: str) -> str:
     if not Path(text).is_file():
         raise ValueError("no such file")
     return text
+
+
+def _batch_strategy(text: str) -> str:
+    value = text.strip().upper()
+    if value not in BATCH_STRATEGIES:
+        raise ValueError(f"must be one of {', '.join(BATCH_STRATEGIES)}")
+    return value
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0"):
+        raise ValueError("must be true or false")
+    return value in ("true", "1")
 
 
 def _port(text: str) -> int:
@@ -187,9 +202,20 @@ class Settings:
         shown="50, or 590 in a SageMaker batch transform job (SAGEMAKER_BATCH=true)",
     )
     max_concurrent_transforms: int = _setting(
-        "--max-concurrent-transforms", ("GPT2SERVE_MAX_CONCURRENT_TRANSFORMS",),
+        "--max-concurrent-transforms",
+        ("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", "GPT2SERVE_MAX_CONCURRENT_TRANSFORMS"),
         "MaxConcurrentTransforms advertised to batch transform (GET /execution-parameters)",
         _positive(int), default=4,
+    )
+    batch_strategy: str = _setting(
+        "--batch-strategy", ("SAGEMAKER_BATCH_STRATEGY", "GPT2SERVE_BATCH_STRATEGY"),
+        "BatchStrategy advertised to batch transform (GET /execution-parameters)", _batch_strategy,
+        default="MULTI_RECORD",
+    )
+    batch_transform: bool = _setting(
+        "--batch-transform", ("SAGEMAKER_BATCH", "GPT2SERVE_BATCH_TRANSFORM"),
+        "serving a batch transform job: a JSON body of several newline-joined records is JSON Lines",
+        _boolean, default=False,
     )
     threads: int | None = _setting(
         "--threads", ("GPT2SERVE_THREADS",), "CPU threads for the model's matrix products", _positive(int),

@@ -4,6 +4,9 @@ Request bodies are JSON (`application/json`, or no Content-Type) or JSON Lines (
 `application/jsonl`, `application/x-jsonlines`: one request per non-empty line). Answers are JSON or
 JSON Lines as `Accept` asks; `*/*`, `application/*` or no Accept answer in the request's format.
 A JSON Lines body answered as JSON gets a JSON array holding one answer per line.
+In a batch transform job (`SAGEMAKER_BATCH=true`), a JSON body of several newline-joined records (what
+`SplitType=Line` with `BatchStrategy=MultiRecord` sends, labelled application/json) is JSON Lines, and
+is answered one answer per line whatever the Accept type, as SageMaker assembles records by line.
 """
 
 from __future__ import annotations
@@ -91,6 +94,17 @@ def parse_json(text: str, line: int | None = None) -> Any:
     """The decoded JSON value, or 400 saying what is wrong and where (syntax, depth, number size, lone
     surrogates: see `gpt2serve.api.jsondecode`)."""
     return jsondecode.loads(text, line)
+
+
+def is_multi_record(text: str) -> bool:
+    """Several newline-joined JSON records (not one JSON value that spans lines)."""
+    if len(split_lines(text)) < 2:
+        return False
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return True
+    return False
 
 
 def split_lines(text: str) -> list[tuple[int, str]]:

@@ -19,6 +19,7 @@ Documented choices:
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,6 +28,9 @@ from gpt2serve.api.errors import APIError
 from gpt2serve.engine.errors import InvalidParameterError
 from gpt2serve.engine.params import SamplingParams
 from gpt2serve.engine.request import GenerationResult
+
+# Runs one prompt: the engine's async bridge, or a caller's wrapper of it.
+Generate = Callable[[str, SamplingParams], Awaitable[GenerationResult]]
 
 V1_ONLY_KEYS = ("length", "k", "p", "stop_token", "test")
 CURRENT_ONLY_KEYS = (
@@ -184,3 +188,12 @@ def parse_request(body: Any) -> SeedRequest | V1Request:
     if v1_keys or ("repetition_penalty" in body and not current_keys):
         return V1Request.model_validate(body)
     return SeedRequest.model_validate(body)
+
+
+async def answer_request(body: Any, generate: Generate) -> Any:
+    """Validate one decoded JSON body, run it with `generate`, and shape the answer for its format."""
+    req = parse_request(body)
+    params = req.to_params()
+    if isinstance(req, V1Request) and req.test:
+        return req.answer(None)
+    return req.answer(await generate(req.input, params))

@@ -12,7 +12,8 @@ server is busy or stopping fails the whole body with 503, so batch transform ret
 Errors: `/invocations` answers the status of the error (400, 503 ...), as a container does;
 `/endpoints/<name>/invocations` answers as the SageMaker runtime service does, with HTTP 424 `ModelError`
 whose `OriginalStatusCode` and `OriginalMessage` carry that status and body (boto3 raises ModelError);
-a body over the size limit gets 413 on both paths, as the runtime service refuses one itself.
+a body over the size limit gets 413 on both paths, as the runtime service refuses one itself. The runtime
+path's answers carry `x-Amzn-Invoked-Production-Variant`, as the service's do.
 A client that disconnects while its non-streamed request runs cancels the generation.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -27,10 +29,13 @@ from fastapi import APIRouter, Request, Response
 from gpt2serve.api import content
 from gpt2serve.api.disconnect import ClientDisconnectedError, until_disconnected
 from gpt2serve.api.errors import APIError, BodyTooLargeError, describe, model_error, request_id_of
-from gpt2serve.api.protocol import V1Request, parse_request
+from gpt2serve.api.protocol import answer_request
+from gpt2serve.api.routes.response_stream import PRODUCTION_VARIANT
 from gpt2serve.api.state import ServerState, server_state
 from gpt2serve.api.streaming import native_sse_response, wants_stream
 from gpt2serve.engine.errors import EngineStoppedError, RequestTimeoutError
+from gpt2serve.engine.params import SamplingParams
+from gpt2serve.engine.request import GenerationResult
 
 router = APIRouter()
 
@@ -49,7 +54,7 @@ async def execution_parameters(request: Request) -> dict[str, Any]:
     settings = server_state(request).settings
     return {
         "MaxConcurrentTransforms": settings.max_concurrent_transforms,
-        "BatchStrategy": "MULTI_RECORD",
+        "BatchStrategy": settings.batch_strategy,
         "MaxPayloadInMB": max(1, int(settings.max_body_mb)),  # SageMaker takes whole MB
     }
 
@@ -64,11 +69,13 @@ async def invocations(request: Request) -> Response:
 async def invoke_endpoint(endpoint_name: str, request: Request) -> Response:
     """The runtime service's InvokeEndpoint: an error is a 424 ModelError carrying the container's answer."""
     try:
-        return await _invoke(request)
+        response = await _invoke(request)
     except (BodyTooLargeError, ClientDisconnectedError):
         raise  # the runtime itself refuses a body over its limit with 413, before the model sees it
     except Exception as exc:
-        return model_error(exc, request_id_of(request))
+        response = model_error(exc, request_id_of(request))
+    response.headers["x-Amzn-Invoked-Production-Variant"] = PRODUCTION_VARIANT
+    return response
 
 
 async def _invoke(request: Request) -> Response:
@@ -77,7 +84,9 @@ async def _invoke(request: Request) -> Response:
     content.check_custom_attributes(request.headers.get("x-amzn-sagemaker-custom-attributes"))
     text = content.decode_body(await request.body())
     state = server_state(request)
-    if request_type == content.JSON:
+    in_batch_job = state.settings.batch_transform  # SAGEMAKER_BATCH=true: newline-joined JSON is JSON Lines
+    multi_record = request_type == content.JSON and in_batch_job and content.is_multi_record(text)
+    if request_type == content.JSON and not multi_record:
         body = content.parse_json(text)
         if wants_stream(accept, body):  # "stream": true or Accept: text/event-stream
             return await native_sse_response(state, body, request_id_of(request))
@@ -87,17 +96,17 @@ async def _invoke(request: Request) -> Response:
     answer_type = content.answer_media_type(accept, request_type)
     lines = content.split_lines(text)
     answers = await until_disconnected(request, _answer_lines(state, lines, request_id_of(request)))
-    return Response(content.render(answers, answer_type, single=False), media_type=answer_type)
+    rendered = content.render(answers, content.JSONLINES if multi_record else answer_type, single=False)
+    return Response(rendered, media_type=answer_type)
 
 
 async def answer_one(state: ServerState, body: Any, deadline: float | None = None) -> Any:
     """Validate one request body, run it, and shape the answer for its format."""
-    req = parse_request(body)
-    params = req.to_params()
-    if isinstance(req, V1Request) and req.test:
-        return req.answer(None)
-    result = await state.require_engine().generate(req.input, params, deadline=deadline)
-    return req.answer(result)
+
+    def generate(prompt: str, params: SamplingParams) -> Awaitable[GenerationResult]:
+        return state.require_engine().generate(prompt, params, deadline=deadline)
+
+    return await answer_request(body, generate)
 
 
 async def _answer_lines(state: ServerState, lines: list[tuple[int, str]], request_id: str) -> list[Any]:
