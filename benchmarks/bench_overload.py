@@ -2,13 +2,16 @@
 
     python benchmarks/bench_overload.py [--model random:gpt2] [--max-batch-size 8] [--max-queue 16]
                                         [--levels 1,4,10] [--seconds 15] [--max-new-tokens 16]
-                                        [--out results.json]
+                                        [--backoffs retry-after,0.05] [--out results.json]
 
 It starts the server itself (the container entry point on a free 127.0.0.1 port; all traffic stays on
 loopback) with --max-batch-size and --max-queue, so its capacity is their sum: the requests it can hold
-at once, running or waiting. At each level, capacity x level callers send seeded sampling requests back
-to back for --seconds while a pinger calls GET /ping every 50 ms. Per level: p50/p99 latency of the
-200s, of the 503s (refused: the queue is full), of /ping, and the count of any other status.
+at once, running or waiting. At each level, capacity x level callers (in 2 processes) send seeded
+sampling requests back to back for --seconds; a refused caller waits the server's Retry-After (as the
+OpenAI client does) or, in a harsher pass, a fixed --backoffs time. Meanwhile a light probe process of
+its own calls GET /ping and a short generation every 50 ms: it sees the server as one more client would,
+undelayed by the callers' own busy event loops. Per level: p50/p99 latency of the 200s, of the 503s
+(refused: the queue is full), of /ping and of the probe's requests, and the count of any other status.
 
 Memory: the server's RSS after a warm-up, then after a pass of oversized requests (a 6 MB `input`, a
 prompt past the token limit, JSON Lines bodies past the line limit, long stop strings, a 1,000-prompt
@@ -98,7 +101,8 @@ def _probe_loop(url: str, seconds: float, out: multiprocessing.Queue) -> None:
     out.put((pings, posts))
 
 
-async def _callers(url: str, first: int, count: int, seconds: float, max_new_tokens: int) -> dict:
+async def _callers(url: str, first: int, count: int, seconds: float, max_new_tokens: int,
+                   backoff_s: float | None) -> dict:
     latencies: dict[str, list[float]] = {}
     stop_at = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -110,29 +114,33 @@ async def _callers(url: str, first: int, count: int, seconds: float, max_new_tok
                 body = {**BODY, "seed": k * 100_000 + i, "max_new_tokens": max_new_tokens}
                 i += 1
                 t0 = time.monotonic()
+                retry_after = "0"
                 try:
-                    status = str((await client.post("/invocations", json=body)).status_code)
+                    response = await client.post("/invocations", json=body)
+                    status, retry_after = str(response.status_code), response.headers.get("retry-after", "0")
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 latencies.setdefault(status, []).append(time.monotonic() - t0)
-                if status == "503":
-                    await asyncio.sleep(0.05)  # a client that honours "busy" a little
+                if status == "503":  # busy: wait as told (the OpenAI client does), or `backoff_s`
+                    await asyncio.sleep(float(retry_after) if backoff_s is None else backoff_s)
 
         await asyncio.gather(*(caller(k) for k in range(first, first + count)))
     return latencies
 
 
-def _caller_process(url: str, first: int, count: int, seconds: float, max_new_tokens: int, out) -> None:
-    out.put(asyncio.run(_callers(url, first, count, seconds, max_new_tokens)))
+def _caller_process(url: str, first: int, count: int, seconds: float, max_new_tokens: int,
+                    backoff_s: float | None, out) -> None:
+    out.put(asyncio.run(_callers(url, first, count, seconds, max_new_tokens, backoff_s)))
 
 
-def run_level(url: str, callers: int, seconds: float, max_new_tokens: int, processes: int = 2) -> dict:
+def run_level(url: str, callers: int, seconds: float, max_new_tokens: int, backoff_s: float | None,
+              processes: int = 2) -> dict:
     """`callers` spread over `processes` load-generating processes, and the pinger in its own."""
     out: multiprocessing.Queue = multiprocessing.Queue()
     pings: multiprocessing.Queue = multiprocessing.Queue()
     share = -(-callers // processes)
     workers = [multiprocessing.Process(target=_caller_process, args=(
-                   url, k * share, min(share, callers - k * share), seconds, max_new_tokens, out))
+                   url, k * share, min(share, callers - k * share), seconds, max_new_tokens, backoff_s, out))
                for k in range(processes) if k * share < callers]  # fmt: skip
     pinger = multiprocessing.Process(target=_probe_loop, args=(url, seconds, pings))
     for p in (*workers, pinger):
@@ -146,7 +154,8 @@ def run_level(url: str, callers: int, seconds: float, max_new_tokens: int, proce
         p.join()
     other = {k: len(v) for k, v in latencies.items() if k not in ("200", "503")}
     probe = {status: _summary([t for s, t in probes if s == status]) for status in {s for s, _ in probes}}
-    return {"callers": callers, "ok": _summary(latencies.get("200", [])),
+    return {"callers": callers, "backoff": "Retry-After" if backoff_s is None else backoff_s,
+            "ok": _summary(latencies.get("200", [])),
             "busy_503": _summary(latencies.get("503", [])), "ping": _summary(ping), "probe": probe,
             "other_statuses": other}  # fmt: skip
 
@@ -190,17 +199,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--oversized-rounds", type=int, default=10)
+    parser.add_argument("--backoffs", default="retry-after,0.05",
+                        help="what a refused caller waits before its next request, per pass of the levels: "
+                        "'retry-after' (the server's Retry-After, as the OpenAI client does) or seconds")
     parser.add_argument("--out")
     args = parser.parse_args()
     proc, url = start_server(args)
     capacity = args.max_batch_size + args.max_queue
     try:
-        run_level(url, 2, 3, args.max_new_tokens)  # warm-up
+        run_level(url, 2, 3, args.max_new_tokens, 0.05)  # warm-up
         rss = {"warm": rss_mb(proc.pid)}
         oversized = oversized_pass(url, args.oversized_rounds)
         rss["after_oversized"] = rss_mb(proc.pid)
-        levels = [run_level(url, capacity * int(x), args.seconds, args.max_new_tokens)
-                  for x in args.levels.split(",")]  # fmt: skip
+        backoffs = [None if b == "retry-after" else float(b) for b in args.backoffs.split(",")]
+        levels = [run_level(url, capacity * int(x), args.seconds, args.max_new_tokens, backoff)
+                  for backoff in backoffs for x in args.levels.split(",")]  # fmt: skip
         rss["after_levels"] = rss_mb(proc.pid)
         time.sleep(5)
         rss["after_idle"] = rss_mb(proc.pid)

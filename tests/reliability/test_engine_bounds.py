@@ -1,7 +1,6 @@
-"""Reproducers of the engine's open part of issue 17, found by the fuzz tests: a temperature or penalty
-that passes validation but overflows float32 makes the draw raise, and the request gets a 500. Each should
-be a 400 naming the field; xfail (not strict) until the engine validates what its arithmetic can
-represent, then they pass."""
+"""Reproducers of issue 17's poison values, found by the fuzz tests: a temperature or penalty
+that passes validation but overflows float32 makes the draw raise, and the request gets a 500. Each is a 400
+naming the field now that the engine bounds them (engine/params.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +9,6 @@ import pytest
 
 from tests.reliability.verdict import server_error
 
-ENGINE_BOUNDS = pytest.mark.xfail(
-    reason="issue 17 (engine half): temperature / repetition_penalty that overflow float32 make "
-    "torch.multinomial raise (500); the engine must bound them",
-    strict=False,
-)
 CASES = [
     ("/invocations", {"input": "Hi", "mode": "sample", "temperature": 1e-300}),
     ("/invocations", {"input": "Hi", "mode": "sample", "temperature": 5e-324}),
@@ -25,10 +19,10 @@ CASES = [
 ]
 
 
-@ENGINE_BOUNDS
 @pytest.mark.parametrize("path, body", CASES, ids=[f"{p}-{b}" for p, b in CASES])
 def test_unrepresentable_parameters_get_400(fuzz_server, path: str, body: dict) -> None:
     r = httpx.post(fuzz_server.url + path, json={**body, "max_new_tokens": 4} if "input" in body else body,
                    timeout=60)  # fmt: skip
     assert not server_error(r.status_code, r.text), r.text
     assert r.status_code == 400
+    assert r.json()["error"]["param"] in ("temperature", "repetition_penalty"), r.text
