@@ -2,7 +2,7 @@
 
     python benchmarks/bench_overload.py [--model random:gpt2] [--max-batch-size 8] [--max-queue 16]
                                         [--levels 1,4,10] [--seconds 15] [--max-new-tokens 16]
-                                        [--out results.json]
+                                        [--out NAME|FILE.json|-]
 
 It starts the server itself (the container entry point on a free 127.0.0.1 port; all traffic stays on
 loopback) with --max-batch-size and --max-queue, so its capacity is their sum: the requests it can hold
@@ -12,7 +12,9 @@ to back for --seconds while a pinger calls GET /ping every 50 ms. Per level: p50
 
 Memory: the server's RSS after a warm-up, then after a pass of oversized requests (a 6 MB `input`, a
 prompt past the token limit, JSON Lines bodies past the line limit, long stop strings, a 1,000-prompt
-OpenAI list) and the levels, and after 5 s idle. Prints one JSON object (and writes it to --out).
+OpenAI list) and the levels, and after 5 s idle. Prints one JSON object with the commit, machine,
+command and date (_results.record) and writes it to benchmarks/results/<machine>/overload_<model>.json (or
+where --out says).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
+from _results import add_out_argument, command_line, model_slug, record, save
 from bench_serving import _free_port, percentile
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -170,17 +172,6 @@ def oversized_pass(url: str, rounds: int) -> dict:
     return statuses
 
 
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())  # fmt: skip
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=SRC.parent).stdout.strip()  # fmt: skip
-    except OSError:
-        commit = "?"
-    return {"cpu": model, "cores": os.cpu_count(), "commit": commit}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="random:gpt2")
@@ -190,7 +181,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--oversized-rounds", type=int, default=10)
-    parser.add_argument("--out")
+    add_out_argument(parser, "overload_<model>")
     args = parser.parse_args()
     proc, url = start_server(args)
     capacity = args.max_batch_size + args.max_queue
@@ -208,16 +199,14 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=60)
     result = {
-        "benchmark": "bench_overload", "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "command": " ".join(sys.argv), "machine": machine(), "model": args.model, "capacity": capacity,
+        "model": args.model, "capacity": capacity,
         "levels": levels, "oversized_statuses": oversized,
         "rss_mb": {k: round(v, 1) for k, v in rss.items()},
         "rss_after_oversized_vs_warm": round(rss["after_oversized"] / rss["warm"], 3),
     }  # fmt: skip
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    result = record(command_line(), result)
+    print(json.dumps(result, indent=2))
+    save(result, args.out, f"overload_{model_slug(args.model)}")
 
 
 if __name__ == "__main__":
