@@ -22,7 +22,7 @@ run: venv
 	$(VENV)/bin/gpt2serve serve --model random:gpt2
 
 lint: venv
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

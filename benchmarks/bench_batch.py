@@ -1,7 +1,7 @@
 """Batch benchmark: `gpt2serve batch` locally, the same requests one at a time, and a server at 16 clients.
 
     python benchmarks/bench_batch.py [--model random:gpt2] [--requests 200] [--sequential 40]
-                                     [--clients 16] [--max-batch-size 32] [--out FILE]
+                                     [--clients 16] [--max-batch-size 32] [--out NAME|FILE.json|-]
 
 The requests are seed-API defaults ({"input": prompt}: sample-top-p, 3 sequences, max_length 100), one per
 line. Three runs, one after the other in this process, each measuring generated tokens/s over its wall
@@ -12,8 +12,9 @@ time (the model load excluded):
 - server: the batch job's --url mode with --clients requests in flight against the container entry point
   started here (a subprocess serving --model with the same --max-batch-size), all --requests.
 Tokens are the engine's count locally and the bundled tokenizer's count of the continuations from the
-server. Prints one JSON object (and writes it to --out) with the commit, CPU, command and date; the
-1-minute load average at each run's end says how busy the (shared) machine was.
+server. Prints one JSON object with the commit, machine, command and date (_results.record) and writes it
+to benchmarks/results/<machine>/batch_<model>.json (or where --out says); the 1-minute load average at
+each run's end says how busy the (shared) machine was.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _results import add_out_argument, command_line, model_slug, record, save  # noqa: E402
 from bench_serving import start_server  # noqa: E402
 
 from gpt2serve.batch import read_lines, run_lines  # noqa: E402
@@ -40,22 +40,6 @@ from gpt2serve.batch_output import OrderedWriter  # noqa: E402
 from gpt2serve.batch_progress import Progress  # noqa: E402
 
 PROMPT = "Request {i}: the history of the printing press begins in"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        return platform.processor()
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    keys = ("Model name", "CPU family", "Model", "CPU(s)")
-    return ", ".join(f"{k} {fields[k].strip()}" for k in keys if k in fields)
-
-
-def commit() -> str:
-    cmd = ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    return out.stdout.strip()
 
 
 async def run(name: str, path: Path, limit: int, answer, concurrency: int) -> dict:
@@ -123,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="CPU threads, here and in the server")
-    p.add_argument("--out", help="also write the JSON here")
+    add_out_argument(p, "batch_<model>")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "requests.jsonl"
@@ -132,18 +116,14 @@ def main(argv: list[str] | None = None) -> None:
         runs = local_runs(args, path) + [server_run(args, path)]
     batch, single, server = runs
     report = {
-        "benchmark": "bench_batch", "commit": commit(), "cpu": cpu_model(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": args.model,
+        "model": args.model,
         "requests": "seed-API defaults: sample-top-p, 3 sequences, max_length 100", "runs": runs,
         "batch_vs_one_at_a_time": round(batch["tokens_per_s"] / single["tokens_per_s"], 2),
         "batch_vs_server": round(batch["tokens_per_s"] / server["tokens_per_s"], 2),
     }  # fmt: skip
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    report = record(command_line(argv), report)
+    print(json.dumps(report, indent=2))
+    save(report, args.out, f"batch_{model_slug(args.model)}")
 
 
 if __name__ == "__main__":

@@ -17,20 +17,19 @@ measures.
     python benchmarks/bench_engine.py [--model random:gpt2] [--shapes greedy,top_p,beam,seed,long_prompt]
         [--precisions float32,bfloat16,int8] [--peers transformers,ct2|none] [--only-peers] [--reps 3]
         [--threads 2] [--interleave|--per-precision|--sequential] [--cold-start [--no-decode]]
-        [--out FILE.json] [--plot FILE.png]
+        [--out NAME|FILE.json|-] [--plot [FILE.png]]
 
 Each engine runs in a process of its own (see _peers.py). `--cold-start` also times `gpt2serve serve` from
-launch to /ping 200 and reads its peak RSS (_cold_start.py). Prints one JSON object (see BENCHMARKS.md);
-`--out` also writes it to a file; its "interleaved" says which engines alternated (all, per-precision,
-none).
+launch to /ping 200 and reads its peak RSS (_cold_start.py). Prints one JSON object (see BENCHMARKS.md)
+and writes it to benchmarks/results/<machine>/engine_<model>.json (cold_<model>.json with --no-decode;
+`--out`: see _results.py); its "interleaved" says which engines alternated (all, per-precision, none).
+`--plot` draws it (plot_engine.py) beside the JSON, or to the PNG given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -44,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import bench_roofline  # noqa: E402
 from _cold_start import cold_start_report  # noqa: E402
 from _peers import SHAPES, RemoteRunner, Shape, convert_ct2, export_hf, free  # noqa: E402
+from _results import add_out_argument, command_line, model_slug, record, save  # noqa: E402
 from bench_roofline import measure_read_bandwidth  # noqa: E402
 
 from gpt2serve.engine.config import KNOWN_SHAPES, ModelConfig  # noqa: E402
@@ -75,35 +75,6 @@ def streamed_bytes(cfg: ModelConfig, precision: str) -> int:
     sizes = {"attn.c_attn": 3 * e * e, "attn.c_proj": e * e, "mlp.c_fc": 4 * e * e, "mlp.c_proj": 4 * e * e}
     layers = sum(n * BYTES[layer_format(precision, name, family)] for name, n in sizes.items())
     return cfg.n_layer * layers + cfg.vocab_size * e * BYTES[layer_format(precision, "lm_head", family)]
-
-
-def machine() -> dict:
-    flags = Path("/proc/cpuinfo").read_text()
-
-    def field(key: str, default: str | None = None) -> str | None:
-        line = next((x for x in flags.splitlines() if x.split(":", 1)[0].strip() == key), None)
-        return line.split(":", 1)[1].strip() if line else default
-
-    name = field("model name", platform.processor())
-    mem = int(
-        next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1]
-    )
-    versions = {"torch": torch.__version__, "python": platform.python_version()}
-    for mod in ("transformers", "ctranslate2"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
-            versions[mod] = None
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f" {f}" in flags]
-    family = {"cpu_family": field("cpu family"), "cpu_model": field("model")}
-    return {
-        "cpu": name,
-        **family,
-        "cores": os.cpu_count(),
-        "mem_GB": round(mem / 1e6, 1),
-        "isa": isa,
-        **versions,
-    }
 
 
 # -- peers' checkpoints ----------------------------------------------------------------------------------
@@ -287,8 +258,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--cold-start", action="store_true", help="also time `gpt2serve serve` to /ping 200")
     ap.add_argument("--no-decode", action="store_true", help="skip the decode benchmark (with --cold-start)")
-    ap.add_argument("--out", help="also write the JSON here")
-    ap.add_argument("--plot", help="also draw the plot (plot_engine.py) to this PNG")
+    add_out_argument(ap, "engine_<model>, or cold_<model> with --no-decode")
+    plot_help = "also draw the plot (plot_engine.py): beside the JSON, or to this PNG"
+    ap.add_argument("--plot", nargs="?", const="", help=plot_help)
     args = ap.parse_args(argv)
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.precisions = [p for p in args.precisions.split(",") if p]
@@ -310,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         args.interleave = "all"
     else:
         args.interleave = "none" if args.sequential else "per-precision"
-    report: dict = {"machine": machine(), "model": args.model, "threads": args.threads, "prompt": PROMPT}
+    report: dict = {"model": args.model, "threads": args.threads, "prompt": PROMPT}
     bandwidth = measure_read_bandwidth()
     log(f"read bandwidth {bandwidth:.1f} GB/s")
     if not args.no_decode:
@@ -334,14 +306,15 @@ def main(argv: list[str] | None = None) -> None:
         }
     if args.cold_start:
         report["cold_start"] = cold_start_report(args.model, args.precisions, cfg, log)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    if args.plot and "results" in report:
+    report = record(command_line(argv), report, read_gbps=bandwidth)
+    print(json.dumps(report, indent=1))
+    name = f"{'cold' if args.no_decode else 'engine'}_{model_slug(args.model)}"
+    path = save(report, args.out, name)
+    if args.plot is not None and "results" in report:
         from plot_engine import plot
 
-        plot(report, Path(args.plot))
+        png = Path(args.plot) if args.plot else (path or Path(f"{name}.json")).with_suffix(".png")
+        plot(report, png)
 
 
 if __name__ == "__main__":

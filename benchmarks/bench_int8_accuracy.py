@@ -1,6 +1,6 @@
 """int8 (and bfloat16) against float32 on several checkpoints: the measurement of
 tests/engine/test_int8_accuracy.py (200 teacher-forced positions, a tiny GPT-2 rescaled to predict like a
-trained one), repeated for checkpoints of different random seeds, on this machine's kernels.
+trained one: _accuracy.py), repeated for checkpoints of different random seeds, on this machine's kernels.
 
 The test runs one checkpoint (seed 0); this shows how much the two figures move from one set of weights
 to the next (one position is 0.5 % of the top-1 agreement, and most disagreements are near-ties).
@@ -8,9 +8,11 @@ to the next (one position is 0.5 % of the top-1 agreement, and most disagreement
 `GPT2.fused_rows` tokens a prompt runs layer by layer, its products on oneDNN where it has them.
 
     python benchmarks/bench_int8_accuracy.py [--seeds 0-7] [--formats int8,bfloat16] [--long-prompt N]
-                                             [--out FILE.json]
+                                             [--out NAME|FILE.json|-]
 
-Prints one JSON object: {"kernels", "results": [{seed, format, mean_kl, top1_agreement}], "summary"}.
+Prints one JSON object: {"kernels", "results": [{seed, format, mean_kl, top1_agreement}], "summary", and
+what _results.record adds}, written to benchmarks/results/<machine>/int8_accuracy_seeds.json
+(int8_accuracy_long_prompt.json with --long-prompt) unless --out says otherwise.
 """
 
 from __future__ import annotations
@@ -22,32 +24,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "src"))
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import _accuracy as accuracy  # noqa: E402
+from _results import add_out_argument, command_line, record, save  # noqa: E402
 
 from gpt2serve.engine.config import ModelConfig  # noqa: E402
 from gpt2serve.engine.loader import load_checkpoint  # noqa: E402
 from gpt2serve.engine.model import kernel_family  # noqa: E402
 from gpt2serve.engine.tokenizer import Tokenizer  # noqa: E402
-from tests.checkpoints import make_checkpoint  # noqa: E402
-from tests.engine import test_int8_accuracy as accuracy  # noqa: E402
 
 
 def rescaled(seed: int, folder: Path, n_positions: int = 128):
     """The test's checkpoint for `seed`, rescaled as the test's `state` fixture does."""
-    shape = dict(n_layer=2, n_head=4, n_embd=64, n_positions=n_positions)
-    path = make_checkpoint(folder / f"seed{seed}", seed=seed, **shape)
-    loaded = load_checkpoint(str(path))
-    sd = {}
-    for name, tensor in loaded.state_dict.items():
-        if name in ("wte.weight", "wpe.weight"):
-            sd[name] = tensor * (accuracy.EMBED_STD / accuracy.INIT_STD)
-        elif name.startswith("h.") and name.endswith(".weight") and ".ln_" not in name:
-            sd[name] = tensor * (accuracy.BLOCK_STD / accuracy.INIT_STD)
-        else:
-            sd[name] = tensor
-    return loaded.config, sd
+    loaded = load_checkpoint(str(accuracy.tiny_checkpoint(folder / f"seed{seed}", seed, n_positions)))
+    return loaded.config, accuracy.rescale(loaded.state_dict)
 
 
 def seeds(text: str) -> list[int]:
@@ -62,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0-7", help="a range (0-7) or a comma list")
     parser.add_argument("--formats", default="int8,bfloat16")
     parser.add_argument("--long-prompt", type=int, default=0, help="one prompt of this many tokens")
-    parser.add_argument("--out", type=Path)
+    add_out_argument(parser, "int8_accuracy_seeds, or int8_accuracy_long_prompt with --long-prompt")
     args = parser.parse_args(argv)
     tokenizer = Tokenizer.bundled()
     prompts = [tokenizer.encode(text)[: accuracy.TOKENS_PER_PROMPT] for text in accuracy.PROMPTS]
@@ -73,10 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds(args.seeds):
             config, sd = rescaled(seed, Path(tmp), n_positions)
-            ref = accuracy._log_probs(config, sd, "float32", prompts)
+            ref = accuracy.log_probs(config, sd, "float32", prompts)
             p = ref.exp()
             for fmt in args.formats.split(","):
-                q = accuracy._log_probs(config, sd, fmt, prompts)
+                q = accuracy.log_probs(config, sd, fmt, prompts)
                 kl = (p * (ref - q)).sum(-1).mean().item()
                 agreement = (ref.argmax(-1) == q.argmax(-1)).float().mean().item()
                 row = {
@@ -96,13 +90,12 @@ def main(argv: list[str] | None = None) -> None:
             "top1_min": min(r["top1_agreement"] for r in rows),
             "checkpoints_below_97pct": sum(r["top1_agreement"] < 0.97 for r in rows),
         }
-    kernels = kernel_family("auto", ModelConfig(n_embd=64), accuracy.torch.device("cpu"))
+    kernels = kernel_family("auto", ModelConfig(n_embd=64), torch.device("cpu"))
     positions = sum(len(ids) for ids in prompts)
     report = {"kernels": kernels, "positions": positions, "prompts": len(prompts)}
-    text = json.dumps(report | {"results": results, "summary": summary}, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report = record(command_line(argv), report | {"results": results, "summary": summary})
+    print(json.dumps(report, indent=1))
+    save(report, args.out, "int8_accuracy_long_prompt" if args.long_prompt else "int8_accuracy_seeds")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ figure is ms per decode step (wall time of a request / new tokens), the median o
 after a warm-up; request shapes as in bench_engine.py.
 
     python benchmarks/bench_kernels.py [--compare families|isa|revision] [--base REV] [--model random:gpt2]
-        [--precisions float32,bfloat16,int8] [--shapes greedy,beam,seed] [--reps 5] [--out FILE.json]
+        [--precisions float32,bfloat16,int8] [--shapes greedy,beam,seed] [--reps 5] [--out NAME|FILE.json|-]
 
-Prints one JSON object: {"compare", "model", "machine", "results": [{precision, shape, <side>_ms...,
-ratio}]}, ratio = the first side's ms / the second's (above 1: the second, the default, is faster).
+Prints one JSON object: {"compare", "model", "results": [{precision, shape, <side>_ms..., ratio}], and
+what _results.record adds}, ratio = the first side's ms / the second's (above 1: the second, the default,
+is faster); written to benchmarks/results/<machine>/kernels_<compare>.json unless --out says otherwise.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from _peers import SHAPES, load_engine, sampling_params  # noqa: E402
-from bench_engine import PROMPT, machine  # noqa: E402
+from _results import add_out_argument, command_line, record, save  # noqa: E402
+from bench_engine import PROMPT  # noqa: E402
 
 from gpt2serve.engine import native  # noqa: E402
 
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precisions", default="float32,bfloat16,int8")
     parser.add_argument("--shapes", default="greedy,beam,seed")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", type=Path)
+    add_out_argument(parser, "kernels_<compare>")
     args = parser.parse_args(argv)
     if args.compare == "isa" and native.isa() != "avx512":
         sys.exit("--compare isa needs a CPU with AVX-512")
@@ -117,13 +119,11 @@ def main(argv: list[str] | None = None) -> None:
         **({"base": args.base} if args.compare == "revision" else {}),
         "model": args.model,
         "reps": args.reps,
-        "machine": machine(),
         "results": results,
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report = record(command_line(argv), report)
+    print(json.dumps(report, indent=1))
+    save(report, args.out, f"kernels_{args.compare}")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,15 @@ interleaved rounds (the machine is shared and noisy) and the median call time is
 
     python benchmarks/bench_linear.py [--shapes gpt2|gpt2-xl|all] [--only fc,head] [--ms 1,3,8,16]
                                       [--methods a,b|all] [--threads N] [--rounds 3] [--cold-mb 128]
+                                      [--out NAME|FILE.json|-]
 
-One matrix takes 15-60 s on a quiet 2-core machine (`--only` picks matrices). Prints one JSON object:
-{"roofline_read_GBps", "threads", "torch", "results": [{shape, in, out, M, method, ms_median, ms_best,
-GBps, pct_roofline, rel_err, foreign_cpu_ticks}, ...]}; GBps counts the weight bytes in the method's
-format, rel_err is the Frobenius error against a float64 x @ W + b, foreign_cpu_ticks the CPU time other
-processes took during the timed calls (10 ms ticks: large values mean a disturbed measurement).
+One matrix takes 15-60 s on a quiet 2-core machine (`--only` picks matrices). Prints one JSON object
+(and writes it to benchmarks/results/<machine>/linear_<shapes>.json, or where --out says), with what
+_results.record adds: {"roofline_read_GBps", "threads", "torch", "results": [{shape, in, out, M, method,
+ms_median, ms_best, GBps, pct_roofline, rel_err, foreign_cpu_ticks}, ...]}; GBps counts the weight bytes
+in the method's format, rel_err is the Frobenius error against a float64 x @ W + b, foreign_cpu_ticks the
+CPU time other processes took during the timed calls (10 ms ticks: large values mean a disturbed
+measurement).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from _results import add_out_argument, command_line, record, save  # noqa: E402
 from bench_roofline import foreign_cpu_ticks, measure_read_bandwidth, wait_for_quiet  # noqa: E402
 
 from gpt2serve.engine import native  # noqa: E402
@@ -320,21 +324,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=0.1, help="seconds per method per (shape, M)")
     parser.add_argument("--cold-mb", type=float, default=128.0, help="weight bytes cycled through per method")
+    add_out_argument(parser, "linear_<shapes>")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     read_gbps = measure_read_bandwidth(gb=0.5, repeats=5)
     results = run(args, read_gbps)
-    print(
-        json.dumps(
-            {
-                "roofline_read_GBps": round(read_gbps, 2),
-                "threads": torch.get_num_threads(),
-                "torch": torch.__version__,
-                "results": results,
-            }
-        )
-    )
+    report = {
+        "roofline_read_GBps": round(read_gbps, 2),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "results": results,
+    }
+    report = record(command_line(), report, read_gbps=read_gbps)
+    print(json.dumps(report))
+    save(report, args.out, f"linear_{args.shapes.replace(',', '-')}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_overload.py [--model random:gpt2] [--max-batch-size 8] [--max-queue 16]
                                         [--levels 1,4,10] [--seconds 15] [--max-new-tokens 16]
-                                        [--backoffs retry-after,0.05] [--out results.json]
+                                        [--backoffs retry-after,0.05] [--out NAME|FILE.json|-]
 
 It starts the server itself (the container entry point on a free 127.0.0.1 port; all traffic stays on
 loopback) with --max-batch-size and --max-queue, so its capacity is their sum: the requests it can hold
@@ -15,7 +15,9 @@ undelayed by the callers' own busy event loops. Per level: p50/p99 latency of th
 
 Memory: the server's RSS after a warm-up, then after a pass of oversized requests (a 6 MB `input`, a
 prompt past the token limit, JSON Lines bodies past the line limit, long stop strings, a 1,000-prompt
-OpenAI list) and the levels, and after 5 s idle. Prints one JSON object (and writes it to --out).
+OpenAI list) and the levels, and after 5 s idle. Prints one JSON object with the commit, machine,
+command and date (_results.record) and writes it to benchmarks/results/<machine>/overload_<model>.json (or
+where --out says).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 import httpx
+from _results import add_out_argument, command_line, model_slug, record, save
 from bench_serving import _free_port, percentile
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -179,17 +181,6 @@ def oversized_pass(url: str, rounds: int) -> dict:
     return statuses
 
 
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())  # fmt: skip
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=SRC.parent).stdout.strip()  # fmt: skip
-    except OSError:
-        commit = "?"
-    return {"cpu": model, "cores": os.cpu_count(), "commit": commit}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="random:gpt2")
@@ -202,7 +193,7 @@ def main() -> None:
     parser.add_argument("--backoffs", default="retry-after,0.05",
                         help="what a refused caller waits before its next request, per pass of the levels: "
                         "'retry-after' (the server's Retry-After, as the OpenAI client does) or seconds")
-    parser.add_argument("--out")
+    add_out_argument(parser, "overload_<model>")
     args = parser.parse_args()
     proc, url = start_server(args)
     capacity = args.max_batch_size + args.max_queue
@@ -221,16 +212,14 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=60)
     result = {
-        "benchmark": "bench_overload", "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "command": " ".join(sys.argv), "machine": machine(), "model": args.model, "capacity": capacity,
+        "model": args.model, "capacity": capacity,
         "levels": levels, "oversized_statuses": oversized,
         "rss_mb": {k: round(v, 1) for k, v in rss.items()},
         "rss_after_oversized_vs_warm": round(rss["after_oversized"] / rss["warm"], 3),
     }  # fmt: skip
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    result = record(command_line(), result)
+    print(json.dumps(result, indent=2))
+    save(result, args.out, f"overload_{model_slug(args.model)}")
 
 
 if __name__ == "__main__":

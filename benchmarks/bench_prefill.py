@@ -11,9 +11,12 @@ paths alternate, and the figure is the median of --reps timings after one warm-u
 
     python benchmarks/bench_prefill.py [--model random:gpt2] [--precisions float32,bfloat16,int8]
                                        [--tokens 16,32,64,128,256,512] [--reps 5] [--threads 2]
+                                       [--out NAME|FILE.json|-]
 
 Prints one JSON object: {"model", "threads", "results": [{precision, tokens, fused_rows, decode_c_ms,
-torch_ms, torch_over_decode_c}]} (fused_rows: the most rows decode.c takes for that precision).
+torch_ms, torch_over_decode_c}], and what _results.record adds} (fused_rows: the most rows decode.c takes
+for that precision), written to benchmarks/results/<machine>/prefill_<model>.json unless --out says
+otherwise.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from _results import add_out_argument, command_line, model_slug, record, save  # noqa: E402
 
 from gpt2serve.engine.loader import load_checkpoint  # noqa: E402
 from gpt2serve.engine.model import GPT2, make_batch  # noqa: E402
@@ -55,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", default="16,32,64,128,256,512")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    add_out_argument(ap, "prefill_<model>")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
@@ -83,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row), file=sys.stderr, flush=True)
             results.append(row)
         del model
-    print(json.dumps({"model": args.model, "threads": args.threads, "results": results}, indent=1))
+    report = record(command_line(argv), {"model": args.model, "threads": args.threads, "results": results})
+    print(json.dumps(report, indent=1))
+    save(report, args.out, f"prefill_{model_slug(args.model)}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 GPT-2 decoding on a CPU is bound by reading the weights once per step, so the read bandwidth measured
 here divided into the weight bytes is the best possible step time. Prints JSON
-`{"read_GBps": ..., "copy_GBps": ..., ...}`; other benchmarks import `measure_read_bandwidth()`.
+`{"read_GBps": ..., "copy_GBps": ..., ...}` with what _results.record adds, and writes it to
+benchmarks/results/<machine>/roofline.json (or where --out says); other benchmarks import
+`measure_read_bandwidth()`.
 
-    python benchmarks/bench_roofline.py [--gb 1.0] [--repeats 7] [--threads N]
+    python benchmarks/bench_roofline.py [--gb 1.0] [--repeats 7] [--threads N] [--out NAME|FILE.json|-]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import add_out_argument, command_line, record, save
 
 
 def cpu_busy(interval_s: float = 0.1) -> float:
@@ -85,23 +88,23 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=1.0, help="tensor size in GB")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_out_argument(parser, "roofline")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     read = measure_read_bandwidth(args.gb, args.repeats)
     copy = measure_copy_bandwidth(args.gb, args.repeats)
     gpt2_fp32_bytes = 124.4e6 * 4
-    print(
-        json.dumps(
-            {
-                "read_GBps": round(read, 2),
-                "copy_GBps": round(copy, 2),
-                "threads": torch.get_num_threads(),
-                "gb": args.gb,
-                "gpt2_fp32_step_ms_at_read_bw": round(gpt2_fp32_bytes / (read * 1e9) * 1e3, 2),
-            }
-        )
-    )
+    report = {
+        "read_GBps": round(read, 2),
+        "copy_GBps": round(copy, 2),
+        "threads": torch.get_num_threads(),
+        "gb": args.gb,
+        "gpt2_fp32_step_ms_at_read_bw": round(gpt2_fp32_bytes / (read * 1e9) * 1e3, 2),
+    }
+    report = record(command_line(), report, read_gbps=read)
+    print(json.dumps(report))
+    save(report, args.out, "roofline")
 
 
 if __name__ == "__main__":

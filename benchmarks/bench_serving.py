@@ -3,7 +3,7 @@
     python benchmarks/bench_serving.py [--url http://127.0.0.1:8080] [--model random:gpt2] [--clients 1,16]
                                        [--requests 32] [--max-tokens 32] [--prompt-tokens 0]
                                        [--api openai|native] [--temperature 0] [--device cpu]
-                                       [--max-batch-size 32]
+                                       [--max-batch-size 32] [--out NAME|FILE.json|-]
 
 Without --url it starts a server itself (the container entry point, on a free loopback port, serving
 --model) and stops it at the end. For each concurrency level in --clients, that many clients send
@@ -13,9 +13,10 @@ ends), after one warm-up request.
 Per level: requests/s, generated tokens/s over the level's wall time, time to first token (request sent
 -> first text piece) p50/p99, and per-token latency ((last piece - first piece) / (tokens - 1), per
 request) p50/p99. Tokens are counted by the server (OpenAI stream with `include_usage`), or for the native
-stream by tokenizing the generated text with the bundled GPT-2 tokenizer. Prints one JSON object; its
-`scaling` field gives tokens/s and requests/s of the last level relative to the first. Each level also
-records the 1-minute load average at its end: on a busy machine, compare levels only at similar load.
+stream by tokenizing the generated text with the bundled GPT-2 tokenizer. Prints one JSON object (and
+writes it to benchmarks/results/<machine>/serving_<model>.json, or where --out says); its `scaling` field
+gives tokens/s and requests/s of the last level relative to the first. Each level also records the
+1-minute load average at its end: on a busy machine, compare levels only at similar load.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from _results import add_out_argument, command_line, model_slug, record, save
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROMPT = "Request {i}: the history of the printing press begins in"
@@ -191,6 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api", choices=("openai", "native"), default="openai")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
     p.add_argument("--start-timeout", type=float, default=300.0)
+    add_out_argument(p, "serving_<model>")
     return p.parse_args(argv)
 
 
@@ -228,7 +231,9 @@ def main(argv: list[str] | None = None) -> None:
             "requests_per_s_ratio": ratio("requests_per_s"),
         },
     }  # fmt: skip
+    report = record(command_line(argv), report)
     print(json.dumps(report, indent=2))
+    save(report, args.out, f"serving_{model_slug(args.model)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Plot bench_engine.py's JSON: grouped bars of ms per decode step by request shape and engine/precision,
 with each precision's roofline as a line; `--markdown` prints the results as Markdown tables instead.
 
-    python benchmarks/plot_engine.py RESULTS.json [--out benchmarks/engine_cpu.png] [--markdown]
+    python benchmarks/plot_engine.py benchmarks/results/zen4/engine_gpt2.json [--out FILE.png] [--markdown]
+
+The plot goes beside the JSON (engine_gpt2.json -> engine_gpt2.png) unless --out names another file.
 """
 
 from __future__ import annotations
@@ -96,14 +98,15 @@ def markdown(report: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", help="JSON written by bench_engine.py --out")
-    ap.add_argument("--out", default=str(Path(__file__).with_name("engine_cpu.png")))
+    ap.add_argument("--out", help="the PNG (default: the JSON's path with .png)")
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables, draw nothing")
     ap.add_argument("--stat", choices=("median", "min"), default="median", help="which step time to draw")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(Path(args.results).read_text())))
         return
-    print(plot(json.loads(Path(args.results).read_text()), Path(args.out), args.stat))
+    out = Path(args.out) if args.out else Path(args.results).with_suffix(".png")
+    print(plot(json.loads(Path(args.results).read_text()), out, args.stat))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`gpt2serve batch`: a file of requests, one per line, answered line for line in input order.
 
-An input line is a request of the seed API (current or first-generation fields, API.md §1-2), an
+An input line is a request of the seed API (current or first-generation fields, docs/API.md §1-2), an
 OpenAI-style completion request (an object with `prompt` and no `input`), or a bare JSON string (the
 prompt, with the seed API's defaults). Output line i answers input line i, as one JSON object:
 `{"id": <the input's id>, "output": <the server's answer>}`, or `{"id": ..., "error": {...}}` with the

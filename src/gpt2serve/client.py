@@ -7,7 +7,7 @@
     for piece in client.stream("Once upon a time"):         # text pieces as the model makes them
         print(piece, end="", flush=True)
 
-Requests are the seed API's (API.md §1): keyword arguments are its fields (`mode`, `max_new_tokens`,
+Requests are the seed API's (docs/API.md §1): keyword arguments are its fields (`mode`, `max_new_tokens`,
 `seed`, `stop` ...). `stream` asks one sequence unless `num_return_sequences` says otherwise (the pieces of
 several sequences then interleave; `stream_indexed` tells them apart). The first piece begins with the
 prompt, so the pieces join to `generate`'s string. Errors raise `ClientError` subclasses carrying the

@@ -1,4 +1,4 @@
-"""The SageMaker-compatible generation API (API.md §1, §2) against the real server and a tiny model."""
+"""The SageMaker-compatible generation API (docs/API.md §1, §2) against the real server and a tiny model."""
 
 from __future__ import annotations
 

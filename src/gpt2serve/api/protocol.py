@@ -1,7 +1,7 @@
 """The two request formats of the SageMaker GPT-2 endpoint and their conversion to SamplingParams.
 
-`SeedRequest` is the current format (API.md §1): answered with a JSON array of strings, each the prompt
-followed by its continuation. `V1Request` is the first-generation format (API.md §2): answered with
+`SeedRequest` is the current format (docs/API.md §1): answered with a JSON array of strings, each the prompt
+followed by its continuation. `V1Request` is the first-generation format (docs/API.md §2): answered with
 `{"input": ..., "output": [continuations], "test": ...}`.
 
 Documented choices:
@@ -61,7 +61,7 @@ def _seed(seed: int | None) -> int | None:
 
 
 class SeedRequest(BaseModel):
-    """The current request (API.md §1)."""
+    """The current request (docs/API.md §1)."""
 
     model_config = _STRICT
 
@@ -124,7 +124,7 @@ _V1_NAMES = {"top_k": "k", "top_p": "p", "max_new_tokens": "length", "stop": "st
 
 
 class V1Request(BaseModel):
-    """The first-generation request (API.md §2): always samples."""
+    """The first-generation request (docs/API.md §2): always samples."""
 
     model_config = _STRICT
 

@@ -100,7 +100,7 @@ class SamplingParams:
         no_repeat_ngram_size: int | None = None,
         **common: object,
     ) -> SamplingParams:
-        """The fields a seed-API `mode` implies (API.md §1); `common` holds mode-independent fields
+        """The fields a seed-API `mode` implies (docs/API.md §1); `common` holds mode-independent fields
         (n, max_length, max_new_tokens, seed, stop, repetition_penalty ...)."""
         mode = Mode.parse(mode)
         ngram = {} if no_repeat_ngram_size is None else {"no_repeat_ngram_size": no_repeat_ngram_size}
