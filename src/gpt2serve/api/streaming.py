@@ -36,7 +36,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gpt2serve.api.content import media_type
-from gpt2serve.api.errors import describe
+from gpt2serve.api.errors import describe, speaking
 from gpt2serve.api.protocol import V1_TEST_OUTPUT, SeedRequest, V1Request, parse_request
 from gpt2serve.api.state import ServerState
 from gpt2serve.engine.engine import Engine
@@ -155,10 +155,11 @@ async def open_native_stream(state: ServerState, body: Any) -> AsyncIterator[byt
     """Validate a native request and queue it; return its SSE events. Raises (before anything is sent)
     what the non-streamed request would: APIError, ValidationError, InvalidParameterError, overload."""
     req = parse_request(body)
-    params = req.to_params()
-    if isinstance(req, V1Request) and req.test:
-        return _canned(req)
-    batch = await EngineBatch.open(state.require_engine(), [req.input], params, stream=True)
+    with speaking(req.names):
+        params = req.to_params()
+        if isinstance(req, V1Request) and req.test:
+            return _canned(req)
+        batch = await EngineBatch.open(state.require_engine(), [req.input], params, stream=True)
     prefix = req.input if isinstance(req, SeedRequest) else ""
     return _native_events(batch, params, prefix, req.answer)
 

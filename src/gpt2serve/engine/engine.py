@@ -166,17 +166,17 @@ class Engine:
         most = limit * self.tokenizer.max_token_chars
         require(
             len(prompt) <= most,
-            "input",
-            f"`input` is {len(prompt)} characters: more than the {limit} tokens this server takes can hold "
+            "prompt",
+            f"`prompt` is {len(prompt)} characters: more than the {limit} tokens this server takes can hold "
             f"(at most {most} characters)",
         )
         try:
             ids = self.tokenizer.encode(prompt)
         except (TypeError, ValueError) as exc:  # e.g. a lone surrogate, which UTF-8 cannot encode
-            raise InvalidParameterError("input", f"`input` cannot be tokenized: {exc}") from None
+            raise InvalidParameterError("prompt", f"`prompt` cannot be tokenized: {exc}") from None
         context = self.model_config.n_positions
         why = f" (the model's context is {context})" if limit == context - 1 else " (--max-prompt-tokens)"
-        require(len(ids) <= limit, "input", f"`input` is {len(ids)} tokens; at most {limit}{why}")
+        require(len(ids) <= limit, "prompt", f"`prompt` is {len(ids)} tokens; at most {limit}{why}")
         return ids
 
     async def encode_async(self, prompt: str) -> list[int]:

@@ -37,13 +37,13 @@ class Scheduler:
         """Queue a request, or refuse it at once when it can never fit or the queue is full."""
         if req.n_slots > self.max_request_slots:
             raise InvalidParameterError(
-                "num_return_sequences",
+                "n",
                 f"the request needs {req.n_slots} sequences (beams or samples) at once; this server lets one "
                 f"request hold at most {self.max_request_slots} of its {self.n_slots} KV slots",
             )
         if req.token_cost > self.max_total_tokens:
             raise InvalidParameterError(
-                "max_length",
+                "max_new_tokens",
                 f"the request may hold {req.token_cost} tokens (sequences x (prompt + new tokens)); "
                 f"this server's limit is {self.max_total_tokens}",
             )

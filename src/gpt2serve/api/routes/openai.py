@@ -25,10 +25,9 @@ from fastapi.responses import JSONResponse
 from gpt2serve.api import content
 from gpt2serve.api import openai_protocol as proto
 from gpt2serve.api.disconnect import until_disconnected
-from gpt2serve.api.errors import APIError, describe, request_id_of
+from gpt2serve.api.errors import APIError, describe, renamed, request_id_of
 from gpt2serve.api.state import server_state
 from gpt2serve.api.streaming import DONE, EngineBatch, SSEResponse, sse_event
-from gpt2serve.engine.errors import InvalidParameterError
 from gpt2serve.engine.params import SamplingParams
 from gpt2serve.engine.request import GenerationResult
 
@@ -44,9 +43,7 @@ CHAT_MESSAGE = (
 
 def openai_error(exc: BaseException, request_id: str) -> JSONResponse:
     """The server's error answer, in OpenAI's field names."""
-    if isinstance(exc, InvalidParameterError):
-        exc = proto.in_openai_terms(exc)
-    return describe(exc, request_id).response()
+    return describe(renamed(exc, proto.OPENAI_NAMES), request_id).response()
 
 
 def _model_card(request: Request) -> dict[str, Any]:
