@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
 from gpt2serve.engine.config import EngineConfig
-from gpt2serve.engine.engine import Engine, _logits_read
+from gpt2serve.engine.engine import Engine
 from gpt2serve.engine.errors import InvalidParameterError
 from gpt2serve.engine.params import SamplingParams
 from tests.seed_modes import seed_api_params
@@ -220,24 +219,3 @@ def test_kv_cache_budget_caps_the_slots(tiny_checkpoint):
         assert "at most 3" in str(e.value)
     finally:
         engine.stop()
-
-
-def test_only_greedy_and_top_k_steps_read_just_the_top_logits():
-    """Which steps may take the head sketch's logits (exact only where a row's top k can be)."""
-
-    def reqs(*params):
-        return [SimpleNamespace(params=p) for p in params]
-
-    greedy, top_k = SamplingParams(max_new_tokens=4), SamplingParams(do_sample=True, top_k=50, top_p=0.9)
-    assert _logits_read(reqs(greedy)) == 1
-    assert _logits_read(reqs(greedy, top_k)) == 51
-    for other in (
-        SamplingParams(do_sample=True),  # no top-k: every token may be drawn
-        SamplingParams(num_beams=3),  # beam scores need the whole log-softmax
-        SamplingParams(logprobs=2),
-        SamplingParams(repetition_penalty=1.2),
-        SamplingParams(no_repeat_ngram_size=2),
-        SamplingParams(presence_penalty=0.5),
-        SamplingParams(do_sample=True, top_k=1000),
-    ):
-        assert _logits_read(reqs(greedy, other)) is None, other

@@ -19,7 +19,7 @@ OPERATIONS = [
     ("POST", "/endpoints/{endpoint_name}/invocations"),
     ("POST", "/endpoints/{endpoint_name}/invocations-response-stream"), ("GET", "/v1/models"),
     ("GET", "/v1/models/{model_id}"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
-    ("GET", "/metrics"),
+    ("GET", "/metrics"), ("GET", "/info"),
 ]  # fmt: skip
 
 
