@@ -10,11 +10,12 @@ import asyncio
 from typing import Any
 
 from gpt2serve.api import openai_protocol as proto
+from gpt2serve.api.errors import speaking
 from gpt2serve.api.protocol import answer_request
 from gpt2serve.batch import BatchOptions, FatalLineError, is_openai
 from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.engine import Engine
-from gpt2serve.engine.errors import EngineOverloadedError, EngineStoppedError, InvalidParameterError
+from gpt2serve.engine.errors import EngineOverloadedError, EngineStoppedError
 from gpt2serve.engine.params import SamplingParams
 from gpt2serve.engine.request import GenerationResult
 
@@ -62,9 +63,7 @@ class LocalBatch:
     async def _completion(self, body: dict, counted) -> dict:
         """An OpenAI `text_completion`, as POST /v1/completions answers it (never streamed here)."""
         req = proto.CompletionRequest.model_validate(body)
-        prompts, params = req.prompts, req.to_params()
-        try:
+        with speaking(proto.OPENAI_NAMES):
+            prompts, params = req.prompts, req.to_params()
             results = await asyncio.gather(*(counted(p, params) for p in prompts))
-        except InvalidParameterError as exc:
-            raise proto.in_openai_terms(exc) from None
         return proto.completion(req, list(results), self.engine.model_name, self.engine.tokenizer)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from gpt2serve.api.protocol import MODE_FIELDS, SeedRequest
-from gpt2serve.engine.params import Mode
+from gpt2serve.api.protocol import MODE_FIELDS, Mode, SeedRequest
 from tests.api.conftest import ThreadServer, make_settings, wait_for
 
 # A value other than the default for each field a mode may read.

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
 from gpt2serve.engine.config import EngineConfig
-from gpt2serve.engine.engine import Engine, _logits_read
+from gpt2serve.engine.engine import Engine
 from gpt2serve.engine.errors import InvalidParameterError
 from gpt2serve.engine.params import SamplingParams
+from tests.seed_modes import seed_api_params
 
 N_PROMPTS = 20
 
@@ -70,7 +70,7 @@ def test_long_prompts_match_reference(setup):
     got, ids = _run_ids(engine, prompt, SamplingParams(max_new_tokens=8))
     assert len(ids) > engine.model.fused_rows
     assert got == _reference(ref, ids, do_sample=False, max_new_tokens=8)
-    params = SamplingParams.for_mode("sample-top-p", n=1, max_new_tokens=8, seed=5)
+    params = seed_api_params("sample-top-p", num_return_sequences=1, max_new_tokens=8, seed=5)
     got, ids = _run_ids(engine, prompt, params)
     torch.manual_seed(5)
     kw = dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
@@ -90,7 +90,7 @@ def test_greedy_with_repetition_penalty_and_ngram_ban_matches_reference(setup):
 def test_beam_matches_reference(setup):
     engine, ref = setup
     for prompt in _prompts(seed=1):
-        params = SamplingParams.for_mode("beam", n=3, max_new_tokens=10)
+        params = seed_api_params("beam", num_return_sequences=3, max_new_tokens=10)
         got, ids = _run_ids(engine, prompt, params)
         expected = _reference(
             ref,
@@ -119,7 +119,7 @@ def test_greedy_returns_n_identical_sequences(setup):
 
 def test_seeded_sampling_is_deterministic(setup):
     engine, _ = setup
-    params = SamplingParams.for_mode("sample-top-p", n=3, max_new_tokens=15, seed=42)
+    params = seed_api_params("sample-top-p", num_return_sequences=3, max_new_tokens=15, seed=42)
     a = [o.token_ids for o in engine.generate_sync("Once upon a time", params).outputs]
     b = [o.token_ids for o in engine.generate_sync("Once upon a time", params).outputs]
     c = [o.token_ids for o in engine.generate_sync("Once upon a time", params.replace(seed=43)).outputs]
@@ -130,7 +130,7 @@ def test_seeded_sampling_is_deterministic(setup):
 
 def test_unseeded_sampling_differs(setup):
     engine, _ = setup
-    params = SamplingParams.for_mode("sample", n=1, max_new_tokens=15)
+    params = seed_api_params("sample", num_return_sequences=1, max_new_tokens=15)
     runs = {tuple(engine.generate_sync("Once upon a time", params).outputs[0].token_ids) for _ in range(3)}
     assert len(runs) > 1
 
@@ -158,7 +158,7 @@ def test_concurrent_requests_equal_single_runs_and_share_steps(setup, monkeypatc
             requests.append((text, SamplingParams(max_new_tokens=new)))
         else:
             requests.append(
-                (f"seeded {i}", SamplingParams.for_mode("sample", n=2, max_new_tokens=new, seed=i))
+                (f"seeded {i}", seed_api_params("sample", num_return_sequences=2, max_new_tokens=new, seed=i))
             )
     alone = [[o.token_ids for o in engine.generate_sync(p, s).outputs] for p, s in requests]
     before = engine.stats.max_step_batch
@@ -185,7 +185,7 @@ def test_seeded_sampling_matches_reference_sampling(setup):
     engine, ref = setup
     for i, prompt in enumerate(_prompts(6, seed=5)):
         mode = ["sample", "sample-top-k", "sample-top-p"][i % 3]
-        params = SamplingParams.for_mode(mode, n=1, max_new_tokens=12, seed=100 + i)
+        params = seed_api_params(mode, num_return_sequences=1, max_new_tokens=12, seed=100 + i)
         got, ids = _run_ids(engine, prompt, params)
         torch.manual_seed(100 + i)
         expected = _reference(
@@ -212,33 +212,10 @@ def test_kv_cache_budget_caps_the_slots(tiny_checkpoint):
     engine.start()
     try:
         assert engine.scheduler.n_slots == 3 and engine.cache.n_slots == 3
-        assert (
-            len(engine.generate_sync("Hi", SamplingParams.for_mode("sample", n=3, max_new_tokens=4)).outputs)
-            == 3
-        )
+        three = seed_api_params("sample", num_return_sequences=3, max_new_tokens=4)
+        assert len(engine.generate_sync("Hi", three).outputs) == 3
         with pytest.raises(InvalidParameterError) as e:
-            engine.generate_sync("Hi", SamplingParams.for_mode("beam", n=3, max_new_tokens=4))
+            engine.generate_sync("Hi", seed_api_params("beam", num_return_sequences=3, max_new_tokens=4))
         assert "at most 3" in str(e.value)
     finally:
         engine.stop()
-
-
-def test_only_greedy_and_top_k_steps_read_just_the_top_logits():
-    """Which steps may take the head sketch's logits (exact only where a row's top k can be)."""
-
-    def reqs(*params):
-        return [SimpleNamespace(params=p) for p in params]
-
-    greedy, top_k = SamplingParams(max_new_tokens=4), SamplingParams(do_sample=True, top_k=50, top_p=0.9)
-    assert _logits_read(reqs(greedy)) == 1
-    assert _logits_read(reqs(greedy, top_k)) == 51
-    for other in (
-        SamplingParams(do_sample=True),  # no top-k: every token may be drawn
-        SamplingParams(num_beams=3),  # beam scores need the whole log-softmax
-        SamplingParams(logprobs=2),
-        SamplingParams(repetition_penalty=1.2),
-        SamplingParams(no_repeat_ngram_size=2),
-        SamplingParams(presence_penalty=0.5),
-        SamplingParams(do_sample=True, top_k=1000),
-    ):
-        assert _logits_read(reqs(greedy, other)) is None, other

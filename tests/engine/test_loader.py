@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt2serve.engine.config import KNOWN_SHAPES, ModelConfig
 from gpt2serve.engine.errors import ModelLoadError
-from gpt2serve.engine.loader import expected_shapes, load_checkpoint, random_state_dict, resolve_dtype
+from gpt2serve.engine.loader import expected_shapes, load_checkpoint, random_state_dict
 
 REPO = Path(__file__).resolve().parents[2]
 HUB_TIMEOUT = 60  # generous bound on a whole subprocess; the loader itself gives up within seconds
@@ -192,16 +192,6 @@ def test_unknown_random_size_lists_sizes() -> None:
     with pytest.raises(ModelLoadError, match="gpt2-medium") as info:
         load_checkpoint("random:gpt5")
     assert "'gpt5'" in str(info.value)
-
-
-def test_resolve_dtype() -> None:
-    assert resolve_dtype(None, "cpu") is torch.float32
-    assert resolve_dtype(None, "cuda:0") is torch.float16
-    assert resolve_dtype("auto", "cuda") is torch.float16
-    assert resolve_dtype("bf16", "cpu") is torch.bfloat16
-    assert resolve_dtype("float16", "cpu") is torch.float16
-    with pytest.raises(ValueError, match="float32"):
-        resolve_dtype("int4", "cpu")
 
 
 # -- the Hugging Face hub (only 127.0.0.1 is ever contacted) ---------------------------------------------

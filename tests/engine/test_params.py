@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gpt2serve.engine.errors import InvalidParameterError
-from gpt2serve.engine.params import Mode, SamplingParams
+from gpt2serve.engine.params import SamplingParams
 
 INVALID = [
     # (fields, param named, text the message must hold)
@@ -22,9 +22,9 @@ INVALID = [
     ({"temperature": "hot"}, "temperature", "'hot'"),
     ({"num_beams": 0}, "num_beams", "[1, 16], got 0"),
     ({"num_beams": 17}, "num_beams", "got 17"),
-    ({"n": 0}, "num_return_sequences", "[1, 16], got 0"),
-    ({"n": 17}, "num_return_sequences", "got 17"),
-    ({"num_beams": 2, "n": 3}, "num_return_sequences", "<= num_beams (2) in beam mode, got 3"),
+    ({"n": 0}, "n", "[1, 16], got 0"),
+    ({"n": 17}, "n", "got 17"),
+    ({"num_beams": 2, "n": 3}, "n", "<= num_beams (2) in beam mode, got 3"),
     ({"max_length": 0}, "max_length", ">= 1, got 0"),
     ({"max_new_tokens": -5}, "max_new_tokens", "got -5"),
     ({"max_new_tokens": True}, "max_new_tokens", "got True"),
@@ -33,6 +33,7 @@ INVALID = [
     ({"presence_penalty": 3.0}, "presence_penalty", "[-2, 2], got 3.0"),
     ({"frequency_penalty": -2.5}, "frequency_penalty", "got -2.5"),
     ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size", ">= 0, got -1"),
+    ({"seed": -1}, "seed", "[0, 9223372036854775807], got -1"),  # the seed API's -1 is its own rule
     ({"seed": -2}, "seed", "got -2"),
     ({"seed": 2**64}, "seed", str(2**64)),
     ({"stop": ("",)}, "stop", "non-empty"),
@@ -49,20 +50,11 @@ def test_invalid_parameter(fields, param, text):
     assert f"`{param}`" in str(e.value) and text in str(e.value)
 
 
-def test_unknown_mode_lists_the_five():
-    with pytest.raises(InvalidParameterError) as e:
-        SamplingParams.for_mode("top-p")
-    assert e.value.param == "mode"
-    for mode in Mode:
-        assert mode.value in str(e.value)
-    assert "'top-p'" in str(e.value)
-
-
 @pytest.mark.parametrize(
     ("fields", "prompt_len", "param", "text"),
     [
-        ({}, 0, "input", "must not be empty"),
-        ({}, 1024, "input", "1024 tokens"),
+        ({}, 0, "prompt", "must not be empty"),
+        ({}, 1024, "prompt", "1024 tokens"),
         ({"max_length": 1025}, 10, "max_length", "<= 1024"),
         ({"max_length": 10}, 10, "max_length", "greater than the prompt's 10 tokens, got 10"),
     ],
@@ -76,15 +68,3 @@ def test_invalid_against_the_prompt(fields, prompt_len, param, text):
 def test_budget_is_capped_by_the_context():
     assert SamplingParams(max_length=100).new_token_budget(8, 1024) == 92
     assert SamplingParams(max_new_tokens=500).new_token_budget(1000, 1024) == 24
-
-
-def test_modes_map_to_hf_generate_settings():
-    top_p = SamplingParams.for_mode("sample-top-p")
-    assert (top_p.do_sample, top_p.top_k, top_p.top_p, top_p.temperature) == (True, 50, 0.92, 1.0)
-    top_k = SamplingParams.for_mode("sample-top-k", top_k=10)
-    assert (top_k.top_k, top_k.top_p, top_k.temperature) == (10, 1.0, 1.0)
-    sample = SamplingParams.for_mode("sample")
-    assert (sample.temperature, sample.top_k, sample.top_p) == (0.7, 50, 0.92)
-    beam = SamplingParams.for_mode("beam", n=3)
-    assert (beam.do_sample, beam.num_beams, beam.no_repeat_ngram_size) == (False, 5, 2)
-    assert SamplingParams.for_mode("greedy").is_greedy

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import importlib.util
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ from gpt2serve.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Route modules; one that is not installed is skipped (each must expose `router`).
+# Route modules, each exposing `router`; a missing one fails create_app (a server short of routes is a bug).
 ROUTE_MODULES = (
     "gpt2serve.api.routes.seed",
     "gpt2serve.api.routes.response_stream",
@@ -56,7 +55,6 @@ KEEP_ALIVE_S = 75  # longer than the 60 s idle timeout of the load balancers in 
 # against 316 unloaded; with 0.5 ms, 78 in 10 s, and unchanged unloaded: RELIABILITY.md).
 GIL_SWITCH_S = 0.0005
 FLUSH_S = 2.0  # after the shutdown grace, time to send the 503s of the requests it ended
-logger = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -79,8 +77,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         body_timeout_s=settings.body_timeout_s,
     )
     for name in ROUTE_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            app.include_router(importlib.import_module(name).router)
+        app.include_router(importlib.import_module(name).router)
     install_openapi(app)
     return app
 

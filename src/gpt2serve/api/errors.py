@@ -7,6 +7,10 @@ message and a logged traceback; no traceback ever reaches the client.
 Documented choice: a request that runs past `request_timeout_s` gets 504 (the server's own deadline for
 its generation backend ran out; 408 would blame the client for sending the request too slowly).
 
+Engine errors name the engine's fields (`n`, `max_new_tokens`, `prompt` ...). Each protocol owns one
+table from those names to its own (`SEED_NAMES`, `V1_NAMES`, `OPENAI_NAMES`), applied by `renamed`
+where that protocol hands a request to the engine (`speaking`).
+
 `model_error()` answers as the SageMaker runtime service reports a container's error to its callers:
 HTTP 424 `ModelError` carrying the container's status and body.
 """
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -66,6 +72,26 @@ class ErrorInfo:
 
 def envelope(message: str, type: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": None}}
+
+
+def renamed(exc: BaseException, names: Mapping[str, str]) -> BaseException:
+    """`exc` in a protocol's words: an InvalidParameterError's field (and every backticked engine field
+    its message names) renamed by `names` (engine field -> the protocol's); other exceptions as they are."""
+    if not isinstance(exc, InvalidParameterError):
+        return exc
+    message = exc.message
+    for ours, theirs in names.items():
+        message = message.replace(f"`{ours}`", f"`{theirs}`")
+    return InvalidParameterError(names.get(exc.param, exc.param), message)
+
+
+@contextmanager
+def speaking(names: Mapping[str, str]) -> Iterator[None]:
+    """Engine parameter errors raised inside the block come out in a protocol's field names."""
+    try:
+        yield
+    except InvalidParameterError as exc:
+        raise renamed(exc, names) from None
 
 
 # exception class -> (status, error type); the first matching row wins.

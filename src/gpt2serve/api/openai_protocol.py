@@ -15,6 +15,8 @@ Documented choices:
   multi-byte character is shown as `bytes:\\xNN...`. With `echo`, the prompt's tokens are listed with
   `null` log-probabilities (prompt scoring is not computed). The end-of-text token is not listed.
   `logprobs` with `stream` is refused.
+- `seed` is an integer in [0, 2^63 - 1]; leave it out for unseeded sampling (OpenAI has no "no seed"
+  value, so -1 is refused like any other negative seed).
 """
 
 from __future__ import annotations
@@ -34,11 +36,8 @@ from gpt2serve.engine.tokenizer import IncrementalDecoder, Tokenizer
 
 DEFAULT_MAX_TOKENS = 16
 MAX_TEMPERATURE = 2.0
-# engine names of fields -> the OpenAI names, for error messages in the caller's terms
-OPENAI_NAMES = {
-    "num_return_sequences": "n", "max_new_tokens": "max_tokens", "max_length": "max_tokens",
-    "input": "prompt",
-}  # fmt: skip
+# The engine's field names -> OpenAI's, for its error messages (see api/errors.renamed).
+OPENAI_NAMES = {"max_new_tokens": "max_tokens", "max_length": "max_tokens"}
 
 
 class StreamOptions(BaseModel):
@@ -94,22 +93,19 @@ class CompletionRequest(BaseModel):
         max_tokens = DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         top_k = 0 if self.top_k in (None, -1) else self.top_k
-        try:
-            return SamplingParams(
-                do_sample=t > 0,
-                temperature=t if t > 0 else 1.0,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=top_k,
-                n=n,
-                max_new_tokens=max_tokens,
-                presence_penalty=self.presence_penalty or 0.0,
-                frequency_penalty=self.frequency_penalty or 0.0,
-                stop=stop,
-                seed=self.seed,
-                logprobs=self.logprobs,
-            )
-        except InvalidParameterError as exc:
-            raise in_openai_terms(exc) from None
+        return SamplingParams(
+            do_sample=t > 0,
+            temperature=t if t > 0 else 1.0,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=top_k,
+            n=n,
+            max_new_tokens=max_tokens,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            stop=stop,
+            seed=self.seed,
+            logprobs=self.logprobs,
+        )
 
     def _refuse_unsupported(self) -> None:
         if self.suffix:
@@ -124,16 +120,6 @@ class CompletionRequest(BaseModel):
         if self.stream and self.logprobs is not None:
             message = "`logprobs` is not supported with `stream`; ask without streaming"
             raise APIError(400, message, param="logprobs")
-
-
-def in_openai_terms(exc: InvalidParameterError) -> InvalidParameterError:
-    name = OPENAI_NAMES.get(exc.param)
-    if name is None:
-        return exc
-    message = exc.message.replace(f"`{exc.param}`", f"`{name}`")
-    if exc.param == "input":
-        message = message.replace("`input`", "`prompt`")
-    return InvalidParameterError(name, message)
 
 
 def completion_id() -> str:

@@ -18,8 +18,8 @@ from pydantic import BaseModel
 
 from gpt2serve.api.content import JSON, JSONLINES
 from gpt2serve.api.openai_protocol import CompletionRequest
-from gpt2serve.api.protocol import SeedRequest, V1Request
-from gpt2serve.engine.params import MAX_BEAMS, MAX_RETURN_SEQUENCES, MAX_SEED, MAX_STOP_STRINGS, Mode
+from gpt2serve.api.protocol import Mode, SeedRequest, V1Request
+from gpt2serve.engine.params import MAX_BEAMS, MAX_RETURN_SEQUENCES, MAX_SEED, MAX_STOP_STRINGS
 
 REF = "#/components/schemas/{model}"
 NATIVE = {"anyOf": [{"$ref": REF.format(model="SeedRequest")}, {"$ref": REF.format(model="V1Request")}]}

@@ -5,6 +5,7 @@ followed by its continuation. `V1Request` is the first-generation format (docs/A
 `{"input": ..., "output": [continuations], "test": ...}`.
 
 Documented choices:
+- `seed` -1 (or absent) means "not seeded"; other seeds are in [0, 2^63 - 1].
 - Types are checked strictly (a string "5" for an integer field is a 400 naming the field); ranges are
   checked by `SamplingParams` (InvalidParameterError naming the field).
 - Unknown keys are ignored: SageMaker clients and tools may add their own.
@@ -20,13 +21,14 @@ Documented choices:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from enum import Enum
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gpt2serve.api.errors import APIError
+from gpt2serve.api.errors import APIError, speaking
 from gpt2serve.engine.errors import InvalidParameterError
-from gpt2serve.engine.params import SamplingParams
+from gpt2serve.engine.params import MAX_SEED, SamplingParams, require
 from gpt2serve.engine.request import GenerationResult
 
 # Runs one prompt: the engine's async bridge, or a caller's wrapper of it.
@@ -38,6 +40,7 @@ CURRENT_ONLY_KEYS = (
     "stream",
 )  # fmt: skip
 DEFAULT_MAX_LENGTH = 100
+SAMPLE_TOP_P_TOP_K = 50  # sample-top-p keeps HF generate's default top_k (50) under its top_p
 # What a v1 request with "test": true gets instead of a generation.
 V1_TEST_OUTPUT = " This is a test response from the GPT-2 text generation model; the model did not run."
 
@@ -54,16 +57,43 @@ MODE_FIELDS: dict[str, tuple[str, ...]] = {
 
 _STRICT = ConfigDict(strict=True, extra="ignore")
 
+# The engine's field names -> each format's, for its error messages (see api/errors.renamed).
+SEED_NAMES = {"n": "num_return_sequences", "prompt": "input"}
+V1_NAMES = {**SEED_NAMES, "top_k": "k", "top_p": "p", "max_new_tokens": "length", "stop": "stop_token"}
+
+
+class Mode(str, Enum):
+    """The current format's decoding modes (docs/API.md §1)."""
+
+    GREEDY = "greedy"
+    BEAM = "beam"
+    SAMPLE = "sample"
+    SAMPLE_TOP_K = "sample-top-k"
+    SAMPLE_TOP_P = "sample-top-p"
+
+    @classmethod
+    def parse(cls, value: object) -> Mode:
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise InvalidParameterError("mode", f"`mode` must be one of {allowed}; got {value!r}") from None
+
 
 def _seed(seed: int | None) -> int | None:
-    """-1 (or absent) means "not seeded"; other values are range-checked by SamplingParams."""
-    return None if seed is None or seed == -1 else seed
+    """The seed API's rule: -1 (or absent) means "not seeded"."""
+    if seed is None or seed == -1:
+        return None
+    message = f"`seed` must be an integer in [0, {MAX_SEED}] (or -1 for no seed), got {seed!r}"
+    require(0 <= seed <= MAX_SEED, "seed", message)
+    return seed
 
 
 class SeedRequest(BaseModel):
     """The current request (docs/API.md §1)."""
 
     model_config = _STRICT
+    names: ClassVar[dict[str, str]] = SEED_NAMES
 
     input: str = Field(description="text to be completed")
     max_length: int | None = Field(
@@ -96,21 +126,31 @@ class SeedRequest(BaseModel):
         max_length = self.max_length
         if max_length is None and self.max_new_tokens is None:
             max_length = DEFAULT_MAX_LENGTH
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams.for_mode(
-            self.mode,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            num_beams=self.num_beams,
-            no_repeat_ngram_size=self.no_repeat_ngram_size,
+        common = dict(
             n=self.num_return_sequences,
             max_length=max_length,
             max_new_tokens=self.max_new_tokens,
-            seed=_seed(self.seed),
-            stop=stop,
+            stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
             repetition_penalty=self.repetition_penalty,
+            seed=_seed(self.seed),
         )
+        if self.no_repeat_ngram_size is not None:  # else the mode's (2 in beam mode, else off)
+            common["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        return SamplingParams(**{**self._mode_fields(), **common})
+
+    def _mode_fields(self) -> dict[str, Any]:
+        """The fields `mode` sets, from this request's values (its defaults are the API's)."""
+        mode = Mode.parse(self.mode)
+        if mode is Mode.GREEDY:
+            return {"do_sample": False}
+        if mode is Mode.BEAM:
+            return {"num_beams": self.num_beams, "no_repeat_ngram_size": 2}
+        if mode is Mode.SAMPLE:
+            return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k,
+                    "top_p": self.top_p}  # fmt: skip
+        if mode is Mode.SAMPLE_TOP_K:
+            return {"do_sample": True, "top_k": self.top_k}
+        return {"do_sample": True, "top_k": SAMPLE_TOP_P_TOP_K, "top_p": self.top_p}
 
     def answer(self, result: GenerationResult) -> list[str]:
         """The prompt followed by each continuation. `text` is the decode of the generated ids in the
@@ -119,14 +159,11 @@ class SeedRequest(BaseModel):
         return [result.prompt + out.text for out in result.outputs]
 
 
-# v1 names of the SamplingParams fields, for error messages in the caller's terms.
-_V1_NAMES = {"top_k": "k", "top_p": "p", "max_new_tokens": "length", "stop": "stop_token"}
-
-
 class V1Request(BaseModel):
     """The first-generation request (docs/API.md §2): always samples."""
 
     model_config = _STRICT
+    names: ClassVar[dict[str, str]] = V1_NAMES
 
     input: str
     length: int = 50  # tokens to generate, the prompt not counted
@@ -140,20 +177,17 @@ class V1Request(BaseModel):
     test: bool = False
 
     def to_params(self) -> SamplingParams:
-        try:
-            return SamplingParams(
-                do_sample=True,
-                temperature=self.temperature,
-                top_k=self.k,
-                top_p=self.p,
-                n=self.num_return_sequences,
-                max_new_tokens=self.length,
-                repetition_penalty=self.repetition_penalty,
-                stop=(self.stop_token,) if self.stop_token else (),
-                seed=_seed(self.seed),
-            )
-        except InvalidParameterError as exc:
-            raise _in_v1_terms(exc) from None
+        return SamplingParams(
+            do_sample=True,
+            temperature=self.temperature,
+            top_k=self.k,
+            top_p=self.p,
+            n=self.num_return_sequences,
+            max_new_tokens=self.length,
+            repetition_penalty=self.repetition_penalty,
+            stop=(self.stop_token,) if self.stop_token else (),
+            seed=_seed(self.seed),
+        )
 
     def answer(self, result: GenerationResult | None) -> dict[str, Any]:
         """`result` None: the canned answer of a test request."""
@@ -162,13 +196,6 @@ class V1Request(BaseModel):
         else:
             output = [out.text for out in result.outputs]
         return {"input": self.input, "output": output, "test": self.test}
-
-
-def _in_v1_terms(exc: InvalidParameterError) -> InvalidParameterError:
-    name = _V1_NAMES.get(exc.param)
-    if name is None:
-        return exc
-    return InvalidParameterError(name, exc.message.replace(f"`{exc.param}`", f"`{name}`"))
 
 
 def parse_request(body: Any) -> SeedRequest | V1Request:
@@ -193,7 +220,8 @@ def parse_request(body: Any) -> SeedRequest | V1Request:
 async def answer_request(body: Any, generate: Generate) -> Any:
     """Validate one decoded JSON body, run it with `generate`, and shape the answer for its format."""
     req = parse_request(body)
-    params = req.to_params()
-    if isinstance(req, V1Request) and req.test:
-        return req.answer(None)
-    return req.answer(await generate(req.input, params))
+    with speaking(req.names):
+        params = req.to_params()
+        if isinstance(req, V1Request) and req.test:
+            return req.answer(None)
+        return req.answer(await generate(req.input, params))

@@ -1,9 +1,9 @@
 """Streaming answers: server-sent events (SSE), for both the native and the OpenAI streams.
 
-`EngineBatch` submits one engine request per prompt, all at once, so every validation error and a full
-queue (503) surface before the first byte is sent; then it yields the requests' StreamDeltas and results
-as they come. Closing the iteration (the client went away) cancels the requests, which frees their KV
-slots at the engine's next step.
+Both stream formats run one loop, `text_pieces`, over the engine's asyncio bridge (`EngineBatch`, in
+engine/bridge.py): every validation error and a full queue (503) surface before the first byte is sent;
+closing the stream (the client went away) cancels the requests, which frees their KV slots at the
+engine's next step.
 
 The native stream (`POST /invocations` with `"stream": true`, or with `Accept: text/event-stream` and no
 `"stream": false`) sends one event per new piece of text of each sequence:
@@ -27,20 +27,19 @@ holds back an unfinished character, and a tail that could begin a stop string).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gpt2serve.api.content import media_type
-from gpt2serve.api.errors import describe
+from gpt2serve.api.errors import describe, speaking
 from gpt2serve.api.protocol import V1_TEST_OUTPUT, SeedRequest, V1Request, parse_request
 from gpt2serve.api.state import ServerState
-from gpt2serve.engine.engine import Engine
-from gpt2serve.engine.params import SamplingParams
+from gpt2serve.engine.bridge import EngineBatch
 from gpt2serve.engine.request import GenerationResult, StreamDelta
 
 SSE_MEDIA_TYPE = "text/event-stream"
@@ -71,71 +70,27 @@ class SSEResponse(StreamingResponse):
                 await aclose()
 
 
-class EngineBatch:
-    """Engine requests for several prompts with the same parameters: all are queued, or none is."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        prompts: list[str],
-        params: SamplingParams,
-        stream: bool,
-        prompt_ids: list[list[int]] | None = None,
-    ):
-        loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self.requests: list = []
-        self.results: list[GenerationResult | None] = [None] * len(prompts)
-        try:
-            for k, prompt in enumerate(prompts):
-                ids = None if prompt_ids is None else prompt_ids[k]
-                self.requests.append(engine.submit(prompt, params, self._sink(loop, k), stream, ids))
-        except BaseException:
-            self.cancel()
-            raise
-
-    @classmethod
-    async def open(
-        cls, engine: Engine, prompts: list[str], params: SamplingParams, stream: bool
-    ) -> EngineBatch:
-        """The batch, its prompts tokenized off the event loop first."""
-        ids = [await engine.encode_async(p) if p else [] for p in prompts]
-        return cls(engine, prompts, params, stream, ids)
-
-    def _sink(self, loop: asyncio.AbstractEventLoop, k: int) -> Callable[[object], None]:
-        def sink(item: object) -> None:
-            try:
-                loop.call_soon_threadsafe(self._queue.put_nowait, (k, item))
-            except RuntimeError:  # the event loop is gone: nobody will read this
-                self.cancel()
-
-        return sink
-
-    async def items(self) -> AsyncIterator[tuple[int, StreamDelta | GenerationResult]]:
-        """(prompt index, StreamDelta or GenerationResult) in arrival order; the first engine error is
-        raised. Ends after every prompt's result; leaving early cancels what still runs."""
-        pending = len(self.requests)
-        try:
-            while pending:
-                k, item = await self._queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, GenerationResult):
-                    self.results[k] = item
-                    pending -= 1
-                yield k, item
-        finally:
-            self.cancel()
-
-    async def wait(self) -> list[GenerationResult]:
-        """Every prompt's result, in prompt order."""
-        async for _ in self.items():
-            pass
-        return list(self.results)
-
-    def cancel(self) -> None:
-        for req in self.requests:
-            req.cancel()
+async def text_pieces(
+    batch: EngineBatch, prefixes: list[str]
+) -> AsyncIterator[tuple[int, StreamDelta | GenerationResult]]:
+    """The one stream loop under both SSE formats: the batch's (prompt index, item) pairs, the first piece
+    of each sequence's text led by its prompt's entry of `prefixes`, and pieces with neither text nor a
+    finish reason left out. Closing it (a client went away) cancels the batch at once."""
+    started: set[tuple[int, int]] = set()
+    items = batch.items()
+    try:
+        async for k, item in items:
+            if isinstance(item, StreamDelta):
+                first = (k, item.index) not in started
+                started.add((k, item.index))
+                text = prefixes[k] + item.text if first else item.text
+                if not (text or item.finish_reason):
+                    continue
+                item = StreamDelta(item.index, text, item.finish_reason)
+            yield k, item
+    finally:
+        await items.aclose()
+        batch.cancel()  # at once, even when closed while suspended at a `yield`
 
 
 def wants_stream(accept: str | None, body: Any) -> bool:
@@ -155,32 +110,24 @@ async def open_native_stream(state: ServerState, body: Any) -> AsyncIterator[byt
     """Validate a native request and queue it; return its SSE events. Raises (before anything is sent)
     what the non-streamed request would: APIError, ValidationError, InvalidParameterError, overload."""
     req = parse_request(body)
-    params = req.to_params()
-    if isinstance(req, V1Request) and req.test:
-        return _canned(req)
-    batch = await EngineBatch.open(state.require_engine(), [req.input], params, stream=True)
+    with speaking(req.names):
+        params = req.to_params()
+        if isinstance(req, V1Request) and req.test:
+            return _canned(req)
+        batch = await EngineBatch.open(state.require_engine(), [req.input], params, stream=True)
     prefix = req.input if isinstance(req, SeedRequest) else ""
-    return _native_events(batch, params, prefix, req.answer)
+    return _native_events(batch, prefix, req.answer)
 
 
 async def _native_events(
-    batch: EngineBatch, params: SamplingParams, prefix: str, answer: Callable[[GenerationResult], Any]
+    batch: EngineBatch, prefix: str, answer: Callable[[GenerationResult], Any]
 ) -> AsyncIterator[bytes]:
-    started: set[int] = set()
-    # Greedy decoding runs one sequence for n identical answers: its pieces go to every index.
-    copies = params.n if params.is_greedy else 1
-    try:
-        async for _, item in batch.items():
+    async with aclosing(text_pieces(batch, [prefix])) as pieces:
+        async for _, item in pieces:
             if isinstance(item, GenerationResult):
                 yield sse_event({"outputs": answer(item), "usage": usage(item)}, event="done")
-                continue
-            for i in range(copies) if copies > 1 else (item.index,):
-                text = item.text if i in started else prefix + item.text
-                started.add(i)
-                if text or item.finish_reason:
-                    yield sse_event({"index": i, "text": text, "finish_reason": item.finish_reason})
-    finally:
-        batch.cancel()  # at once, even when closed while suspended at a `yield`
+            else:
+                yield sse_event({"index": item.index, "text": item.text, "finish_reason": item.finish_reason})
 
 
 def usage(result: GenerationResult) -> dict[str, int]:

@@ -1,4 +1,9 @@
-"""Model shape (from a checkpoint's config.json) and engine settings."""
+"""Model shape (from a checkpoint's config.json) and the engine's configuration.
+
+`EngineConfig` is the one definition of the engine's knobs and their defaults: the server's `Settings`
+declares a flag for each and builds it with `Settings.engine_config()`. `resolve_dtype` is the one place
+a weight format is chosen for a device.
+"""
 
 from __future__ import annotations
 
@@ -60,17 +65,35 @@ KNOWN_SHAPES: dict[str, ModelConfig] = {
 }
 
 
+WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8")
+_FORMAT_ALIASES = {
+    "fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
+}  # fmt: skip
+
+
+def resolve_dtype(name: str | None, device: str) -> str:
+    """The weight format for `name` on `device` ("cpu", "cuda", "cuda:1" ...): None or "auto" is
+    float16 on CUDA and float32 elsewhere; aliases (fp32, bf16, half, torch.float16 ...) are accepted."""
+    if name is None or name == "auto":
+        return "float16" if device.startswith("cuda") else "float32"
+    key = name.lower().removeprefix("torch.")
+    fmt = _FORMAT_ALIASES.get(key, key)
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"dtype must be auto, {', '.join(WEIGHT_FORMATS)}; got {name!r}")
+    return fmt
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """Limits of the batching engine. `None` fields are sized from the model when the engine starts."""
+    """The batching engine's knobs. `None` fields are sized from the model when the engine starts."""
 
     max_batch_size: int = 32  # KV slots: sequences decoded together in one step
     kv_cache_gb: float = 8.0  # fewer slots than max_batch_size where full-context slots would not fit
     max_queue: int = 256  # requests waiting for slots; past this, callers get "busy" at once
     max_total_tokens: int | None = None  # prompt + new tokens reserved over running sequences
     request_timeout_s: float | None = 50.0
-    device: str = "cpu"
-    dtype: str | None = None  # float32 | bfloat16 | float16 | int8; None: the device's default
+    device: str = "auto"  # auto (CUDA where torch has it, else CPU) | cpu | cuda | cuda:<n>
+    dtype: str | None = "auto"  # float32 | bfloat16 | float16 | int8; auto or None: see resolve_dtype
     threads: int | None = None  # torch intra-op threads; None: torch's default
     cpu_kernels: str = "auto"  # auto | gemv | torch: see gpt2serve.engine.linear.use_gemv
     max_prompt_tokens: int | None = None  # None: the model's context - 1
@@ -84,3 +107,4 @@ class EngineConfig:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if not 0 < self.max_request_share <= 1:
             raise ValueError(f"max_request_share must be in (0, 1], got {self.max_request_share}")
+        resolve_dtype(self.dtype, "cpu")  # a dtype no device takes is refused here, before loading

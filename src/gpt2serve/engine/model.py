@@ -380,6 +380,32 @@ class GPT2(torch.nn.Module):
         x = F.layer_norm(x, (C,), *self.ln_f, self.cfg.layer_norm_epsilon)
         return self._head(x, top)[:B].float()
 
+    def step(
+        self,
+        rows: list[tuple[int, int, int]],
+        prompts: list[tuple[list[int], int]],
+        cache: KVCache,
+        top: int | None = None,
+    ) -> torch.Tensor:
+        """One engine step: logits (len(rows) + len(prompts), V) float32 of each decode row's next token
+        (row: token, slot, position) and then of each prompt's last position (prompt: ids, the slot it
+        fills from position 0); `top` as in `forward`. The path is this method's choice: everything in
+        one pass on decode.c where it takes the rows, else the layer-by-layer forward for the decode
+        rows and for each prompt."""
+        tokens, slots, positions = ([r[i] for r in rows] for i in range(3))
+        if self.takes_rows(len(rows) + sum(len(ids) for ids, _ in prompts), cache):
+            picks = list(range(len(rows))) if prompts else None
+            for ids, slot in prompts:
+                tokens += ids
+                slots += [slot] * len(ids)
+                positions += range(len(ids))
+                picks.append(len(tokens) - 1)  # the prompt's last position
+            return self.forward_rows(tokens, slots, positions, picks, cache, top)
+        batches = [make_batch([[t] for t in tokens], slots, positions, self.device)] if rows else []
+        batches += [make_batch([ids], [slot], [0], self.device) for ids, slot in prompts]
+        parts = [self(batch, cache, top=top) for batch in batches]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
 
 def make_batch(tokens: list[list[int]], slots: list[int], starts: list[int], device) -> Batch:
     """A forward batch from Python lists; every row must hold the same number of tokens."""

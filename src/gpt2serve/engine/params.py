@@ -1,14 +1,14 @@
 """SamplingParams: one validated object describing how to decode a request.
 
 Semantics follow Hugging Face `generate()`: logits processors (repetition penalty, n-gram ban), then
-temperature -> top-k -> top-p. `Mode` maps the API's five modes onto these fields.
+temperature -> top-k -> top-p. Errors name these fields (`n`, `max_new_tokens`, `prompt` ...); each API
+renames them into its own words when it answers (see `gpt2serve.api.errors.renamed`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from enum import Enum
 
 from gpt2serve.engine.errors import InvalidParameterError
 
@@ -16,26 +16,11 @@ MAX_RETURN_SEQUENCES = 16
 MAX_BEAMS = 16
 MAX_STOP_STRINGS = 8
 MAX_SEED = 2**63 - 1
+DEFAULT_NEW_TOKENS = 16  # tokens generated when neither max_new_tokens nor max_length is given
 # Float32 logits are divided by the temperature and by (or multiplied with) the repetition penalty: outside
 # these bounds that overflows to inf or flattens every logit to 0, and a NaN row cannot be drawn from.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 1e5
 MIN_PENALTY, MAX_PENALTY = 1e-5, 1e5
-
-
-class Mode(str, Enum):
-    GREEDY = "greedy"
-    BEAM = "beam"
-    SAMPLE = "sample"
-    SAMPLE_TOP_K = "sample-top-k"
-    SAMPLE_TOP_P = "sample-top-p"
-
-    @classmethod
-    def parse(cls, value: object) -> Mode:
-        try:
-            return cls(value)
-        except ValueError:
-            allowed = ", ".join(m.value for m in cls)
-            raise InvalidParameterError("mode", f"`mode` must be one of {allowed}; got {value!r}") from None
 
 
 def require(ok: bool, param: str, message: str) -> None:
@@ -87,34 +72,6 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self._validate()
 
-    # -- construction from the API's modes ---------------------------------------------------------
-    @classmethod
-    def for_mode(
-        cls,
-        mode: Mode | str,
-        *,
-        temperature: float = 0.7,
-        top_k: int = 50,
-        top_p: float = 0.92,
-        num_beams: int = 5,
-        no_repeat_ngram_size: int | None = None,
-        **common: object,
-    ) -> SamplingParams:
-        """The fields a seed-API `mode` implies (docs/API.md §1); `common` holds mode-independent fields
-        (n, max_length, max_new_tokens, seed, stop, repetition_penalty ...)."""
-        mode = Mode.parse(mode)
-        ngram = {} if no_repeat_ngram_size is None else {"no_repeat_ngram_size": no_repeat_ngram_size}
-        if mode is Mode.GREEDY:
-            return cls(do_sample=False, **ngram, **common)
-        if mode is Mode.BEAM:
-            ngram.setdefault("no_repeat_ngram_size", 2)
-            return cls(do_sample=False, num_beams=num_beams, **ngram, **common)
-        if mode is Mode.SAMPLE:
-            return cls(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, **ngram, **common)
-        if mode is Mode.SAMPLE_TOP_K:
-            return cls(do_sample=True, top_k=top_k, **ngram, **common)
-        return cls(do_sample=True, top_k=50, top_p=top_p, **ngram, **common)
-
     def replace(self, **changes: object) -> SamplingParams:
         return replace(self, **changes)
 
@@ -133,15 +90,11 @@ class SamplingParams:
         n = self.n
         require(
             _is_int(n) and 1 <= n <= MAX_RETURN_SEQUENCES,
-            "num_return_sequences",
-            f"`num_return_sequences` must be in [1, {MAX_RETURN_SEQUENCES}], got {n!r}",
+            "n",
+            f"`n` must be in [1, {MAX_RETURN_SEQUENCES}], got {n!r}",
         )
         if b > 1:
-            require(
-                n <= b,
-                "num_return_sequences",
-                f"`num_return_sequences` must be <= num_beams ({b}) in beam mode, got {n}",
-            )
+            require(n <= b, "n", f"`n` must be <= num_beams ({b}) in beam mode, got {n}")
             require(not self.do_sample, "num_beams", "beam search with sampling is not supported")
         for name in ("max_new_tokens", "max_length"):
             v = getattr(self, name)
@@ -176,7 +129,7 @@ class SamplingParams:
         require(
             s is None or (_is_int(s) and 0 <= s <= MAX_SEED),
             "seed",
-            f"`seed` must be an integer in [0, {MAX_SEED}] (or -1 for no seed), got {s!r}",
+            f"`seed` must be an integer in [0, {MAX_SEED}], got {s!r}",
         )
         lp = self.logprobs
         require(
@@ -188,11 +141,11 @@ class SamplingParams:
     # -- per-request limits ------------------------------------------------------------------------
     def new_token_budget(self, prompt_len: int, context: int) -> int:
         """How many tokens to generate for a prompt of `prompt_len` tokens in a `context`-token model."""
-        require(prompt_len >= 1, "input", "`input` must not be empty")
+        require(prompt_len >= 1, "prompt", "`prompt` must not be empty")
         require(
             prompt_len < context,
-            "input",
-            f"`input` is {prompt_len} tokens; the model's context is {context}, "
+            "prompt",
+            f"`prompt` is {prompt_len} tokens; the model's context is {context}, "
             f"so it must be at most {context - 1}",
         )
         room = context - prompt_len
@@ -217,7 +170,7 @@ class SamplingParams:
             )
             budget = self.max_new_tokens
         else:
-            budget = 16
+            budget = DEFAULT_NEW_TOKENS
         return min(budget, room)
 
     @property

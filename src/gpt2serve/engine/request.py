@@ -88,8 +88,10 @@ class Request:
         self.beam: BeamGroup | None = None
         self.finished_outputs: list[CompletionOutput] | None = None
         self.slots: list[int] = []
-        # Greedy decoding is deterministic: n identical answers need one sequence.
-        self.n_slots = params.num_beams if params.is_beam else (1 if params.is_greedy else params.n)
+        # Greedy decoding is deterministic: n identical answers need one sequence, whose text and deltas
+        # stand for all n (the one place that knows it: `outputs`, `_emit_delta`).
+        self.copies = params.n if params.is_greedy else 1
+        self.n_slots = params.num_beams if params.is_beam else params.n // self.copies
         self.token_cost = self.n_slots * (len(prompt_ids) + budget)
 
     def cancel(self) -> None:
@@ -159,7 +161,8 @@ class Request:
         piece = seq.text[seq.streamed : end]
         if piece or seq.finish_reason:
             seq.streamed = end
-            self.sink(StreamDelta(seq.index, piece, seq.finish_reason))
+            for index in range(seq.index, seq.index + self.copies):
+                self.sink(StreamDelta(index, piece, seq.finish_reason))
 
     def outputs(self) -> list[CompletionOutput]:
         if self.finished_outputs is not None:
@@ -168,11 +171,11 @@ class Request:
             CompletionOutput(s.index, s.text, s.generated, s.finish_reason or "length", s.logprobs)
             for s in self.sequences
         ]
-        if self.params.is_greedy and self.params.n > 1:
+        if self.copies > 1:
             first = outs[0]
             outs = [
                 CompletionOutput(i, first.text, list(first.token_ids), first.finish_reason, first.logprobs)
-                for i in range(self.params.n)
+                for i in range(self.copies)
             ]
         return outs
 

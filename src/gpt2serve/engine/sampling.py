@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from gpt2serve.engine import native
+from gpt2serve.engine.params import SamplingParams
 
 NEG_INF = float("-inf")
 # `draw`: up to this many non-zero probabilities, every exponential is computed as torch does; beyond,
@@ -394,3 +395,29 @@ def _top_p_kept(weights: list[float], threshold: float) -> int | None:
             break
         removed += 1
     return len(weights) - removed
+
+
+def choose(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> list[int]:
+    """The token of each sampling row (`logits` processed, one row per entry of `params`), each as
+    `sample(warp(...))` draws it: `draw_top_k` where it can decide, else `warp` and `sample`."""
+    picked = [0] * len(params)
+    slow = []
+    for i, (p, gen) in enumerate(zip(params, generators, strict=True)):
+        token = draw_top_k(logits[i], p.temperature, p.top_k, p.top_p, gen)
+        if token is None:
+            slow.append(i)
+        else:
+            picked[i] = token
+    if slow:
+        dev = logits.device
+        warped = warp(
+            logits[slow],
+            torch.tensor([params[i].temperature for i in slow], dtype=torch.float64, device=dev),
+            torch.tensor([params[i].top_k for i in slow], device=dev),
+            torch.tensor([params[i].top_p for i in slow], dtype=torch.float64, device=dev),
+        )
+        for i, token in zip(slow, sample(warped, [generators[i] for i in slow]).tolist()):
+            picked[i] = token
+    return picked

@@ -9,6 +9,7 @@ requests cannot starve an old large one.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from gpt2serve.engine.errors import EngineOverloadedError, InvalidParameterError
@@ -18,6 +19,8 @@ class Schedulable(Protocol):
     n_slots: int  # KV slots the request needs (beams or samples)
     token_cost: int  # tokens it may hold in the cache: n_slots * (prompt + new tokens)
     slots: list[int]  # assigned on admission
+    prompt_ids: list[int]
+    active: list  # its sequences still decoding
 
 
 class Scheduler:
@@ -37,13 +40,13 @@ class Scheduler:
         """Queue a request, or refuse it at once when it can never fit or the queue is full."""
         if req.n_slots > self.max_request_slots:
             raise InvalidParameterError(
-                "num_return_sequences",
+                "n",
                 f"the request needs {req.n_slots} sequences (beams or samples) at once; this server lets one "
                 f"request hold at most {self.max_request_slots} of its {self.n_slots} KV slots",
             )
         if req.token_cost > self.max_total_tokens:
             raise InvalidParameterError(
-                "max_length",
+                "max_new_tokens",
                 f"the request may hold {req.token_cost} tokens (sequences x (prompt + new tokens)); "
                 f"this server's limit is {self.max_total_tokens}",
             )
@@ -66,6 +69,29 @@ class Scheduler:
             self.running.append(req)
             admitted.append(req)
         return admitted
+
+    @staticmethod
+    def group_prompts(
+        decoding: list[Schedulable], admitted: list[Schedulable], fits: Callable[[int], bool]
+    ) -> tuple[list[Schedulable], list[list[Schedulable]]]:
+        """Which new prompts run in which forward, where `fits(rows)` says whether one pass takes that
+        many rows (decode.c's limit): those that fit beside the decode rows join the decode step (one
+        pass over the weights for both), the others go in groups that fit, and a prompt too long for it
+        alone runs on its own. Returns (joining, groups), oldest first."""
+        rows = sum(len(r.active) for r in decoding)
+        joining, groups, group_rows = [], [], 0
+        for req in admitted:
+            n = len(req.prompt_ids)
+            if fits(rows + n):
+                joining.append(req)
+                rows += n
+            elif groups and fits(group_rows + n):
+                groups[-1].append(req)
+                group_rows += n
+            else:
+                groups.append([req])
+                group_rows = n
+        return joining, groups
 
     def _take_slots(self, k: int) -> list[int]:
         """k free slots, consecutive where possible: attention then reads cache views, not gathered copies."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -25,12 +26,11 @@ from fastapi.responses import JSONResponse
 from gpt2serve.api import content
 from gpt2serve.api import openai_protocol as proto
 from gpt2serve.api.disconnect import until_disconnected
-from gpt2serve.api.errors import APIError, describe, request_id_of
+from gpt2serve.api.errors import APIError, describe, renamed, request_id_of
 from gpt2serve.api.state import server_state
-from gpt2serve.api.streaming import DONE, EngineBatch, SSEResponse, sse_event
-from gpt2serve.engine.errors import InvalidParameterError
-from gpt2serve.engine.params import SamplingParams
-from gpt2serve.engine.request import GenerationResult
+from gpt2serve.api.streaming import DONE, SSEResponse, sse_event, text_pieces
+from gpt2serve.engine.bridge import EngineBatch
+from gpt2serve.engine.request import StreamDelta
 
 router = APIRouter(prefix="/v1")
 
@@ -44,9 +44,7 @@ CHAT_MESSAGE = (
 
 def openai_error(exc: BaseException, request_id: str) -> JSONResponse:
     """The server's error answer, in OpenAI's field names."""
-    if isinstance(exc, InvalidParameterError):
-        exc = proto.in_openai_terms(exc)
-    return describe(exc, request_id).response()
+    return describe(renamed(exc, proto.OPENAI_NAMES), request_id).response()
 
 
 def _model_card(request: Request) -> dict[str, Any]:
@@ -104,7 +102,7 @@ async def completions(request: Request) -> Any:
         return openai_error(exc, request_id)
     model = engine.model_name
     if req.stream:
-        return SSEResponse(_stream(batch, req, prompts, params, model, request_id))
+        return SSEResponse(_stream(batch, req, prompts, model, request_id))
     try:
         results = await until_disconnected(request, batch.wait())  # 499 if the client left
     except Exception as exc:
@@ -123,25 +121,17 @@ def _check_prompt_count(count: int, most: int, queue: int) -> None:
 
 
 async def _stream(
-    batch: EngineBatch, req: proto.CompletionRequest, prompts: list[str], params: SamplingParams, model: str,
-    request_id: str,
-) -> AsyncIterator[bytes]:  # fmt: skip
+    batch: EngineBatch, req: proto.CompletionRequest, prompts: list[str], model: str, request_id: str
+) -> AsyncIterator[bytes]:
     """One chunk per new piece of text of each choice; then usage (if asked) and [DONE]."""
     cid, created, n = proto.completion_id(), int(time.time()), req.n or 1
-    copies = n if params.is_greedy else 1  # greedy: one sequence stands for n identical choices
-    started: set[int] = set()
-    items = batch.items()
+    prefixes = prompts if req.echo else [""] * len(prompts)
     try:
-        async for k, item in items:
-            if isinstance(item, GenerationResult):
-                continue
-            for i in range(copies) if copies > 1 else (item.index,):
-                index = k * n + i
-                text = item.text if (index in started or not req.echo) else prompts[k] + item.text
-                started.add(index)
-                if text or item.finish_reason:
-                    reason = item.finish_reason
-                    choice = {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+        async with aclosing(text_pieces(batch, prefixes)) as pieces:
+            async for k, item in pieces:
+                if isinstance(item, StreamDelta):
+                    choice = {"text": item.text, "index": k * n + item.index, "logprobs": None,
+                              "finish_reason": item.finish_reason}  # fmt: skip
                     yield sse_event(_chunk(cid, created, model, [choice], req.include_usage))
         if req.include_usage:
             final = proto.envelope(cid, created, model, [])
@@ -150,9 +140,6 @@ async def _stream(
         yield DONE
     except Exception as exc:
         yield sse_event(json.loads(openai_error(exc, request_id).body))
-    finally:
-        await items.aclose()
-        batch.cancel()  # a client that hung up frees its slots at the engine's next step
 
 
 def _chunk(cid: str, created: int, model: str, choices: list[dict], with_usage: bool) -> dict[str, Any]:

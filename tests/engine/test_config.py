@@ -1,0 +1,24 @@
+"""EngineConfig: the one place a weight format is resolved for a device."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpt2serve.engine.config import EngineConfig, resolve_dtype
+
+
+def test_resolve_dtype() -> None:
+    assert resolve_dtype(None, "cpu") == "float32"
+    assert resolve_dtype(None, "cuda:0") == "float16"
+    assert resolve_dtype("auto", "cuda") == "float16"
+    assert resolve_dtype("bf16", "cpu") == "bfloat16"
+    assert resolve_dtype("float16", "cpu") == "float16"
+    assert resolve_dtype("int8", "cpu") == "int8"
+    assert resolve_dtype("torch.float32", "cuda") == "float32"
+    with pytest.raises(ValueError, match="float32"):
+        resolve_dtype("int4", "cpu")
+
+
+def test_a_dtype_no_device_takes_is_refused_before_loading() -> None:
+    with pytest.raises(ValueError, match="int4"):
+        EngineConfig(dtype="int4")
