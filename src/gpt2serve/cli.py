@@ -142,9 +142,31 @@ def _serve(args: argparse.Namespace) -> int:
     from gpt2serve.settings import settings_or_exit
 
     settings = settings_or_exit(args)
+    problem = _ray_flags_problem(settings)
+    if problem:
+        print(f"gpt2serve serve: error: {problem}", file=sys.stderr)
+        return 2
+    if settings.ray:
+        from gpt2serve.scale.serve import serve_ray  # ray is imported only here
+
+        return serve_ray(settings)
     from gpt2serve.api.app import serve  # after the settings: a bad one must not wait for torch to import
 
     return serve(settings)
+
+
+def _ray_flags_problem(settings) -> str | None:
+    """Why the Ray flags given do not go together, if they do not."""
+    flags = {"--replicas": settings.replicas, "--autoscale": settings.autoscale,
+             "--target-ongoing-requests": settings.target_ongoing_requests}  # fmt: skip
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given and not settings.ray:
+        return f"{', '.join(given)} need --ray"
+    if settings.replicas is not None and settings.autoscale is not None:
+        return "give --replicas N or --autoscale MIN:MAX, not both"
+    if settings.target_ongoing_requests is not None and settings.autoscale is None:
+        return "--target-ongoing-requests needs --autoscale"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
