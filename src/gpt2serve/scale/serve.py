@@ -99,18 +99,25 @@ def proxy_environment(settings: Settings) -> None:
     os.environ[proxy.BODY_LIMIT_ENV] = str(settings.max_body_bytes)
 
 
+def init_ray(settings: Settings, **options: Any) -> None:
+    """Join `--ray-address`'s cluster, or start a local Ray instance (`options` go to `ray.init`)."""
+    ray = import_ray()
+    if settings.ray_address is None:
+        proxy_environment(settings)
+    try:
+        ray.init(address=settings.ray_address, logging_level=settings.log_level.upper(), **options)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RayUnavailableError(f"cannot reach the Ray cluster {settings.ray_address!r}: {exc}") from None
+
+
 def start(settings: Settings) -> None:
     """Join (or start) the Ray cluster, start Ray Serve's proxy and deploy the app; returns once every
     replica serves."""
     ray = import_ray()
     from ray import serve
 
-    if settings.ray_address is None:
-        proxy_environment(settings)
-    try:
-        ray.init(address=settings.ray_address, logging_level=settings.log_level.upper())
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise RayUnavailableError(f"cannot reach the Ray cluster {settings.ray_address!r}: {exc}") from None
+    if not ray.is_initialized():  # (a caller may have joined a cluster already)
+        init_ray(settings)
     serve.start(http_options=http_options(settings))
     serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
 
