@@ -112,7 +112,14 @@ def _batch(args: argparse.Namespace) -> int:
     options = BatchOptions(
         input=args.input, output=args.output, model=args.model, url=args.url, concurrency=args.concurrency,
         device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, threads=args.threads,
+        ray=args.ray, replicas=args.replicas, ray_address=args.ray_address,
     )  # fmt: skip
+    if (args.replicas or args.ray_address) and not args.ray:
+        print("gpt2serve batch: error: --replicas and --ray-address need --ray", file=sys.stderr)
+        return 2
+    if args.ray and args.url:
+        print("gpt2serve batch: error: --ray runs its own engines; it does not take --url", file=sys.stderr)
+        return 2
     return run_batch(options)
 
 
@@ -135,6 +142,12 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--dtype", default=None, help="local engine: float32 | bfloat16 | float16 | int8")
     batch.add_argument("--device", default="cpu", help="local engine: cpu | cuda | auto (default cpu)")
     batch.add_argument("--threads", type=int, default=None, help="local engine: CPU threads")
+    batch.add_argument("--ray", action="store_true",
+                       help="spread the lines over engine actors with Ray Data (needs gpt2serve[ray])")
+    batch.add_argument("--replicas", type=int, default=None, help="with --ray: engine actors (default 1), "
+                       "each with --threads CPUs (default 1)")
+    batch.add_argument("--ray-address", default=None,
+                       help="with --ray: the Ray cluster to join (default: a local Ray instance)")
     batch.set_defaults(func=_batch)
 
 
@@ -142,9 +155,31 @@ def _serve(args: argparse.Namespace) -> int:
     from gpt2serve.settings import settings_or_exit
 
     settings = settings_or_exit(args)
+    problem = _ray_flags_problem(settings)
+    if problem:
+        print(f"gpt2serve serve: error: {problem}", file=sys.stderr)
+        return 2
+    if settings.ray:
+        from gpt2serve.scale.serve import serve_ray  # ray is imported only here
+
+        return serve_ray(settings)
     from gpt2serve.api.app import serve  # after the settings: a bad one must not wait for torch to import
 
     return serve(settings)
+
+
+def _ray_flags_problem(settings) -> str | None:
+    """Why the Ray flags given do not go together, if they do not."""
+    flags = {"--replicas": settings.replicas, "--autoscale": settings.autoscale,
+             "--target-ongoing-requests": settings.target_ongoing_requests}  # fmt: skip
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given and not settings.ray:
+        return f"{', '.join(given)} need --ray"
+    if settings.replicas is not None and settings.autoscale is not None:
+        return "give --replicas N or --autoscale MIN:MAX, not both"
+    if settings.target_ongoing_requests is not None and settings.autoscale is None:
+        return "--target-ongoing-requests needs --autoscale"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

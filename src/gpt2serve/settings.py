@@ -103,6 +103,18 @@ def _boolean(text: str) -> bool:
     return value in ("true", "1")
 
 
+def _span(text: str) -> tuple[int, int]:
+    """`MIN:MAX`, 1 <= MIN <= MAX."""
+    low, sep, high = text.strip().partition(":")
+    try:
+        span = (int(low), int(high))
+    except ValueError:
+        raise ValueError("must be MIN:MAX, two integers") from None
+    if not sep or not 1 <= span[0] <= span[1]:
+        raise ValueError("must be MIN:MAX with 1 <= MIN <= MAX")
+    return span
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -119,12 +131,14 @@ def _setting(
     computed: Callable[[Mapping[str, str] | None], Any] | None = None,
     shown: str = "",
     repeat: bool = False,
+    switch: bool = False,
 ) -> Any:
     """A `Settings` field: `computed(environ)` gives a default that depends on the environment, and
     `shown` describes it in --help. A `repeat` flag may be given several times: `parse` returns a tuple
-    (from one flag or the whole variable) and the tuples are joined."""
+    (from one flag or the whole variable) and the tuples are joined. A `switch` flag may be given
+    without a value (`--ray` means `--ray true`)."""
     meta = {"flag": flag, "env": env, "help": help, "parse": parse, "computed": computed, "shown": shown,
-            "repeat": repeat}  # fmt: skip
+            "repeat": repeat, "switch": switch}  # fmt: skip
     if computed is not None:
         return field(default_factory=lambda: computed(None), metadata=meta)
     return field(default=default, metadata=meta)
@@ -295,6 +309,32 @@ class Settings:
         default=(), shown="none (CORS off)",
     )
 
+    # -- past one machine: Ray Serve (gpt2serve.scale) --
+    ray: bool = _setting(
+        "--ray", ("GPT2SERVE_RAY",),
+        "serve with Ray Serve: replicas of the engine behind Ray's HTTP proxy (pip install 'gpt2serve[ray]')",
+        _boolean, default=False, switch=True,
+    )
+    replicas: int | None = _setting(
+        "--replicas", ("GPT2SERVE_REPLICAS",), "with --ray: replicas, each with its own engine",
+        _positive(int), shown="1",
+    )
+    autoscale: tuple[int, int] | None = _setting(
+        "--autoscale", ("GPT2SERVE_AUTOSCALE",),
+        "with --ray, instead of --replicas: MIN:MAX replicas, scaled on the requests they have in flight",
+        _span, shown="off",
+    )
+    target_ongoing_requests: float | None = _setting(
+        "--target-ongoing-requests", ("GPT2SERVE_TARGET_ONGOING_REQUESTS",),
+        "with --autoscale: requests in flight per replica that autoscaling aims at", _positive(float),
+        shown="half of max-batch-size",
+    )
+    ray_address: str | None = _setting(
+        "--ray-address", ("GPT2SERVE_RAY_ADDRESS", "RAY_ADDRESS"),
+        "with --ray: the Ray cluster to join (`auto`, or host:port of its head node)", str,
+        shown="a local Ray instance started for the server",
+    )
+
     @classmethod
     def from_args(
         cls, ns: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
@@ -352,6 +392,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         meta = f.metadata
         default = meta["shown"] or (str(f.default) if f.default is not MISSING else "")
         env = " or ".join(f"${v}" for v in meta["env"])
+        switch = {"nargs": "?", "const": "true"} if meta["switch"] else {}
         parser.add_argument(
             meta["flag"],
             dest=f.name,
@@ -359,6 +400,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             action="append" if meta["repeat"] else "store",
             type=_argparse_type(f.name, meta["parse"]),
             help=f"{meta['help']} (env: {env}; default: {default})",
+            **switch,
         )
 
 
