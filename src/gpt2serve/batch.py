@@ -50,9 +50,6 @@ class BatchOptions:
     dtype: str | None = None
     max_batch_size: int = 32
     threads: int | None = None
-    ray: bool = False  # engine actors on a Ray cluster (gpt2serve.scale.batch)
-    replicas: int | None = None  # with ray: actors (default 1)
-    ray_address: str | None = None  # with ray: the cluster (default: a local Ray instance)
 
 
 class FatalLineError(Exception):
@@ -231,10 +228,6 @@ async def _run(options: BatchOptions) -> int:
 
 def run_batch(options: BatchOptions) -> int:
     """Run the job; the exit status."""
-    if options.ray:
-        from gpt2serve.scale.batch import run_ray_batch  # ray is imported only here
-
-        return run_ray_batch(options)
     try:
         return asyncio.run(_run(options))
     except KeyboardInterrupt:

@@ -112,14 +112,7 @@ def _batch(args: argparse.Namespace) -> int:
     options = BatchOptions(
         input=args.input, output=args.output, model=args.model, url=args.url, concurrency=args.concurrency,
         device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, threads=args.threads,
-        ray=args.ray, replicas=args.replicas, ray_address=args.ray_address,
     )  # fmt: skip
-    if (args.replicas or args.ray_address) and not args.ray:
-        print("gpt2serve batch: error: --replicas and --ray-address need --ray", file=sys.stderr)
-        return 2
-    if args.ray and args.url:
-        print("gpt2serve batch: error: --ray runs its own engines; it does not take --url", file=sys.stderr)
-        return 2
     return run_batch(options)
 
 
@@ -142,12 +135,6 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--dtype", default=None, help="local engine: float32 | bfloat16 | float16 | int8")
     batch.add_argument("--device", default="cpu", help="local engine: cpu | cuda | auto (default cpu)")
     batch.add_argument("--threads", type=int, default=None, help="local engine: CPU threads")
-    batch.add_argument("--ray", action="store_true",
-                       help="spread the lines over engine actors with Ray Data (needs gpt2serve[ray])")
-    batch.add_argument("--replicas", type=int, default=None, help="with --ray: engine actors (default 1), "
-                       "each with --threads CPUs (default 1)")
-    batch.add_argument("--ray-address", default=None,
-                       help="with --ray: the Ray cluster to join (default: a local Ray instance)")
     batch.set_defaults(func=_batch)
 
 
