@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -93,19 +94,25 @@ def make_settings(model: str, **changes: object) -> Settings:
     return replace(base, **changes)
 
 
-@pytest.fixture(scope="package")
-def api_server(tiny_checkpoint: Path) -> Iterator[ThreadServer]:
-    """The tiny model behind the real app, used by all API tests. Torch runs one intra-op thread
-    meanwhile: where the few cores are busy with other work, two spinning threads made sampling 10x
-    slower."""
+@contextmanager
+def serving(settings: Settings) -> Iterator[ThreadServer]:
+    """The app under uvicorn in a thread, ready. Torch runs one intra-op thread meanwhile: where the few
+    cores are busy with other work, two spinning threads made sampling 10x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    server = ThreadServer(make_settings(str(tiny_checkpoint), max_body_mb=SMALL_BODY_MB)).start()
+    server = ThreadServer(settings).start()
     try:
         yield server.wait_ready()
     finally:
         server.stop()
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="package")
+def api_server(tiny_checkpoint: Path) -> Iterator[ThreadServer]:
+    """The tiny model behind the real app, used by all API tests."""
+    with serving(make_settings(str(tiny_checkpoint), max_body_mb=SMALL_BODY_MB)) as server:
+        yield server
 
 
 @pytest.fixture(scope="package")
@@ -117,15 +124,9 @@ def client(api_server: ThreadServer) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="package")
 def long_server(checkpoint_factory) -> Iterator[ThreadServer]:
     """A tiny model with GPT-2's 1024-token context, so one request can run for a long time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     checkpoint = checkpoint_factory(n_layer=2, n_head=4, n_embd=64, n_positions=1024)
-    server = ThreadServer(make_settings(str(checkpoint))).start()
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
-        torch.set_num_threads(threads)
+    with serving(make_settings(str(checkpoint))) as server:
+        yield server
 
 
 class ProcessServer:

@@ -22,7 +22,6 @@ import httpx
 import openai
 import pytest
 import requests
-import torch
 from aws_requests_auth.aws_auth import AWSRequestsAuth
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -42,7 +41,7 @@ from gpt2serve.api.auth import (
 from gpt2serve.api.container import container_settings
 from gpt2serve.api.quotas import Quota
 from gpt2serve.settings import Settings, add_arguments
-from tests.api.conftest import SMALL_BODY_MB, SRC, ThreadServer, free_port, make_settings, wait_for
+from tests.api.conftest import SMALL_BODY_MB, SRC, ThreadServer, free_port, make_settings, serving, wait_for
 
 AKID, SECRET = "AKIDGPT2SERVETEST", "s3cr3t/Key+ForTheSigV4TestsOnly0123456789"
 ALICE, BOB, CAROL, DAVE = (
@@ -66,18 +65,12 @@ def secured(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     credentials = files / "credentials"
     credentials.write_text(f"[ci]\naws_access_key_id = {AKID}\naws_secret_access_key = {SECRET}\n")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     settings = make_settings(
         str(tiny_checkpoint), api_keys_file=str(keys), sigv4_credentials=str(credentials),
         cors_origins=(ORIGIN,), max_body_mb=SMALL_BODY_MB,
     )  # fmt: skip
-    server = ThreadServer(settings).start()
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
-        torch.set_num_threads(threads)
+    with serving(settings) as server:
+        yield server
 
 
 def runtime_client(url: str, secret: str = SECRET, akid: str = AKID):

@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
 
-from tests.api.conftest import ThreadServer, make_settings
+from tests.api.conftest import ThreadServer, make_settings, serving
 
 CONTEXT = 128
 BODY_MB = 0.25
@@ -16,16 +15,10 @@ BODY_MB = 0.25
 
 @pytest.fixture(scope="package")
 def fuzz_server(checkpoint_factory) -> Iterator[ThreadServer]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     model = checkpoint_factory(n_layer=1, n_head=2, n_embd=32, n_positions=CONTEXT, seed=3)
     settings = make_settings(str(model), max_body_mb=BODY_MB, max_batch_size=8, request_timeout_s=30.0)
-    server = ThreadServer(settings).start()
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
-        torch.set_num_threads(threads)
+    with serving(settings) as server:
+        yield server
 
 
 @pytest.fixture(scope="package")
