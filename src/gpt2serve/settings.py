@@ -15,11 +15,14 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gpt2serve.engine.config import WEIGHT_FORMATS, EngineConfig
+
 MODEL_DIR_ENV = "GPT2SERVE_MODEL_DIR"
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
 FALLBACK_MODEL = "gpt2-xl"
-DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
+DTYPES = ("auto", *WEIGHT_FORMATS)
 CPU_KERNELS = ("auto", "gemv", "torch")
+ENGINE = EngineConfig()  # the engine's defaults: its knobs below take theirs from here
 BATCH_STRATEGIES = ("MULTI_RECORD", "SINGLE_RECORD")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -146,7 +149,8 @@ def _setting(
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything `gpt2serve serve` and the SageMaker container can be told."""
+    """Everything `gpt2serve serve` and the SageMaker container can be told. Every field of
+    EngineConfig is here under its own name (see `engine_config`)."""
 
     model: str = _setting(
         "--model", ("GPT2SERVE_MODEL",),
@@ -156,11 +160,11 @@ class Settings:
     )
     dtype: str = _setting(
         "--dtype", ("GPT2SERVE_DTYPE",), "weights dtype; auto: float32 on CPU, float16 on CUDA",
-        _choice(*DTYPES), default="auto",
+        _choice(*DTYPES), default=ENGINE.dtype,
     )
     device: str = _setting(
         "--device", ("GPT2SERVE_DEVICE",), "auto (CUDA if available), cpu, cuda or cuda:<n>", _device,
-        default="auto",
+        default=ENGINE.device,
     )
     host: str = _setting(
         "--host", ("GPT2SERVE_HOST",),
@@ -193,17 +197,17 @@ class Settings:
     )
     max_batch_size: int = _setting(
         "--max-batch-size", ("GPT2SERVE_MAX_BATCH_SIZE",),
-        "sequences decoded together in one step (KV slots)", _positive(int), default=32,
+        "sequences decoded together in one step (KV slots)", _positive(int), default=ENGINE.max_batch_size,
     )
     max_queue: int = _setting(
         "--max-queue", ("GPT2SERVE_MAX_QUEUE",),
         "requests that may wait for a slot; past this, callers get 503 at once", _non_negative_int,
-        default=256,
+        default=ENGINE.max_queue,
     )
     kv_cache_gb: float = _setting(
         "--kv-cache-gb", ("GPT2SERVE_KV_CACHE_GB",),
         "memory for the KV cache; caps the KV slots when max-batch-size full-context slots would not fit",
-        _positive(float), default=8.0,
+        _positive(float), default=ENGINE.kv_cache_gb,
     )
     max_total_tokens: int | None = _setting(
         "--max-total-tokens", ("GPT2SERVE_MAX_TOTAL_TOKENS",),
@@ -239,7 +243,7 @@ class Settings:
         "--cpu-kernels", ("GPT2SERVE_CPU_KERNELS",),
         "few-row matrix kernels on CPU: gemv (gpt2serve's, built with the C compiler on first use), torch "
         "(oneDNN/fbgemm), auto (gemv on CPUs without AVX-512 where a compiler is found)",
-        _choice(*CPU_KERNELS), default="auto",
+        _choice(*CPU_KERNELS), default=ENGINE.cpu_kernels,
     )
     max_prompt_tokens: int | None = _setting(
         "--max-prompt-tokens", ("GPT2SERVE_MAX_PROMPT_TOKENS",),
@@ -249,11 +253,11 @@ class Settings:
     max_request_share: float = _setting(
         "--max-request-share", ("GPT2SERVE_MAX_REQUEST_SHARE",),
         "the share of the KV slots one request's sequences (beams or samples) may hold; more gets 400",
-        _share, default=0.5,
+        _share, default=ENGINE.max_request_share,
     )
     max_stop_length: int = _setting(
         "--max-stop-length", ("GPT2SERVE_MAX_STOP_LENGTH",), "characters in one stop string; longer gets 400",
-        _positive(int), default=256,
+        _positive(int), default=ENGINE.max_stop_length,
     )
     max_lines_per_body: int = _setting(
         "--max-lines-per-body", ("GPT2SERVE_MAX_LINES_PER_BODY",),
@@ -361,6 +365,10 @@ class Settings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's configuration: each EngineConfig field from the setting of the same name."""
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)})
 
 
 def _from_env(name: str, meta: Mapping[str, Any], environ: Mapping[str, str]) -> Any:

@@ -22,3 +22,12 @@ def test_resolve_dtype() -> None:
 def test_a_dtype_no_device_takes_is_refused_before_loading() -> None:
     with pytest.raises(ValueError, match="int4"):
         EngineConfig(dtype="int4")
+
+
+def test_the_server_settings_build_the_engine_config_with_its_defaults(monkeypatch) -> None:
+    from gpt2serve.settings import Settings
+
+    monkeypatch.delenv("SAGEMAKER_BATCH", raising=False)
+    assert Settings(model="random:gpt2").engine_config() == EngineConfig()
+    given = Settings(model="random:gpt2", max_batch_size=3, dtype="int8", device="cpu").engine_config()
+    assert (given.max_batch_size, given.dtype, given.device) == (3, "int8", "cpu")

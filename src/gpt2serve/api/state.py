@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 from fastapi import Request
 
-from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.engine import Engine
 from gpt2serve.engine.errors import EngineStoppedError
 from gpt2serve.engine.params import SamplingParams
@@ -22,23 +21,6 @@ from gpt2serve.settings import Settings
 logger = logging.getLogger("gpt2serve.api")
 
 WARMUP_PROMPT = "Hello"
-
-
-def engine_config(settings: Settings) -> EngineConfig:
-    return EngineConfig(
-        max_batch_size=settings.max_batch_size,
-        kv_cache_gb=settings.kv_cache_gb,
-        max_queue=settings.max_queue,
-        max_total_tokens=settings.max_total_tokens,
-        request_timeout_s=settings.request_timeout_s,
-        device=settings.device,
-        dtype=None if settings.dtype == "auto" else settings.dtype,
-        threads=settings.threads,
-        cpu_kernels=settings.cpu_kernels,
-        max_prompt_tokens=settings.max_prompt_tokens,
-        max_request_share=settings.max_request_share,
-        max_stop_length=settings.max_stop_length,
-    )
 
 
 class ServerState:
@@ -65,7 +47,7 @@ class ServerState:
         started = time.monotonic()
         name = self.settings.model if self.engine is None else self.engine.model_name
         try:
-            engine = self.engine or Engine.load(self.settings.model, engine_config(self.settings))
+            engine = self.engine or Engine.load(self.settings.model, self.settings.engine_config())
             engine.start()
             engine.generate_sync(WARMUP_PROMPT, SamplingParams(max_new_tokens=2))
         except Exception as exc:
