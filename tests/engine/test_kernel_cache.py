@@ -14,7 +14,7 @@ from gpt2serve.engine import kernel_cache
 
 FLAGS = ("-O2",)
 NOBODY = 65534
-ROOT_ONLY = "needs root, to give a file to another user (runs where the suite runs as root, as in CI's container)"
+ROOT_ONLY = "needs root, to give a file to another user (runs where the suite runs as root, as in CI)"
 
 
 @pytest.fixture
