@@ -2,7 +2,8 @@
 
     python benchmarks/bench_overload.py [--model random:gpt2] [--max-batch-size 8] [--max-queue 16]
                                         [--levels 1,4,10] [--seconds 15] [--max-new-tokens 16]
-                                        [--backoffs retry-after,0.05] [--out NAME|FILE.json|-]
+                                        [--backoffs retry-after,0.05] [--engine-nice 10]
+                                        [--out NAME|FILE.json|-]
 
 It starts the server itself (the container entry point on a free 127.0.0.1 port; all traffic stays on
 loopback) with --max-batch-size and --max-queue, so its capacity is their sum: the requests it can hold
@@ -47,7 +48,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "gpt2serve.api.container", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--model", args.model, "--device", "cpu",
            "--max-batch-size", str(args.max_batch_size),
-           "--max-queue", str(args.max_queue), "--log-level", "error"]  # fmt: skip
+           "--max-queue", str(args.max_queue), "--engine-nice", str(args.engine_nice),
+           "--log-level", "error"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=tempfile.TemporaryFile(), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -103,30 +105,51 @@ def _probe_loop(url: str, seconds: float, out: multiprocessing.Queue) -> None:
     out.put((pings, posts))
 
 
+async def _post(conn: list, host: str, port: int, request: bytes) -> tuple[str, str]:
+    """One request on the caller's kept-alive connection (opened again where the server closed it):
+    (status, Retry-After). Plain asyncio streams: a load generator on the server's own 2 cores must
+    cost little CPU per request, or its own delays are what it measures."""
+    if not conn:
+        conn.extend(await asyncio.open_connection(host, port))
+    reader, writer = conn
+    try:
+        writer.write(request)
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower().split("\r\n")
+        fields = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
+        await reader.readexactly(int(fields.get("content-length", "0")))
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        writer.close()
+        conn.clear()
+        return type(exc).__name__, "0"
+    if fields.get("connection") == "close":
+        writer.close()
+        conn.clear()
+    return head[0].split()[1], fields.get("retry-after", "0")
+
+
 async def _callers(url: str, first: int, count: int, seconds: float, max_new_tokens: int,
                    backoff_s: float | None) -> dict:
     latencies: dict[str, list[float]] = {}
     stop_at = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    host, port = httpx.URL(url).host, httpx.URL(url).port
 
-        async def caller(k: int) -> None:
-            i = 0
-            while time.monotonic() < stop_at:
-                body = {**BODY, "seed": k * 100_000 + i, "max_new_tokens": max_new_tokens}
-                i += 1
-                t0 = time.monotonic()
-                retry_after = "0"
-                try:
-                    response = await client.post("/invocations", json=body)
-                    status, retry_after = str(response.status_code), response.headers.get("retry-after", "0")
-                except httpx.HTTPError as exc:
-                    status = type(exc).__name__
-                latencies.setdefault(status, []).append(time.monotonic() - t0)
-                if status == "503":  # busy: wait as told (the OpenAI client does), or `backoff_s`
-                    await asyncio.sleep(float(retry_after) if backoff_s is None else backoff_s)
+    async def caller(k: int) -> None:
+        conn: list = []
+        i = 0
+        while time.monotonic() < stop_at:
+            body = json.dumps({**BODY, "seed": k * 100_000 + i, "max_new_tokens": max_new_tokens}).encode()
+            request = (f"POST /invocations HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+                       f"content-length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+            i += 1
+            t0 = time.monotonic()
+            status, retry_after = await _post(conn, host, port, request)
+            latencies.setdefault(status, []).append(time.monotonic() - t0)
+            if status == "503":  # busy: wait as told (the OpenAI client does), or `backoff_s`
+                await asyncio.sleep(float(retry_after) if backoff_s is None else backoff_s)
+        if conn:
+            conn[1].close()
 
-        await asyncio.gather(*(caller(k) for k in range(first, first + count)))
+    await asyncio.gather(*(caller(k) for k in range(first, first + count)))
     return latencies
 
 
@@ -186,6 +209,7 @@ def main() -> None:
     parser.add_argument("--model", default="random:gpt2")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-queue", type=int, default=16)
+    parser.add_argument("--engine-nice", type=int, default=10, help="the server's --engine-nice")
     parser.add_argument("--levels", default="1,4,10")
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -212,7 +236,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=60)
     result = {
-        "model": args.model, "capacity": capacity,
+        "model": args.model, "capacity": capacity, "engine_nice": args.engine_nice,
         "levels": levels, "oversized_statuses": oversized,
         "rss_mb": {k: round(v, 1) for k, v in rss.items()},
         "rss_after_oversized_vs_warm": round(rss["after_oversized"] / rss["warm"], 3),

@@ -68,6 +68,13 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _nice(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 19:
+        raise ValueError("must be in [0, 19]")
+    return value
+
+
 def _share(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -238,6 +245,12 @@ class Settings:
     threads: int | None = _setting(
         "--threads", ("GPT2SERVE_THREADS",), "CPU threads for the model's matrix products", _positive(int),
         shown="torch's default (the machine's cores)",
+    )
+    engine_nice: int = _setting(
+        "--engine-nice", ("GPT2SERVE_ENGINE_NICE",),
+        "how many nice steps (0-19) the engine's threads run below the HTTP front, so that /ping and "
+        "refusals are answered at once while the model keeps every core busy; 0: the same priority",
+        _nice, default=ENGINE.engine_nice,
     )
     cpu_kernels: str = _setting(
         "--cpu-kernels", ("GPT2SERVE_CPU_KERNELS",),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,6 +65,19 @@ def build_model(
     max_tokens = config.max_total_tokens or n_slots * loaded.config.n_positions
     per_request = max(1, math.ceil(n_slots * config.max_request_share))
     return model, model.new_cache(n_slots), Scheduler(n_slots, config.max_queue, max_tokens, per_request)
+
+
+def lower_thread_priority(steps: int) -> None:
+    """Run the calling thread `steps` nice steps lower. On Linux the priority is per thread and the
+    threads it starts (the kernels' OpenMP workers) inherit it: called first thing on the engine thread,
+    it lets the HTTP front preempt the model whenever the front has work."""
+    if not steps or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+    except OSError as exc:  # not permitted here: run at the front's priority
+        log.warning("could not lower the engine thread's priority: %s", exc)
 
 
 def _slots_that_fit(model: GPT2, config: EngineConfig) -> int:

@@ -95,6 +95,7 @@ class EngineConfig:
     device: str = "auto"  # auto (CUDA where torch has it, else CPU) | cpu | cuda | cuda:<n>
     dtype: str | None = "auto"  # float32 | bfloat16 | float16 | int8; auto or None: see resolve_dtype
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    engine_nice: int = 10  # the engine thread's CPU priority below the HTTP front's (Linux nice steps)
     cpu_kernels: str = "auto"  # auto | gemv | torch: see gpt2serve.engine.linear.use_gemv
     max_prompt_tokens: int | None = None  # None: the model's context - 1
     max_request_share: float = 0.5  # of the KV slots, what one request's sequences may hold
@@ -105,6 +106,8 @@ class EngineConfig:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if not 0 <= self.engine_nice <= 19:
+            raise ValueError(f"engine_nice must be in [0, 19], got {self.engine_nice}")
         if not 0 < self.max_request_share <= 1:
             raise ValueError(f"max_request_share must be in (0, 1], got {self.max_request_share}")
         resolve_dtype(self.dtype, "cpu")  # a dtype no device takes is refused here, before loading

@@ -20,7 +20,7 @@ import torch
 
 from gpt2serve.engine.beams import beam_groups, step_beams
 from gpt2serve.engine.bridge import EngineBatch
-from gpt2serve.engine.build import EngineStats, build_model, load_and_build, placement
+from gpt2serve.engine.build import EngineStats, build_model, load_and_build, lower_thread_priority, placement
 from gpt2serve.engine.chooser import Row, choose_isolated, logits_read
 from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.errors import EngineStoppedError, RequestTimeoutError
@@ -114,6 +114,7 @@ class Engine:
 
     # -- the loop ----------------------------------------------------------------------------------
     def _run(self) -> None:
+        lower_thread_priority(self.config.engine_nice)
         while True:
             with self._cond:
                 while not (self._stopping or self.scheduler.waiting or self.scheduler.running):
