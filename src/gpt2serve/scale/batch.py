@@ -174,8 +174,6 @@ def last_line(exc: BaseException) -> str:
 
 def run_ray_batch(options: BatchOptions) -> int:
     """Run the job on Ray; the exit status (as the local job's)."""
-    import ray
-
     from gpt2serve.scale.cluster import RayUnavailableError
 
     if options.input == "-":
@@ -203,5 +201,7 @@ def run_ray_batch(options: BatchOptions) -> int:
     finally:
         job.close()
         if joined:
+            import ray
+
             ray.shutdown()
     return job.finished()
