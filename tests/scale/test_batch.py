@@ -1,8 +1,12 @@
 """`batch --ray` on the local Ray cluster (2 CPUs) with 2 engine actors of the tiny checkpoint: every line
-answered once, in input order, as the local batch answers it; a rerun continues a cut output."""
+answered once, in input order, as the local batch answers it; an actor killed mid-run is replaced and
+loses no line; a rerun continues a cut output."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,7 @@ import torch
 
 from gpt2serve.batch import EXIT_LINES_FAILED, EXIT_STOPPED, BatchOptions, count_lines, read_lines, run_batch
 from gpt2serve.scale.batch import plan_blocks, read_blocks
+from tests.api.conftest import wait_for
 from tests.test_batch import check_mixed, local, write_mixed
 
 on_cluster = pytest.mark.usefixtures("ray_cluster")
@@ -58,6 +63,58 @@ def test_1000_lines_answer_once_in_order_as_the_local_batch(job, tiny_checkpoint
     assert [r.get("id") for r in records] == [r.get("id") for r in expected]
     assert seeded(records) == seeded(expected)
     assert len(seeded(expected)) > 0.8 * LINES
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (from /proc): the local Ray instance this test process started."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def engine_actors() -> list[int]:
+    """Process ids of this cluster's engine actors (Ray names its worker processes after the actor)."""
+    pids = []
+    for pid in descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"MapBatches(EngineActor)" in f.read():
+                    pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@on_cluster
+def test_a_killed_actor_is_replaced_and_loses_no_line(job, tiny_checkpoint):
+    tmp, bad, expected = job
+    out, status = tmp / "killed.jsonl", []
+    options = on_ray(tmp, tiny_checkpoint, "killed.jsonl")
+    runner = threading.Thread(target=lambda: status.append(run_batch(options)))
+    runner.start()
+    try:
+        wait_for(lambda: out.exists() and out.read_bytes().count(b"\n") >= 150, timeout=60, what="150 lines")
+        actors = engine_actors()
+        assert len(actors) == ACTORS, actors
+        os.kill(actors[0], signal.SIGKILL)
+        assert runner.is_alive(), "the job ended before an actor was killed; make it longer"
+    finally:
+        runner.join(timeout=120)
+    assert status == [EXIT_LINES_FAILED]
+    records = check_mixed(out, LINES, bad)
+    assert seeded(records) == seeded(expected)
 
 
 @pytest.mark.ray

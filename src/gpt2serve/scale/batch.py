@@ -14,7 +14,9 @@ machine, or a shared filesystem); a URL is read from every node.
 
 The answers come back here in input order (Ray Data's `preserve_order`) and go through the local job's
 output side (`gpt2serve.batch.Job`: whole lines, in order, fsync'ed, resumable, the same tqdm progress
-and exit status). A job that stops (a failed actor, Ctrl-C) keeps the lines written; a rerun continues.
+and exit status). An actor process that dies is restarted by Ray Data and its unfinished blocks sent
+again (their answers were never returned, so none is written twice); a job that stops (an engine that
+fails, Ctrl-C) keeps the lines written, and a rerun continues.
 """
 
 from __future__ import annotations
