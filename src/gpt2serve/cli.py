@@ -145,8 +145,9 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     model_help = f"run locally: checkpoint dir, hub id or random:<size> (default {GENERATE_DEFAULT_MODEL})"
     where.add_argument("--model", default=GENERATE_DEFAULT_MODEL, help=model_help)
     where.add_argument("--url", help="send the lines to this server (a base URL or an .../invocations path)")
-    batch.add_argument("--concurrency", type=int, default=None,
-                       help="requests in flight (default: 2 x --max-batch-size locally, 16 with --url)")
+    concurrency_help = "requests in flight (default: 2 x --max-batch-size locally and per --ray actor, " \
+        "16 with --url)"  # fmt: skip
+    batch.add_argument("--concurrency", type=int, default=None, help=concurrency_help)
     batch.add_argument("--max-batch-size", type=int, default=32, help="local engine: KV slots (default 32)")
     batch.add_argument("--dtype", default=None, help="local engine: float32 | bfloat16 | float16 | int8")
     batch.add_argument("--device", default="cpu", help="local engine: cpu | cuda | auto (default cpu)")

@@ -133,6 +133,21 @@ def test_a_rerun_continues_after_a_torn_tail(job, tiny_checkpoint):
     assert (tmp / "resumed.jsonl").read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [(["--replicas", "2"], "need --ray"), (["--ray-address", "auto"], "need --ray"),
+     (["--ray", "--url", "http://127.0.0.1:1"], "does not take --url"),
+     (["--ray", "--replicas", "0"], "at least 1")],
+)  # fmt: skip
+def test_ray_flags_that_do_not_go_together(tmp_path, capsys, flags, words):
+    from gpt2serve.cli import main
+
+    out = tmp_path / "out.jsonl"
+    assert main(["batch", str(tmp_path / "in.jsonl"), "-o", str(out), *flags]) == EXIT_STOPPED
+    assert words in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_refused_before_joining_a_cluster(tmp_path, tiny_checkpoint, capsys):
     """An output longer than the input, and standard input (the actors cannot read it)."""
     (tmp_path / "in.jsonl").write_text('"a"\n')
