@@ -159,14 +159,22 @@ def test_refused_before_joining_a_cluster(tmp_path, tiny_checkpoint, capsys):
     assert "not standard input" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text", [b"", b"a\n", b"a", b"a\nb\n\nc", b"a\r\nb\r\n", b"\n\n\n\n\n"])
+TEXTS = [b"", b"a\n", b"a", b"a\nb\n\nc", b"a\r\nb\r\n", b"\n\n\n\n\n", b"long line\nx\n\xff\n"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
 @pytest.mark.parametrize("skip", [0, 1, 2, 5])
 @pytest.mark.parametrize("every", [1, 2, 3])
-def test_blocks_cover_the_lines_after_skip_once(tmp_path, text, skip, every):
+@pytest.mark.parametrize(("as_url", "scan_bytes"), [(False, 3), (True, 1 << 22)])
+def test_blocks_cover_the_lines_after_skip_once(tmp_path, monkeypatch, text, skip, every, as_url, scan_bytes):
+    from gpt2serve.scale import batch
+
+    monkeypatch.setattr(batch, "SCAN_BYTES", scan_bytes)  # 3: lines across the reads of the numbering pass
     (tmp_path / "in.jsonl").write_bytes(text)
     path = str(tmp_path / "in.jsonl")
-    blocks, total = plan_blocks(path, skip, every)
+    where = (tmp_path / "in.jsonl").as_uri() if as_url else path  # a URL: through pyarrow's filesystems
+    blocks, total = plan_blocks(where, skip, every)
     assert total == count_lines(path)
     columns = {key: [b[key] for b in blocks] for key in ("first", "offset", "size")}
-    assert read_blocks(path, columns) == list(read_lines(path, skip))
+    assert read_blocks(where, columns) == list(read_lines(path, skip))
     assert all(b["first"] == skip + k * every for k, b in enumerate(blocks))

@@ -139,11 +139,9 @@ def answers(options: BatchOptions, blocks: list[dict]) -> Any:
 
 def connect(options: BatchOptions) -> bool:
     """Join the cluster (or start a local instance); whether this job did (and so must leave it)."""
-    import ray
-
     from gpt2serve.scale.cluster import import_ray, join
 
-    import_ray("data")
+    ray = import_ray("data")
     if ray.is_initialized():  # a caller joined one already
         return False
     join(options.ray_address, "warning", "data", include_dashboard=False)
