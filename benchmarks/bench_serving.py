@@ -3,7 +3,8 @@
     python benchmarks/bench_serving.py [--url http://127.0.0.1:8080] [--model random:gpt2] [--clients 1,16]
                                        [--requests 32] [--max-tokens 32] [--prompt-tokens 0]
                                        [--api openai|native] [--temperature 0] [--device cpu]
-                                       [--max-batch-size 32] [--out NAME|FILE.json|-]
+                                       [--max-batch-size 32] [--threads N] [--ray-replicas 0,1,2 [--rounds 3]]
+                                       [--out NAME|FILE.json|-]
 
 Without --url it starts a server itself (the container entry point, on a free loopback port, serving
 --model) and stops it at the end. For each concurrency level in --clients, that many clients send
@@ -17,6 +18,13 @@ stream by tokenizing the generated text with the bundled GPT-2 tokenizer. Prints
 writes it to benchmarks/results/<machine>/serving_<model>.json, or where --out says); its `scaling` field
 gives tokens/s and requests/s of the last level relative to the first. Each level also records the
 1-minute load average at its end: on a busy machine, compare levels only at similar load.
+
+--ray-replicas compares servers on the same requests: 0 is a plain `gpt2serve serve`, N is
+`gpt2serve serve --ray --replicas N` (Ray Serve's proxy in front of N replicas, each an engine on
+--threads threads, default 1; the same model and --max-batch-size), each started here in turn, --rounds
+times alternated; the report gives each server's levels per round and their medians, and the Ray proxy's
+overhead per request: the median over rounds of (1 replica - plain) in request latency and time to first
+token at the first level (use 1 client, where nothing queues). Results go to serving_<model>_ray.json.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ FILLER = (
 class Sample:
     ok: bool
     ttft: float = 0.0
+    latency: float = 0.0
     tpot: float | None = None
     tokens: int = 0
 
@@ -67,13 +76,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, object]:
+def server_command(args: argparse.Namespace, port: int, replicas: int) -> list[str]:
+    """`gpt2serve serve` (the container entry point), or with replicas > 0 `gpt2serve serve --ray`."""
+    where = ["gpt2serve.cli", "serve", "--ray", "--replicas", str(replicas)] if replicas else \
+        ["gpt2serve.api.container", "serve"]  # fmt: skip
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    return [sys.executable, "-m", *where, "--host", "127.0.0.1", "--port", str(port), "--model", args.model,
+            "--device", args.device, "--max-batch-size", str(args.max_batch_size), "--log-level", "warning",
+            *threads]  # fmt: skip
+
+
+def start_server(args: argparse.Namespace, replicas: int = 0) -> tuple[subprocess.Popen, str, object]:
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     log = tempfile.TemporaryFile()
-    cmd = [sys.executable, "-m", "gpt2serve.api.container", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--model", args.model, "--device", args.device,
-           "--max-batch-size", str(args.max_batch_size), "--log-level", "warning"]  # fmt: skip
+    cmd = server_command(args, port, replicas)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.start_timeout
@@ -143,7 +160,7 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, i: in
     if args.api == "native":
         tokens = len(tokenizer.encode(text[len(body["input"]) :]))
     tpot = (last - first) / (tokens - 1) if tokens > 1 else None
-    return Sample(ok=True, ttft=first - started, tpot=tpot, tokens=tokens)
+    return Sample(ok=True, ttft=first - started, latency=last - started, tpot=tpot, tokens=tokens)
 
 
 async def run_level(url: str, args: argparse.Namespace, clients: int, tokenizer) -> dict:
@@ -163,6 +180,7 @@ async def run_level(url: str, args: argparse.Namespace, clients: int, tokenizer)
     good = [s for s in samples if s.ok]
     tokens = sum(s.tokens for s in good)
     ttft = [s.ttft * 1000 for s in good]
+    latency = [s.latency * 1000 for s in good]
     tpot = [s.tpot * 1000 for s in good if s.tpot is not None]
 
     def ms(values: list[float], q: float) -> float | None:
@@ -174,6 +192,7 @@ async def run_level(url: str, args: argparse.Namespace, clients: int, tokenizer)
         "wall_s": round(wall, 3), "requests_per_s": round(len(good) / wall, 3),
         "generated_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
         "ttft_ms": {"p50": ms(ttft, 50), "p99": ms(ttft, 99)},
+        "latency_ms": {"p50": ms(latency, 50), "p99": ms(latency, 99)},
         "per_token_ms": {"p50": ms(tpot, 50), "p99": ms(tpot, 99)},
         "load_avg_1m": round(os.getloadavg()[0], 2),  # other work on the machine skews the numbers
     }  # fmt: skip
@@ -185,6 +204,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="random:gpt2", help="model for the server started here")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own)")
+    p.add_argument("--ray-replicas", default=None,
+                   help="compare servers: comma-separated, 0 plain serve, N serve --ray --replicas N")
+    p.add_argument("--rounds", type=int, default=1, help="with --ray-replicas: rounds of every server")
     p.add_argument("--clients", default="1,16", help="comma-separated concurrency levels")
     p.add_argument("--requests", type=int, default=32, help="requests per level")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
@@ -197,6 +220,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def run_levels(args: argparse.Namespace, levels: list[int], tokenizer, replicas: int = 0) -> list[dict]:
+    """Every level against --url, or a server started here (see `server_command`) and stopped after."""
+    proc = log = None
+    url = args.url
+    if url is None:
+        proc, url, log = start_server(args, replicas)
+    try:
+        return [asyncio.run(run_level(url.rstrip("/"), args, c, tokenizer)) for c in levels]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+def median(values: list[float | None]) -> float | None:
+    ordered = sorted(v for v in values if v is not None)
+    if not ordered:
+        return None
+    mid = len(ordered) // 2
+    return round(ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2, 2)
+
+
+def server_name(replicas: int) -> str:
+    return f"ray-{replicas}" if replicas else "plain"
+
+
+MEDIANS = {"tokens_per_s": ("tokens_per_s",), "latency_p50_ms": ("latency_ms", "p50"),
+           "ttft_p50_ms": ("ttft_ms", "p50"), "per_token_p50_ms": ("per_token_ms", "p50")}  # fmt: skip
+
+
+def level_value(level: dict, path: tuple[str, ...]):
+    for key in path:
+        level = level[key]
+    return level
+
+
+def medians(rounds: list[list[dict]]) -> list[dict]:
+    """Per level, the median over rounds of tokens/s and the p50 latencies."""
+    return [{"clients": runs[0]["clients"], "errors": sum(r["errors"] for r in runs),
+             **{k: median([level_value(r, path) for r in runs]) for k, path in MEDIANS.items()}}
+            for runs in zip(*rounds)]  # fmt: skip
+
+
+def compare_servers(args: argparse.Namespace, levels: list[int], tokenizer) -> dict:
+    """--ray-replicas: each server's rounds (alternated) and medians, and the Ray proxy's overhead."""
+    servers = [int(n) for n in args.ray_replicas.split(",")]
+    rounds: dict[int, list[list[dict]]] = {n: [] for n in servers}
+    for _ in range(args.rounds):
+        for n in servers:
+            rounds[n].append(run_levels(args, levels, tokenizer, n))
+    report = {server_name(n): {"rounds": rounds[n], "median": medians(rounds[n])} for n in servers}
+    if 0 in rounds and 1 in rounds:
+        pairs = list(zip(rounds[0], rounds[1]))
+        overhead = {f"{key}_p50": median([b[0][key]["p50"] - a[0][key]["p50"] for a, b in pairs])
+                    for key in ("latency_ms", "ttft_ms")}  # fmt: skip
+        report["ray_proxy_overhead_ms"] = {"clients": levels[0], **overhead}
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
@@ -204,17 +291,15 @@ def main(argv: list[str] | None = None) -> None:
     from gpt2serve.engine.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.bundled()
-    proc = log = None
-    url = args.url
-    if url is None:
-        proc, url, log = start_server(args)
-    try:
-        results = [asyncio.run(run_level(url.rstrip("/"), args, c, tokenizer)) for c in levels]
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=60)
-            log.close()
+    if args.ray_replicas is not None:
+        report = {"api": args.api, "max_tokens": args.max_tokens, "temperature": args.temperature,
+                  "model": args.model, "max_batch_size": args.max_batch_size, "threads": args.threads or 1,
+                  "servers": compare_servers(args, levels, tokenizer)}  # fmt: skip
+        report = record(command_line(argv), report)
+        print(json.dumps(report, indent=2))
+        save(report, args.out, f"serving_{model_slug(args.model)}_ray")
+        return
+    results = run_levels(args, levels, tokenizer)
     first, last = results[0], results[-1]
 
     def ratio(key: str) -> float | None:

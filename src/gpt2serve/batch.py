@@ -13,6 +13,9 @@ full batch. `--url` mode sends each line to a running server (`/invocations` and
 the URL, or the one path given, such as a SageMaker runtime `/endpoints/<name>/invocations`) with at
 most `concurrency` requests open; a busy answer (503, 429) or a broken connection is retried.
 
+`--ray` mode spreads the lines over engine actors on a Ray cluster with Ray Data (gpt2serve.scale.batch),
+each answering as local mode does; the output side (`Job`) is the same in every mode.
+
 Resuming and kills: see `gpt2serve.batch_output`. Exit status: 0 when every line was answered, 1 when
 some line got an error record, 2 when the job could not run or stopped early (rerun it to resume).
 """
@@ -25,12 +28,12 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import IO, Any
 
 from gpt2serve.api import content
 from gpt2serve.api.errors import APIError
-from gpt2serve.batch_output import OrderedWriter, open_output
+from gpt2serve.batch_output import OrderedWriter, ResumePoint, open_output
 from gpt2serve.batch_progress import Progress
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,9 @@ class BatchOptions:
     dtype: str | None = None
     max_batch_size: int = 32
     threads: int | None = None
+    ray: bool = False  # engine actors on a Ray cluster (gpt2serve.scale.batch)
+    replicas: int | None = None  # with ray: engine actors (default 1)
+    ray_address: str | None = None  # with ray: the cluster (default: $RAY_ADDRESS, else a local instance)
 
 
 class FatalLineError(Exception):
@@ -68,13 +74,19 @@ class Answer:
 Answerer = Callable[[Any], Awaitable[tuple[Any, int]]]
 
 
+def iter_lines(stream: IO[bytes], skip: int = 0, first: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(index, line without its end) of each line of `stream` after the first `skip`; `first` is the
+    index of the stream's first line."""
+    for index, raw in enumerate(stream, first):
+        if index >= skip:
+            yield index, raw.rstrip(b"\n").rstrip(b"\r")
+
+
 def read_lines(path: str, skip: int) -> Iterator[tuple[int, bytes]]:
     """(index, raw line) of each input line after the first `skip`; `-` is standard input."""
     stream = sys.stdin.buffer if path == "-" else open(path, "rb")
     try:
-        for index, raw in enumerate(stream):
-            if index >= skip:
-                yield index, raw.rstrip(b"\n").rstrip(b"\r")
+        yield from iter_lines(stream, skip)
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
@@ -191,12 +203,52 @@ def remote_answerer(options: BatchOptions) -> tuple[Answerer, Callable[[], Await
     return remote.answer, remote.close, 16
 
 
+def refuse_output(options: BatchOptions, fd: int, done: ResumePoint, total: int | None) -> bool:
+    """Whether the output has more lines than the input (said on standard error, `fd` closed)."""
+    if total is None or done.lines <= total:
+        return False
+    print(f"error: {options.output} has {done.lines} lines, more than the {total} of {options.input}; "
+          "is it another job's output?", file=sys.stderr)  # fmt: skip
+    if fd != 1:
+        os.close(fd)
+    return True
+
+
+@dataclass
+class Job:
+    """A job's output side, whichever mode answers its lines: the output file, its writer, the progress."""
+
+    fd: int
+    writer: OrderedWriter
+    progress: Progress
+    started: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def start(cls, fd: int, done: ResumePoint, total: int | None) -> Job:
+        """The job continuing after the output's `done` lines (its clock starts now)."""
+        return cls(fd, OrderedWriter(fd, done.lines), Progress(total, done.lines, done.failed))
+
+    def stopped(self, exc: BaseException) -> int:
+        self.progress.close()
+        print(f"batch stopped after {self.writer.next} lines: {str(exc) or type(exc).__name__}; rerun the "
+              "same command to continue", file=sys.stderr)  # fmt: skip
+        return EXIT_STOPPED
+
+    def finished(self) -> int:
+        self.progress.close()
+        self.progress.summary(time.monotonic() - self.started)
+        return EXIT_LINES_FAILED if self.progress.failed else EXIT_OK
+
+    def close(self) -> None:
+        self.writer.sync()
+        if self.fd != 1:
+            os.close(self.fd)
+
+
 async def _run(options: BatchOptions) -> int:
     fd, done = open_output(options.output)
     total = count_lines(options.input)
-    if total is not None and done.lines > total:
-        print(f"error: {options.output} has {done.lines} lines, more than the {total} of {options.input}; "
-              "is it another job's output?", file=sys.stderr)  # fmt: skip
+    if refuse_output(options, fd, done, total):
         return EXIT_STOPPED
     if options.url:
         answer, close, default = remote_answerer(options)
@@ -206,28 +258,25 @@ async def _run(options: BatchOptions) -> int:
         async def close() -> None:
             close_sync()
 
-    progress = Progress(total, done.lines, done.failed)
-    writer = OrderedWriter(fd, done.lines)
-    started = time.monotonic()
+    job = Job.start(fd, done, total)
     try:
         concurrency = options.concurrency or default
-        await run_lines(read_lines(options.input, done.lines), answer, writer, concurrency, progress)
+        lines = read_lines(options.input, done.lines)
+        await run_lines(lines, answer, job.writer, concurrency, job.progress)
     except (FatalLineError, KeyboardInterrupt, asyncio.CancelledError) as exc:
-        progress.close()
-        print(f"batch stopped after {writer.next} lines: {exc or type(exc).__name__}; rerun the same "
-              "command to continue", file=sys.stderr)  # fmt: skip
-        return EXIT_STOPPED
+        return job.stopped(exc)
     finally:
         await close()
-        if fd != 1:
-            os.close(fd)
-    progress.close()
-    progress.summary(time.monotonic() - started)
-    return EXIT_LINES_FAILED if progress.failed else EXIT_OK
+        job.close()
+    return job.finished()
 
 
 def run_batch(options: BatchOptions) -> int:
     """Run the job; the exit status."""
+    if options.ray:
+        from gpt2serve.scale.batch import run_ray_batch  # ray is imported only here
+
+        return run_ray_batch(options)
     try:
         return asyncio.run(_run(options))
     except KeyboardInterrupt:

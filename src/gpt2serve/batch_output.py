@@ -25,6 +25,11 @@ class ResumePoint:
     failed: int = 0  # of those, error records
 
 
+def encode_record(record: dict) -> bytes:
+    """An output line: compact JSON and its `\\n`."""
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
 def is_error_record(line: bytes) -> bool:
     try:
         record = json.loads(line)
@@ -66,7 +71,11 @@ class OrderedWriter:
         return len(self._pending)
 
     def put(self, index: int, record: dict) -> None:
-        self._pending[index] = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        self.put_line(index, encode_record(record))
+
+    def put_line(self, index: int, line: bytes) -> None:
+        """`put` for a record already encoded (`encode_record`) elsewhere, such as on a Ray worker."""
+        self._pending[index] = line
         while self.next in self._pending:
             _write_all(self.fd, self._pending.pop(self.next))
             self.next += 1

@@ -112,8 +112,24 @@ def _batch(args: argparse.Namespace) -> int:
     options = BatchOptions(
         input=args.input, output=args.output, model=args.model, url=args.url, concurrency=args.concurrency,
         device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, threads=args.threads,
+        ray=args.ray, replicas=args.replicas, ray_address=args.ray_address,
     )  # fmt: skip
+    problem = _batch_ray_problem(options)
+    if problem:
+        print(f"gpt2serve batch: error: {problem}", file=sys.stderr)
+        return 2
     return run_batch(options)
+
+
+def _batch_ray_problem(options) -> str | None:
+    """Why the batch's Ray flags do not go together, if they do not."""
+    if (options.replicas is not None or options.ray_address) and not options.ray:
+        return "--replicas and --ray-address need --ray"
+    if options.ray and options.url:
+        return "--ray runs its own engines; it does not take --url"
+    if options.replicas is not None and options.replicas < 1:
+        return f"--replicas must be at least 1, got {options.replicas}"
+    return None
 
 
 def _add_batch(sub: argparse._SubParsersAction) -> None:
@@ -129,12 +145,19 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     model_help = f"run locally: checkpoint dir, hub id or random:<size> (default {GENERATE_DEFAULT_MODEL})"
     where.add_argument("--model", default=GENERATE_DEFAULT_MODEL, help=model_help)
     where.add_argument("--url", help="send the lines to this server (a base URL or an .../invocations path)")
-    batch.add_argument("--concurrency", type=int, default=None,
-                       help="requests in flight (default: 2 x --max-batch-size locally, 16 with --url)")
+    concurrency_help = "requests in flight (default: 2 x --max-batch-size locally and per --ray actor, " \
+        "16 with --url)"  # fmt: skip
+    batch.add_argument("--concurrency", type=int, default=None, help=concurrency_help)
     batch.add_argument("--max-batch-size", type=int, default=32, help="local engine: KV slots (default 32)")
     batch.add_argument("--dtype", default=None, help="local engine: float32 | bfloat16 | float16 | int8")
     batch.add_argument("--device", default="cpu", help="local engine: cpu | cuda | auto (default cpu)")
-    batch.add_argument("--threads", type=int, default=None, help="local engine: CPU threads")
+    batch.add_argument("--threads", type=int, default=None,
+                       help="local engine: CPU threads (with --ray: per actor, default 1, each a CPU)")
+    batch.add_argument("--ray", action="store_true",
+                       help="spread the lines over engine actors on a Ray cluster (Ray Data; gpt2serve[ray])")
+    batch.add_argument("--replicas", type=int, default=None, help="with --ray: engine actors (default 1)")
+    batch.add_argument("--ray-address", default=None, help="with --ray: the cluster to join (`auto`, or "
+                       "host:port of its head; default $RAY_ADDRESS, else a local instance for the job)")
     batch.set_defaults(func=_batch)
 
 

@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from gpt2serve.api.app import KEEP_ALIVE_S, configure_logging
+from gpt2serve.scale.cluster import RayUnavailableError, import_ray, join
 from gpt2serve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -29,19 +30,6 @@ APP_NAME = "gpt2serve"
 DEPLOYMENT_NAME = "gpt2serve"
 HEALTH_CHECK_PERIOD_S = 5.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
-
-
-class RayUnavailableError(Exception):
-    """ray is not installed, or the cluster cannot be reached; the message says which."""
-
-
-def import_ray() -> Any:
-    try:
-        import ray
-        from ray import serve  # noqa: F401
-    except ImportError as exc:
-        raise RayUnavailableError(f"--ray needs Ray Serve: pip install 'gpt2serve[ray]' ({exc})") from None
-    return ray
 
 
 def replica_settings(settings: Settings) -> Settings:
@@ -101,19 +89,15 @@ def proxy_environment(settings: Settings) -> None:
 
 def init_ray(settings: Settings, **options: Any) -> None:
     """Join `--ray-address`'s cluster, or start a local Ray instance (`options` go to `ray.init`)."""
-    ray = import_ray()
     if settings.ray_address is None:
         proxy_environment(settings)
-    try:
-        ray.init(address=settings.ray_address, logging_level=settings.log_level.upper(), **options)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise RayUnavailableError(f"cannot reach the Ray cluster {settings.ray_address!r}: {exc}") from None
+    join(settings.ray_address, settings.log_level, "serve", **options)
 
 
 def start(settings: Settings) -> None:
     """Join (or start) the Ray cluster, start Ray Serve's proxy and deploy the app; returns once every
     replica serves."""
-    ray = import_ray()
+    ray = import_ray("serve")
     from ray import serve
 
     if not ray.is_initialized():  # (a caller may have joined a cluster already)
