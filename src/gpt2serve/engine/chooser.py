@@ -16,7 +16,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from gpt2serve.engine import sampling
+from gpt2serve.engine import processors, sampling
 from gpt2serve.engine.errors import NonFiniteLogitsError
 from gpt2serve.engine.params import SamplingParams
 from gpt2serve.engine.request import Request, Sequence, TokenLogprob
@@ -56,11 +56,11 @@ class TokenChooser:
         otherwise x is left as it was."""
         params, histories = self.params, [s.history for _, s in self.rows]
         if any(p.repetition_penalty != 1.0 for p in params):
-            x = sampling.apply_repetition_penalty(x, histories, [p.repetition_penalty for p in params])
+            x = processors.apply_repetition_penalty(x, histories, [p.repetition_penalty for p in params])
         if any(p.no_repeat_ngram_size for p in params):
-            x = sampling.ban_repeated_ngrams(x, histories, [p.no_repeat_ngram_size for p in params], owned)
+            x = processors.ban_repeated_ngrams(x, histories, [p.no_repeat_ngram_size for p in params], owned)
         if any(p.presence_penalty or p.frequency_penalty for p in params):
-            x = sampling.apply_presence_frequency(
+            x = processors.apply_presence_frequency(
                 x,
                 [s.generated for _, s in self.rows],
                 [p.presence_penalty for p in params],
