@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2serve.engine.chooser import Row, TokenChooser
-from gpt2serve.engine.model import KVCache
+from gpt2serve.engine.kv_cache import KVCache
 from gpt2serve.engine.request import CompletionOutput, Request, Sequence, StreamDelta
 from gpt2serve.engine.tokenizer import Tokenizer
 

@@ -13,9 +13,10 @@ from typing import TypeVar
 import torch
 
 from gpt2serve.engine.config import EngineConfig, resolve_dtype
+from gpt2serve.engine.kv_cache import KVCache
 from gpt2serve.engine.loader import READ_DTYPES, LoadedModel, load_checkpoint
 from gpt2serve.engine.loading.memory import returning_freed_memory
-from gpt2serve.engine.model import GPT2, KVCache
+from gpt2serve.engine.model import GPT2
 from gpt2serve.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
