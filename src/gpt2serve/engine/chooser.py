@@ -6,24 +6,28 @@ penalties), then greedy rows take the argmax and sampling rows go through `sampl
 entry point to the reference sampler and its fast paths. Rows asking for logprobs get them recorded.
 
 `choose_isolated` is the step's safety net: a failure of the batched choice restores every row's
-generator and chooses again request by request, so only the request that caused it fails.
+generator and chooses again request by request, so only the request that caused it fails. `advance` is
+a step's token side as the engine calls it: each plain row's token chosen and appended, each beam
+request stepped (beams.py), and the requests that failed named.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from gpt2serve.engine import processors, sampling
+from gpt2serve.engine.beams import beam_groups, step_beams
 from gpt2serve.engine.errors import NonFiniteLogitsError
+from gpt2serve.engine.kv_cache import KVCache
 from gpt2serve.engine.params import SamplingParams
-from gpt2serve.engine.request import Request, Sequence, TokenLogprob
+from gpt2serve.engine.request import Request, Row, Sequence, TokenLogprob
+from gpt2serve.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-Row = tuple[Request, Sequence]
 
 
 def logits_read(params: list[SamplingParams]) -> int | None:
@@ -99,6 +103,39 @@ class TokenChooser:
             alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
             seq.logprobs = seq.logprobs if seq.logprobs is not None else []
             seq.logprobs.append(TokenLogprob(picked[i], float(lp[i, picked[i]]), alts))
+
+
+def advance(
+    rows: list[Row],
+    logits: torch.Tensor,
+    cache: KVCache,
+    tokenizer: Tokenizer,
+    release: Callable[[Request, Sequence], None],
+) -> dict[int, Exception]:
+    """Each row's next token chosen and appended (a beam request: its step), by request id the error of
+    each request whose choice or update failed (it fails alone). `release(req, seq)`: seq finished while
+    its request runs on, so its slot may go."""
+    failed: dict[int, Exception] = {}
+    plain = [i for i, (r, _) in enumerate(rows) if r.beam is None]
+    for i, token in zip(plain, choose_isolated([rows[i] for i in plain], logits[plain]) if plain else []):
+        req, seq = rows[i]
+        if isinstance(token, Exception) or req.id in failed:
+            failed.setdefault(req.id, token)
+            continue
+        try:
+            req.append_token(seq, token, tokenizer.eos_token_id)
+            if seq.finish_reason is not None and req.active:
+                release(req, seq)
+        except Exception as exc:
+            failed[req.id] = exc
+    for req, idx in beam_groups(rows):
+        try:
+            beams = TokenChooser([(req, s) for s in req.sequences])
+            scores = beams.process(F.log_softmax(logits[idx].float(), dim=-1), owned=True)
+            step_beams(req, scores, cache, tokenizer)
+        except Exception as exc:
+            failed[req.id] = exc
+    return failed
 
 
 def choose_isolated(rows: list[Row], logits: torch.Tensor) -> list[int | Exception]:
