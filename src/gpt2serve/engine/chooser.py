@@ -111,13 +111,16 @@ def advance(
     cache: KVCache,
     tokenizer: Tokenizer,
     release: Callable[[Request, Sequence], None],
+    chooser: type[TokenChooser] = TokenChooser,
 ) -> dict[int, Exception]:
     """Each row's next token chosen and appended (a beam request: its step), by request id the error of
     each request whose choice or update failed (it fails alone). `release(req, seq)`: seq finished while
-    its request runs on, so its slot may go."""
+    its request runs on, so its slot may go. `chooser`: the plain rows' (device/chooser.py's on the
+    device path); beams step on the host."""
     failed: dict[int, Exception] = {}
     plain = [i for i, (r, _) in enumerate(rows) if r.beam is None]
-    for i, token in zip(plain, choose_isolated([rows[i] for i in plain], logits[plain]) if plain else []):
+    chosen = choose_isolated([rows[i] for i in plain], logits[plain], chooser) if plain else []
+    for i, token in zip(plain, chosen):
         req, seq = rows[i]
         if isinstance(token, Exception) or req.id in failed:
             failed.setdefault(req.id, token)
@@ -138,14 +141,16 @@ def advance(
     return failed
 
 
-def choose_isolated(rows: list[Row], logits: torch.Tensor) -> list[int | Exception]:
+def choose_isolated(
+    rows: list[Row], logits: torch.Tensor, chooser: type[TokenChooser] = TokenChooser
+) -> list[int | Exception]:
     """Each row's token, or the exception that row's request met. A failure of the batched choice
     restores the rows' generators and chooses again request by request, so the others draw exactly
     what they would have drawn without the failing one."""
     generators = [s.generator for _, s in rows]
     states = [None if g is None else g.get_state() for g in generators]
     try:
-        return list(TokenChooser(rows).choose(logits))
+        return list(chooser(rows).choose(logits))
     except Exception as exc:
         log.warning("token choice for %d rows failed (%r); choosing per request", len(rows), exc)
     for g, state in zip(generators, states):
@@ -157,7 +162,7 @@ def choose_isolated(rows: list[Row], logits: torch.Tensor) -> list[int | Excepti
         by_request.setdefault(req.id, []).append(i)
     for idx in by_request.values():
         try:
-            tokens: list[int | Exception] = list(TokenChooser([rows[i] for i in idx]).choose(logits[idx]))
+            tokens: list[int | Exception] = list(chooser([rows[i] for i in idx]).choose(logits[idx]))
         except Exception as exc:
             tokens = [exc] * len(idx)
         for i, token in zip(idx, tokens):
@@ -165,11 +170,16 @@ def choose_isolated(rows: list[Row], logits: torch.Tensor) -> list[int | Excepti
     return picked
 
 
+NON_FINITE = "the model's logits for this request are not finite (NaN or inf), so no token can be chosen"
+
+
+def finite_rows(x: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
+    """(B,) bool: whether a row's largest logit over its temperature is finite (something can be drawn)."""
+    return torch.isfinite(x.amax(dim=-1) / torch.tensor(temperatures, dtype=x.dtype).to(x.device))
+
+
 def check_finite(x: torch.Tensor, temperatures: list[float]) -> None:
     """Raise NonFiniteLogitsError when a row's largest logit over its temperature is NaN or infinite
     (nothing could be drawn from it). The caller then chooses per request, so only that one fails."""
-    top = x.amax(dim=-1) / torch.tensor(temperatures, dtype=x.dtype, device=x.device)  # (B,)
-    if not bool(torch.isfinite(top).all()):
-        raise NonFiniteLogitsError(
-            "the model's logits for this request are not finite (NaN or inf), so no token can be chosen"
-        )
+    if not bool(finite_rows(x, temperatures).all()):
+        raise NonFiniteLogitsError(NON_FINITE)

@@ -13,6 +13,10 @@ generator left in the same state), by the first path that can decide it:
 A fast path that cannot be sure returns None and leaves the generator untouched. The model's head sketch
 is one more, upstream: chooser.logits_read lets a step compute only the logits these paths read. The
 logits processors (repetition penalty, n-gram ban, OpenAI's penalties) run before, in processors.py.
+
+`choose_batch` is the device path (the engine's static decode step, device/): every row at once as
+tensor ops, no copy to the host; greedy rows exactly as here, sampled rows drawn as device/sampling.py
+says (the same kept tokens and distribution, reproducible per seed and device, not the reference's draw).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from gpt2serve.engine import sampling_fast
+from gpt2serve.engine.device import sampling as device_sampling
 from gpt2serve.engine.params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -129,3 +134,22 @@ def sample(logits: torch.Tensor, generators: Sequence[torch.Generator | None]) -
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """(B,) argmax token ids (the first of tied maxima, as HF greedy search)."""
     return logits.argmax(dim=-1)
+
+
+# -- the device path --------------------------------------------------------------------------------------
+
+
+def choose_batch(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """(B,) token ids of processed (B, V) logits on their device: greedy rows the argmax, sampling rows
+    drawn by device/sampling.py (row i's exponentials from `generators[i]`, None: the device's default
+    generator, one call for all such rows)."""
+    tokens = greedy(logits)
+    if not any(p.do_sample for p in params):
+        return tokens
+    settings = [(p.temperature, p.top_k, p.top_p, p.do_sample) for p in params]
+    table = torch.tensor(settings, dtype=torch.float64).T.to(logits.device)  # one copy: (4, B)
+    temperature, top_k, top_p, do_sample = table.unbind(0)
+    drawn = device_sampling.sample(logits, temperature.float(), top_k.long(), top_p, generators)
+    return torch.where(do_sample.bool(), drawn, tokens)
