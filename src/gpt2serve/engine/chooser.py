@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from gpt2serve.engine import processors, sampling
 from gpt2serve.engine.beams import beam_groups, step_beams
+from gpt2serve.engine.device.host import to_device
 from gpt2serve.engine.errors import NonFiniteLogitsError
 from gpt2serve.engine.kv_cache import KVCache
 from gpt2serve.engine.params import SamplingParams
@@ -175,7 +176,7 @@ NON_FINITE = "the model's logits for this request are not finite (NaN or inf), s
 
 def finite_rows(x: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
     """(B,) bool: whether a row's largest logit over its temperature is finite (something can be drawn)."""
-    return torch.isfinite(x.amax(dim=-1) / torch.tensor(temperatures, dtype=x.dtype).to(x.device))
+    return torch.isfinite(x.amax(dim=-1) / to_device(torch.tensor(temperatures, dtype=x.dtype), x.device))
 
 
 def check_finite(x: torch.Tensor, temperatures: list[float]) -> None:

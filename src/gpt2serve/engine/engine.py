@@ -18,9 +18,17 @@ from collections.abc import Callable
 import torch
 
 from gpt2serve.engine.bridge import EngineBatch, generate_sync
-from gpt2serve.engine.build import EngineStats, build_model, load_and_build, placement
-from gpt2serve.engine.chooser import advance, logits_read
+from gpt2serve.engine.build import (
+    EngineStats,
+    build_model,
+    load_and_build,
+    placement,
+    static_step,
+    uses_static_step,
+)
+from gpt2serve.engine.chooser import TokenChooser, advance, logits_read
 from gpt2serve.engine.config import EngineConfig
+from gpt2serve.engine.device.chooser import DeviceTokenChooser
 from gpt2serve.engine.errors import EngineStoppedError, RequestTimeoutError
 from gpt2serve.engine.intake import Intake
 from gpt2serve.engine.loader import LoadedModel
@@ -37,6 +45,11 @@ class Engine:
         self.model_name, self.is_random = loaded.name, loaded.is_random
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.model, self.cache, self.scheduler = build_model(loaded, self.config, self.device, self.dtype)
+        # the device path (engine/device/): static decode steps, tokens chosen by batched tensor ops
+        self.static = (
+            static_step(self.model, self.cache) if uses_static_step(self.config, self.device) else None
+        )
+        self.chooser = TokenChooser if self.static is None else DeviceTokenChooser
         self.intake = Intake(self.tokenizer, loaded.config.n_positions, self.config)
         self.stats = EngineStats()
         self._cond = threading.Condition()
@@ -114,7 +127,8 @@ class Engine:
                 self._drop_cancelled_and_expired()
                 admitted = self.scheduler.admit()
             decoding = [r for r in self.scheduler.running if r not in admitted]
-            fits = lambda rows: self.model.takes_rows(rows, self.cache)  # noqa: E731
+            # prompts join a decode step where decode.c takes them all; never beside a static step
+            fits = lambda rows: self.static is None and self.model.takes_rows(rows, self.cache)  # noqa: E731
             joining, groups = self.scheduler.group_prompts(decoding, admitted, fits)
             for group in groups:
                 self._step_isolated([], group)
@@ -172,18 +186,25 @@ class Engine:
         rows.sort(key=lambda row: row[1].slot)  # consecutive slots let attention read cache views
         for req in prompts:
             req.start(self.tokenizer, self.device)
-        logits = self.model.step(
-            [(s.history[-1], s.slot, len(s.history) - 1) for _, s in rows],
-            [(req.prompt_ids, req.sequences[0].slot) for req in prompts],
-            self.cache,
-            top=logits_read([r.params for r in decoding + prompts]),
-        )
+        decode_rows = [(s.history[-1], s.slot, len(s.history) - 1) for _, s in rows]
+        prompt_rows = [(req.prompt_ids, req.sequences[0].slot) for req in prompts]
+        logits = self._forward(decode_rows, prompt_rows, logits_read([r.params for r in decoding + prompts]))
         self.stats.prefills_in_step += len(prompts) if rows else 0
         for i, req in enumerate(prompts):
             self._prefilled(req, logits[len(rows) + i])
         if rows:
             self.stats.count_step(len(rows))
             self._advance(rows, logits[: len(rows)])
+
+    def _forward(
+        self, rows: list[tuple[int, int, int]], prompts: list[tuple[list[int], int]], top: int | None
+    ):
+        """GPT2.step's logits: decode rows through the static step where there is one (the prompts then
+        run eagerly, by the model's own step)."""
+        if self.static is None or not rows:
+            return self.model.step(rows, prompts, self.cache, top=top)
+        logits = self.static(rows)
+        return torch.cat([logits, self.model.step([], prompts, self.cache, top=top)]) if prompts else logits
 
     def _prefilled(self, req: Request, logits: torch.Tensor) -> None:
         """After the prompt ran in the request's first slot: copy its cache to the others, pick tokens."""
@@ -196,7 +217,7 @@ class Engine:
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Each row's next token (chooser.advance), then retire what finished; a request whose choice
         failed fails alone."""
-        failed = advance(rows, logits, self.cache, self.tokenizer, self._release)
+        failed = advance(rows, logits, self.cache, self.tokenizer, self._release, self.chooser)
         for req in {id(r): r for r, _ in rows}.values():
             if req.id in failed:
                 self._finish(req, error=failed[req.id])

@@ -108,7 +108,7 @@ def layer_format(fmt: str, name: str, kernels: str = "torch") -> str:
 
 
 def kernel_family(cpu_kernels: str, cfg: ModelConfig, device: torch.device) -> str:
-    """"gemv" where gemv.c runs this model's matrices (see linear.use_gemv), else "torch"."""
+    """ "gemv" where gemv.c runs this model's matrices (see linear.use_gemv), else "torch"."""
     return "gemv" if device.type == "cpu" and use_gemv(cpu_kernels, cfg.n_embd) else "torch"
 
 

@@ -27,6 +27,7 @@ import torch
 
 from gpt2serve.engine import sampling_fast
 from gpt2serve.engine.device import sampling as device_sampling
+from gpt2serve.engine.device.host import to_device
 from gpt2serve.engine.params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -149,7 +150,7 @@ def choose_batch(
     if not any(p.do_sample for p in params):
         return tokens
     settings = [(p.temperature, p.top_k, p.top_p, p.do_sample) for p in params]
-    table = torch.tensor(settings, dtype=torch.float64).T.to(logits.device)  # one copy: (4, B)
+    table = to_device(torch.tensor(settings, dtype=torch.float64).T.contiguous(), logits.device)  # (4, B)
     temperature, top_k, top_p, do_sample = table.unbind(0)
     drawn = device_sampling.sample(logits, temperature.float(), top_k.long(), top_p, generators)
     return torch.where(do_sample.bool(), drawn, tokens)

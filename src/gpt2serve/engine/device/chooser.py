@@ -14,6 +14,7 @@ import torch
 from gpt2serve.engine import sampling
 from gpt2serve.engine.chooser import NON_FINITE, TokenChooser, finite_rows
 from gpt2serve.engine.device import processors
+from gpt2serve.engine.device.host import to_device
 from gpt2serve.engine.errors import NonFiniteLogitsError
 
 
@@ -32,19 +33,19 @@ class DeviceTokenChooser(TokenChooser):
         history = processors.History.of([s.history for _, s in self.rows], x.shape[-1], x.device)
 
         def column(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=x.dtype).to(x.device)
+            return to_device(torch.tensor(values, dtype=x.dtype), x.device)
 
         if penalized:
             x = processors.repetition_penalty(x, history, column([p.repetition_penalty for p in params]))
         if sizes:
-            ngram = torch.tensor([p.no_repeat_ngram_size for p in params]).to(x.device)
+            ngram = to_device(torch.tensor([p.no_repeat_ngram_size for p in params]), x.device)
             x = processors.ban_ngrams(x, history, ngram, sizes)
         if openai:
             starts = [len(s.history) - len(s.generated) for _, s in self.rows]
             x = processors.presence_frequency(
                 x,
                 history,
-                torch.tensor(starts).to(x.device),
+                to_device(torch.tensor(starts), x.device),
                 column([p.presence_penalty for p in params]),
                 column([p.frequency_penalty for p in params]),
             )

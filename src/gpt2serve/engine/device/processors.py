@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt2serve.engine.device.host import to_device
+
 NEG_INF = float("-inf")
 
 
@@ -30,7 +32,7 @@ class History:
         rows = [list(h) + [vocab] * (width - len(h)) for h in histories]
         ids = torch.tensor(rows, dtype=torch.long).clamp_(max=vocab)
         lengths = torch.tensor([len(h) for h in histories], dtype=torch.long)
-        return cls(ids.to(device), lengths.to(device), vocab)
+        return cls(to_device(ids, device), to_device(lengths, device), vocab)
 
     def positions(self) -> torch.Tensor:
         return torch.arange(self.ids.shape[1], device=self.ids.device)[None, :]

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
+from gpt2serve.engine.device.host import to_device
+
 NEG_INF = float("-inf")
 TINY = torch.finfo(torch.float32).tiny  # exponential_ may return 0: the race's divisor never is
 
@@ -56,7 +58,7 @@ def race(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> t
             if g is not None:
                 q[i].exponential_(generator=g)
         if unseeded:
-            index = torch.tensor(unseeded, device=probs.device)
+            index = to_device(torch.tensor(unseeded), probs.device)
             q.index_copy_(0, index, torch.empty_like(probs[: len(unseeded)]).exponential_())
     return (probs / q.clamp_(min=TINY)).argmax(dim=-1)
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from gpt2serve.engine.device.host import to_device
 from gpt2serve.engine.kv_cache import KVCache
 from gpt2serve.engine.model import GPT2
 
@@ -96,12 +97,12 @@ class StaticStep:
         table[2] = self.spare
         token, slot, position = (torch.tensor(c, dtype=torch.long) for c in zip(*rows, strict=True))
         table[0, slot], table[1, slot], table[2, slot] = token, position, slot
-        return table.to(self.model.device, non_blocking=True)
+        return to_device(table, self.model.device)
 
     def __call__(self, rows: list[tuple[int, int, int]]) -> torch.Tensor:
         """Logits (len(rows), V) float32 of each row's next token; rows: (token, slot, position), each
         slot below the spare one and at most once."""
         width, keys = self.shape(rows)
         logits = self.runner(width, keys)(self.inputs(rows, width), keys)
-        slots = torch.tensor([r[1] for r in rows], dtype=torch.long, device=logits.device)
+        slots = to_device(torch.tensor([r[1] for r in rows], dtype=torch.long), logits.device)
         return logits.index_select(0, slots)
