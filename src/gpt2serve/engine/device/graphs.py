@@ -52,7 +52,8 @@ class CudaGraphs:
                 step.eager(inputs, keys)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: another thread's CUDA calls (a caller timing, a sync) do not break the capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = step.eager(inputs, keys)
         self.pool = graph.pool()
 
