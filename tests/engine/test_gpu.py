@@ -20,7 +20,7 @@ def test_greedy_and_beam_on_cuda_match_cpu(tiny_checkpoint, dtype):
     try:
         for params in (
             SamplingParams(max_new_tokens=16),
-            SamplingParams(num_beams=5, no_repeat_ngram_size=2, n=3, max_new_tokens=8),  # the seed's beam mode
+            SamplingParams(num_beams=5, no_repeat_ngram_size=2, n=3, max_new_tokens=8),  # seed beam mode
         ):
             a = cpu.generate_sync("The quick brown fox", params)
             b = gpu.generate_sync("The quick brown fox", params)
