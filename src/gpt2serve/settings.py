@@ -15,7 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from gpt2serve.engine.config import WEIGHT_FORMATS, EngineConfig
+from gpt2serve.engine.config import DECODE_STEPS, WEIGHT_FORMATS, EngineConfig
 
 MODEL_DIR_ENV = "GPT2SERVE_MODEL_DIR"
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
@@ -257,6 +257,12 @@ class Settings:
         "few-row matrix kernels on CPU: gemv (gpt2serve's, built with the C compiler on first use), torch "
         "(oneDNN/fbgemm), auto (gemv on CPUs without AVX-512 where a compiler is found)",
         _choice(*CPU_KERNELS), default=ENGINE.cpu_kernels,
+    )
+    decode_step: str = _setting(
+        "--decode-step", ("GPT2SERVE_DECODE_STEP",),
+        "decode steps: static (fixed shapes, CUDA graphs on CUDA, tokens chosen on the device), eager (the "
+        "model's own step), auto (static on CUDA, else eager)", _choice(*DECODE_STEPS),
+        default=ENGINE.decode_step,
     )
     max_prompt_tokens: int | None = _setting(
         "--max-prompt-tokens", ("GPT2SERVE_MAX_PROMPT_TOKENS",),

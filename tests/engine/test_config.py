@@ -31,3 +31,18 @@ def test_the_server_settings_build_the_engine_config_with_its_defaults(monkeypat
     assert Settings(model="random:gpt2").engine_config() == EngineConfig()
     given = Settings(model="random:gpt2", max_batch_size=3, dtype="int8", device="cpu").engine_config()
     assert (given.max_batch_size, given.dtype, given.device) == (3, "int8", "cpu")
+
+
+def test_the_decode_step_is_static_on_cuda_unless_asked_otherwise() -> None:
+    import torch
+
+    from gpt2serve.engine.build import uses_static_step
+    from gpt2serve.settings import Settings
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not uses_static_step(EngineConfig(), cpu) and uses_static_step(EngineConfig(), cuda)
+    assert uses_static_step(EngineConfig(decode_step="static"), cpu)
+    assert not uses_static_step(EngineConfig(decode_step="eager"), cuda)
+    with pytest.raises(ValueError, match="decode_step must be auto, eager, static; got 'graph'"):
+        EngineConfig(decode_step="graph")
+    assert Settings(model="random:gpt2", decode_step="static").engine_config().decode_step == "static"

@@ -7,7 +7,6 @@ import pytest
 from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.engine import Engine
 from gpt2serve.engine.params import SamplingParams
-from tests.seed_modes import seed_api_params
 
 pytestmark = pytest.mark.gpu
 
@@ -21,7 +20,7 @@ def test_greedy_and_beam_on_cuda_match_cpu(tiny_checkpoint, dtype):
     try:
         for params in (
             SamplingParams(max_new_tokens=16),
-            seed_api_params("beam", num_return_sequences=3, max_new_tokens=8),
+            SamplingParams(num_beams=5, no_repeat_ngram_size=2, n=3, max_new_tokens=8),  # seed beam mode
         ):
             a = cpu.generate_sync("The quick brown fox", params)
             b = gpu.generate_sync("The quick brown fox", params)

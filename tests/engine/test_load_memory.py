@@ -11,16 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt2serve.engine import loader
 from gpt2serve.engine.config import KNOWN_SHAPES, ModelConfig
 from gpt2serve.engine.linear import INT8_REDUCE_RANGE
-from gpt2serve.engine.loader import (
-    LazyStateDict,
-    expected_shapes,
-    lazy_random_state_dict,
-    load_checkpoint,
-    random_state_dict,
-)
+from gpt2serve.engine.loader import load_checkpoint
+from gpt2serve.engine.loading import checkpoint_dir
+from gpt2serve.engine.loading.lazy import PREFETCH, LazyStateDict, expected_shapes
+from gpt2serve.engine.loading.random_weights import lazy_random_state_dict, random_state_dict
 from gpt2serve.engine.model import GPT2, kernel_family, make_batch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,15 +82,15 @@ def test_random_checkpoint_reads_nothing_until_built() -> None:
 
 def test_checkpoint_is_read_tensor_by_tensor(tiny_checkpoint: Path, monkeypatch) -> None:
     reads: list[int] = []
-    read = loader._read_file
+    read = checkpoint_dir._read_file
     monkeypatch.setattr(
-        loader, "_read_file", lambda file, at, *args: reads.append(at) or read(file, at, *args)
+        checkpoint_dir, "_read_file", lambda file, at, *args: reads.append(at) or read(file, at, *args)
     )
     loaded = load_checkpoint(str(tiny_checkpoint))
     assert reads == [] and loaded.n_params == loaded.config.n_params  # shapes checked from the header
     sd = loaded.state_dict
     wte = sd.pop("wte.weight")
-    assert 1 <= len(reads) <= 1 + loader.PREFETCH  # wte, and what is read ahead
+    assert 1 <= len(reads) <= 1 + PREFETCH  # wte, and what is read ahead
     assert wte.shape == (50257, 64)
     assert torch.equal(wte, load_file(tiny_checkpoint / "model.safetensors")["transformer.wte.weight"])
 

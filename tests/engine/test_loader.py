@@ -16,7 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from gpt2serve.engine.config import KNOWN_SHAPES, ModelConfig
 from gpt2serve.engine.errors import ModelLoadError
-from gpt2serve.engine.loader import expected_shapes, load_checkpoint, random_state_dict
+from gpt2serve.engine.loader import load_checkpoint
+from gpt2serve.engine.loading.lazy import expected_shapes
+from gpt2serve.engine.loading.random_weights import random_state_dict
 
 REPO = Path(__file__).resolve().parents[2]
 HUB_TIMEOUT = 60  # generous bound on a whole subprocess; the loader itself gives up within seconds

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from gpt2serve.engine import sampling
+from gpt2serve.engine import processors, sampling_fast
 from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.engine import Engine
 from gpt2serve.engine.errors import NonFiniteLogitsError
@@ -63,7 +63,7 @@ def _run(engine: Engine, poison: SamplingParams | None, poison_prompt: str = "po
 
 def test_a_raising_token_choice_fails_only_its_request(engine, monkeypatch):
     clean, _ = _run(engine, None)
-    original = sampling.draw_top_k
+    original = sampling_fast.draw_top_k
     seen = {"poisoned": 0}
 
     def draw_top_k(x, temperature, *args, **kwargs):
@@ -73,7 +73,7 @@ def test_a_raising_token_choice_fails_only_its_request(engine, monkeypatch):
                 raise InjectedFault("poisoned row")
         return original(x, temperature, *args, **kwargs)
 
-    monkeypatch.setattr(sampling, "draw_top_k", draw_top_k)
+    monkeypatch.setattr(sampling_fast, "draw_top_k", draw_top_k)
     poison = SamplingParams(
         do_sample=True, temperature=POISON_TEMPERATURE, top_k=20, seed=9, max_new_tokens=30
     )
@@ -85,7 +85,7 @@ def test_a_raising_token_choice_fails_only_its_request(engine, monkeypatch):
 
 def test_a_nan_row_is_caught_before_the_draw(engine, monkeypatch):
     clean, _ = _run(engine, None)
-    original = sampling.apply_repetition_penalty
+    original = processors.apply_repetition_penalty
     seen = {"poisoned": 0}
 
     def penalty(x, histories, penalties):
@@ -97,7 +97,7 @@ def test_a_nan_row_is_caught_before_the_draw(engine, monkeypatch):
                     out[i] = float("nan")
         return out
 
-    monkeypatch.setattr(sampling, "apply_repetition_penalty", penalty)
+    monkeypatch.setattr(processors, "apply_repetition_penalty", penalty)
     poison = SamplingParams(do_sample=True, repetition_penalty=POISON_PENALTY, seed=5, max_new_tokens=30)
     results, failed = _run(engine, poison)
     assert isinstance(failed, NonFiniteLogitsError)

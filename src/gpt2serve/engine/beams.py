@@ -1,14 +1,13 @@
-"""A beam-search request's part of an engine step: its logits processed and log-softmaxed, one
-`BeamGroup.step` (beam.py), the KV slots of beams that fork copied, and its outputs once it ends."""
+"""A beam-search request's part of an engine step: one `BeamGroup.step` (beam.py) over its processed
+log-probabilities (chooser.advance prepares them), the KV slots of beams that fork copied, and its
+outputs once it ends."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from gpt2serve.engine.chooser import Row, TokenChooser
-from gpt2serve.engine.model import KVCache
-from gpt2serve.engine.request import CompletionOutput, Request, Sequence, StreamDelta
+from gpt2serve.engine.kv_cache import KVCache
+from gpt2serve.engine.request import CompletionOutput, Request, Row, Sequence, StreamDelta
 from gpt2serve.engine.tokenizer import Tokenizer
 
 
@@ -23,10 +22,9 @@ def beam_groups(rows: list[Row]) -> list[tuple[Request, list[int]]]:
     return list(groups.values())
 
 
-def step_beams(req: Request, logits: torch.Tensor, cache: KVCache, tokenizer: Tokenizer) -> None:
-    """Advance every beam of `req` by one token (logits: (beams, V), in beam order)."""
-    rows = [(req, s) for s in req.sequences]
-    scores = TokenChooser(rows).process(F.log_softmax(logits.float(), dim=-1), owned=True)
+def step_beams(req: Request, scores: torch.Tensor, cache: KVCache, tokenizer: Tokenizer) -> None:
+    """Advance every beam of `req` by one token (scores: (beams, V) log-probabilities after the logits
+    processors, in beam order)."""
     sources, tokens = req.beam.step(scores)
     old = req.sequences
     new_slots: list[int | None] = [None] * len(old)

@@ -4,12 +4,14 @@
 queue surface before anything runs (and before a stream sends its first byte); then it yields the
 requests' StreamDeltas and results as the engine thread hands them over. Leaving the iteration early (a
 client went away) cancels the requests, which frees their KV slots at the engine's next step.
-`Engine.generate`, the HTTP routes and the batch command all go through it.
+`Engine.generate`, the HTTP routes and the batch command all go through it; `generate_sync` is the same
+wait for a caller on a plain thread (the CLI, benchmarks).
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
@@ -92,3 +94,16 @@ class EngineBatch:
     def cancel(self) -> None:
         for req in self.requests:
             req.cancel()
+
+
+def generate_sync(engine: Engine, prompt: str, params: SamplingParams) -> GenerationResult:
+    """One request's result, submitted and waited for on the calling thread (not an event loop's)."""
+    q: queue.Queue = queue.Queue()
+    req = engine.submit(prompt, params, q.put, stream=False)
+    try:
+        item = q.get()
+    finally:
+        req.cancel()
+    if isinstance(item, BaseException):
+        raise item
+    return item

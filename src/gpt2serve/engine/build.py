@@ -15,8 +15,12 @@ from typing import TypeVar
 import torch
 
 from gpt2serve.engine.config import EngineConfig, resolve_dtype
-from gpt2serve.engine.loader import READ_DTYPES, LoadedModel, load_checkpoint, returning_freed_memory
-from gpt2serve.engine.model import GPT2, KVCache
+from gpt2serve.engine.device.graphs import CudaGraphs
+from gpt2serve.engine.device.static_step import StaticStep
+from gpt2serve.engine.kv_cache import KVCache
+from gpt2serve.engine.loader import READ_DTYPES, LoadedModel, load_checkpoint
+from gpt2serve.engine.loading.memory import returning_freed_memory
+from gpt2serve.engine.model import GPT2
 from gpt2serve.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -54,17 +58,32 @@ def placement(config: EngineConfig) -> tuple[torch.device, str]:
     return device, resolve_dtype(config.dtype, str(device))
 
 
+def uses_static_step(config: EngineConfig, device: torch.device) -> bool:
+    """Whether decode steps run engine/device/'s static step: `decode_step` static, or auto on CUDA."""
+    return config.decode_step == "static" or (config.decode_step == "auto" and device.type == "cuda")
+
+
 def build_model(
     loaded: LoadedModel, config: EngineConfig, device: torch.device, dtype: str
 ) -> tuple[GPT2, KVCache, Scheduler]:
-    """The model (its weights packed from `loaded`), its KV cache and the scheduler over the slots."""
+    """The model (its weights packed from `loaded`), its KV cache and the scheduler over the slots (the
+    static step's cache has one slot more, which the scheduler never hands out: see static_step.py)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     model = GPT2(loaded.config, loaded.state_dict, dtype, device, config.cpu_kernels)
     n_slots = _slots_that_fit(model, config)
     max_tokens = config.max_total_tokens or n_slots * loaded.config.n_positions
     per_request = max(1, math.ceil(n_slots * config.max_request_share))
-    return model, model.new_cache(n_slots), Scheduler(n_slots, config.max_queue, max_tokens, per_request)
+    cache = model.new_cache(n_slots + uses_static_step(config, device))
+    return model, cache, Scheduler(n_slots, config.max_queue, max_tokens, per_request)
+
+
+def static_step(model: GPT2, cache: KVCache) -> StaticStep:
+    """The static decode step over `cache`: replayed from CUDA graphs on CUDA, eager elsewhere."""
+    step = StaticStep(model, cache)
+    if model.device.type == "cuda":
+        step.runner = CudaGraphs(step)
+    return step
 
 
 def lower_thread_priority(steps: int) -> None:

@@ -6,24 +6,29 @@ penalties), then greedy rows take the argmax and sampling rows go through `sampl
 entry point to the reference sampler and its fast paths. Rows asking for logprobs get them recorded.
 
 `choose_isolated` is the step's safety net: a failure of the batched choice restores every row's
-generator and chooses again request by request, so only the request that caused it fails.
+generator and chooses again request by request, so only the request that caused it fails. `advance` is
+a step's token side as the engine calls it: each plain row's token chosen and appended, each beam
+request stepped (beams.py), and the requests that failed named.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from gpt2serve.engine import sampling
+from gpt2serve.engine import processors, sampling
+from gpt2serve.engine.beams import beam_groups, step_beams
+from gpt2serve.engine.device.host import to_device
 from gpt2serve.engine.errors import NonFiniteLogitsError
+from gpt2serve.engine.kv_cache import KVCache
 from gpt2serve.engine.params import SamplingParams
-from gpt2serve.engine.request import Request, Sequence, TokenLogprob
+from gpt2serve.engine.request import Request, Row, Sequence, TokenLogprob
+from gpt2serve.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-Row = tuple[Request, Sequence]
 
 
 def logits_read(params: list[SamplingParams]) -> int | None:
@@ -56,11 +61,11 @@ class TokenChooser:
         otherwise x is left as it was."""
         params, histories = self.params, [s.history for _, s in self.rows]
         if any(p.repetition_penalty != 1.0 for p in params):
-            x = sampling.apply_repetition_penalty(x, histories, [p.repetition_penalty for p in params])
+            x = processors.apply_repetition_penalty(x, histories, [p.repetition_penalty for p in params])
         if any(p.no_repeat_ngram_size for p in params):
-            x = sampling.ban_repeated_ngrams(x, histories, [p.no_repeat_ngram_size for p in params], owned)
+            x = processors.ban_repeated_ngrams(x, histories, [p.no_repeat_ngram_size for p in params], owned)
         if any(p.presence_penalty or p.frequency_penalty for p in params):
-            x = sampling.apply_presence_frequency(
+            x = processors.apply_presence_frequency(
                 x,
                 [s.generated for _, s in self.rows],
                 [p.presence_penalty for p in params],
@@ -101,14 +106,52 @@ class TokenChooser:
             seq.logprobs.append(TokenLogprob(picked[i], float(lp[i, picked[i]]), alts))
 
 
-def choose_isolated(rows: list[Row], logits: torch.Tensor) -> list[int | Exception]:
+def advance(
+    rows: list[Row],
+    logits: torch.Tensor,
+    cache: KVCache,
+    tokenizer: Tokenizer,
+    release: Callable[[Request, Sequence], None],
+    chooser: type[TokenChooser] = TokenChooser,
+) -> dict[int, Exception]:
+    """Each row's next token chosen and appended (a beam request: its step), by request id the error of
+    each request whose choice or update failed (it fails alone). `release(req, seq)`: seq finished while
+    its request runs on, so its slot may go. `chooser`: the plain rows' (device/chooser.py's on the
+    device path); beams step on the host."""
+    failed: dict[int, Exception] = {}
+    plain = [i for i, (r, _) in enumerate(rows) if r.beam is None]
+    chosen = choose_isolated([rows[i] for i in plain], logits[plain], chooser) if plain else []
+    for i, token in zip(plain, chosen):
+        req, seq = rows[i]
+        if isinstance(token, Exception) or req.id in failed:
+            failed.setdefault(req.id, token)
+            continue
+        try:
+            req.append_token(seq, token, tokenizer.eos_token_id)
+            if seq.finish_reason is not None and req.active:
+                release(req, seq)
+        except Exception as exc:
+            failed[req.id] = exc
+    for req, idx in beam_groups(rows):
+        try:
+            beams = TokenChooser([(req, s) for s in req.sequences])
+            scores = beams.process(F.log_softmax(logits[idx].float(), dim=-1), owned=True)
+            step_beams(req, scores, cache, tokenizer)
+        except Exception as exc:
+            failed[req.id] = exc
+    return failed
+
+
+def choose_isolated(
+    rows: list[Row], logits: torch.Tensor, chooser: type[TokenChooser] = TokenChooser
+) -> list[int | Exception]:
     """Each row's token, or the exception that row's request met. A failure of the batched choice
     restores the rows' generators and chooses again request by request, so the others draw exactly
     what they would have drawn without the failing one."""
     generators = [s.generator for _, s in rows]
     states = [None if g is None else g.get_state() for g in generators]
     try:
-        return list(TokenChooser(rows).choose(logits))
+        return list(chooser(rows).choose(logits))
     except Exception as exc:
         log.warning("token choice for %d rows failed (%r); choosing per request", len(rows), exc)
     for g, state in zip(generators, states):
@@ -120,7 +163,7 @@ def choose_isolated(rows: list[Row], logits: torch.Tensor) -> list[int | Excepti
         by_request.setdefault(req.id, []).append(i)
     for idx in by_request.values():
         try:
-            tokens: list[int | Exception] = list(TokenChooser([rows[i] for i in idx]).choose(logits[idx]))
+            tokens: list[int | Exception] = list(chooser([rows[i] for i in idx]).choose(logits[idx]))
         except Exception as exc:
             tokens = [exc] * len(idx)
         for i, token in zip(idx, tokens):
@@ -128,11 +171,16 @@ def choose_isolated(rows: list[Row], logits: torch.Tensor) -> list[int | Excepti
     return picked
 
 
+NON_FINITE = "the model's logits for this request are not finite (NaN or inf), so no token can be chosen"
+
+
+def finite_rows(x: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
+    """(B,) bool: whether a row's largest logit over its temperature is finite (something can be drawn)."""
+    return torch.isfinite(x.amax(dim=-1) / to_device(torch.tensor(temperatures, dtype=x.dtype), x.device))
+
+
 def check_finite(x: torch.Tensor, temperatures: list[float]) -> None:
     """Raise NonFiniteLogitsError when a row's largest logit over its temperature is NaN or infinite
     (nothing could be drawn from it). The caller then chooses per request, so only that one fails."""
-    top = x.amax(dim=-1) / torch.tensor(temperatures, dtype=x.dtype, device=x.device)  # (B,)
-    if not bool(torch.isfinite(top).all()):
-        raise NonFiniteLogitsError(
-            "the model's logits for this request are not finite (NaN or inf), so no token can be chosen"
-        )
+    if not bool(finite_rows(x, temperatures).all()):
+        raise NonFiniteLogitsError(NON_FINITE)

@@ -65,6 +65,10 @@ KNOWN_SHAPES: dict[str, ModelConfig] = {
 }
 
 
+# The decode step: the model's own (GPT2.step) or the static-shape one of engine/device/ (CUDA graphs on
+# CUDA, eager on the CPU).
+DECODE_STEPS = ("auto", "eager", "static")
+
 WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8")
 _FORMAT_ALIASES = {
     "fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
@@ -100,6 +104,7 @@ class EngineConfig:
     max_prompt_tokens: int | None = None  # None: the model's context - 1
     max_request_share: float = 0.5  # of the KV slots, what one request's sequences may hold
     max_stop_length: int = 256  # characters in one stop string
+    decode_step: str = "auto"  # auto (static on CUDA, else eager) | eager | static: see engine/device/
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -110,4 +115,6 @@ class EngineConfig:
             raise ValueError(f"engine_nice must be in [0, 19], got {self.engine_nice}")
         if not 0 < self.max_request_share <= 1:
             raise ValueError(f"max_request_share must be in (0, 1], got {self.max_request_share}")
+        if self.decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step must be {', '.join(DECODE_STEPS)}; got {self.decode_step!r}")
         resolve_dtype(self.dtype, "cpu")  # a dtype no device takes is refused here, before loading

@@ -4,30 +4,37 @@ Each iteration: admit waiting requests, run one decode step over every active se
 request (new prompts join its pass over the weights while the rows fit decode.c; the others are
 prefilled first, in groups that fit it), choose the next tokens (sampling rows and beam groups), and
 retire what finished. Callers submit from any thread (`submit`, its checks in intake.py) and get results
-through `generate()` (asyncio, by the bridge in bridge.py) or `generate_sync()`. Choosing tokens is
-chooser.py's, a beam request's step beams.py's, and the forward path `GPT2.step`'s.
+through `generate()` (asyncio) or `generate_sync()`, both by bridge.py. Choosing tokens is chooser.py's
+(`advance`), a beam request's step beams.py's, and the forward path `GPT2.step`'s.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
 
 import torch
 
-from gpt2serve.engine.beams import beam_groups, step_beams
-from gpt2serve.engine.bridge import EngineBatch
-from gpt2serve.engine.build import EngineStats, build_model, load_and_build, lower_thread_priority, placement
-from gpt2serve.engine.chooser import Row, choose_isolated, logits_read
+from gpt2serve.engine.bridge import EngineBatch, generate_sync
+from gpt2serve.engine.build import (
+    EngineStats,
+    build_model,
+    load_and_build,
+    lower_thread_priority,
+    placement,
+    static_step,
+    uses_static_step,
+)
+from gpt2serve.engine.chooser import TokenChooser, advance, logits_read
 from gpt2serve.engine.config import EngineConfig
+from gpt2serve.engine.device.chooser import DeviceTokenChooser
 from gpt2serve.engine.errors import EngineStoppedError, RequestTimeoutError
 from gpt2serve.engine.intake import Intake
 from gpt2serve.engine.loader import LoadedModel
 from gpt2serve.engine.params import SamplingParams
-from gpt2serve.engine.request import GenerationResult, Request, Sequence
+from gpt2serve.engine.request import GenerationResult, Request, Row, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,11 @@ class Engine:
         self.model_name, self.is_random = loaded.name, loaded.is_random
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.model, self.cache, self.scheduler = build_model(loaded, self.config, self.device, self.dtype)
+        # the device path (engine/device/): static decode steps, tokens chosen by batched tensor ops
+        self.static = (
+            static_step(self.model, self.cache) if uses_static_step(self.config, self.device) else None
+        )
+        self.chooser = TokenChooser if self.static is None else DeviceTokenChooser
         self.intake = Intake(self.tokenizer, loaded.config.n_positions, self.config)
         self.stats = EngineStats()
         self._cond = threading.Condition()
@@ -102,15 +114,8 @@ class Engine:
         return result
 
     def generate_sync(self, prompt: str, params: SamplingParams) -> GenerationResult:
-        q: queue.Queue = queue.Queue()
-        req = self.submit(prompt, params, q.put, stream=False)
-        try:
-            item = q.get()
-        finally:
-            req.cancel()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        """The request's result, waited for on the calling thread (see bridge.py)."""
+        return generate_sync(self, prompt, params)
 
     # -- the loop ----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -124,13 +129,16 @@ class Engine:
                 self._drop_cancelled_and_expired()
                 admitted = self.scheduler.admit()
             decoding = [r for r in self.scheduler.running if r not in admitted]
-            fits = lambda rows: self.model.takes_rows(rows, self.cache)  # noqa: E731
+            # prompts join a decode step where decode.c takes them all; never beside a static step
+            fits = lambda rows: self.static is None and self.model.takes_rows(rows, self.cache)  # noqa: E731
             joining, groups = self.scheduler.group_prompts(decoding, admitted, fits)
             for group in groups:
                 self._step_isolated([], group)
             if decoding or joining:
                 self._step_isolated(decoding, joining)
-        self._abort_all(EngineStoppedError("the server is shutting down"))
+        with self._cond:
+            for req in [*self.scheduler.waiting, *self.scheduler.running]:
+                self._finish(req, error=EngineStoppedError("the server is shutting down"))
 
     def _step_isolated(self, decoding: list[Request], prompts: list[Request]) -> None:
         """`_step`, where a failure fails only the request that causes it: the step is run again for
@@ -140,7 +148,7 @@ class Engine:
             self._step(decoding, prompts)
         except Exception as exc:  # a bug or a poisoned row must fail its own request, never the loop
             if len(decoding) + len(prompts) == 1:
-                self._fail([*decoding, *prompts], exc)
+                self._finish([*decoding, *prompts][0], error=exc)
                 return
             log.warning(
                 "a step of %d requests failed (%r); running each alone", len(decoding) + len(prompts), exc
@@ -149,11 +157,6 @@ class Engine:
                 self._step_isolated([req], [])
             for req in prompts:
                 self._step_isolated([], [req])
-
-    def _fail(self, reqs: list[Request], exc: Exception) -> None:
-        log.error("generation failed for request(s) %s", [r.id for r in reqs], exc_info=exc)
-        for r in reqs:
-            self._finish(r, error=exc)
 
     def _drop_cancelled_and_expired(self) -> None:
         now = time.monotonic()
@@ -165,15 +168,12 @@ class Engine:
                 limit = self.config.request_timeout_s or 0
                 self._finish(req, error=RequestTimeoutError(f"the request ran past its {limit:g} s deadline"))
 
-    def _abort_all(self, error: Exception) -> None:
-        with self._cond:
-            for req in [*self.scheduler.waiting, *self.scheduler.running]:
-                self._finish(req, error=error)
-
     def _finish(self, req: Request, error: Exception | None = None) -> None:
         with self._cond:
             self.scheduler.finish(req)
         if error is not None:
+            if not isinstance(error, (EngineStoppedError, RequestTimeoutError)):
+                log.error("generation failed for request %s", req.id, exc_info=error)
             self.stats.requests_failed += 1
             req.sink(error)
         else:
@@ -188,18 +188,25 @@ class Engine:
         rows.sort(key=lambda row: row[1].slot)  # consecutive slots let attention read cache views
         for req in prompts:
             req.start(self.tokenizer, self.device)
-        logits = self.model.step(
-            [(s.history[-1], s.slot, len(s.history) - 1) for _, s in rows],
-            [(req.prompt_ids, req.sequences[0].slot) for req in prompts],
-            self.cache,
-            top=logits_read([r.params for r in decoding + prompts]),
-        )
+        decode_rows = [(s.history[-1], s.slot, len(s.history) - 1) for _, s in rows]
+        prompt_rows = [(req.prompt_ids, req.sequences[0].slot) for req in prompts]
+        logits = self._forward(decode_rows, prompt_rows, logits_read([r.params for r in decoding + prompts]))
         self.stats.prefills_in_step += len(prompts) if rows else 0
         for i, req in enumerate(prompts):
             self._prefilled(req, logits[len(rows) + i])
         if rows:
             self.stats.count_step(len(rows))
             self._advance(rows, logits[: len(rows)])
+
+    def _forward(
+        self, rows: list[tuple[int, int, int]], prompts: list[tuple[list[int], int]], top: int | None
+    ):
+        """GPT2.step's logits: decode rows through the static step where there is one (the prompts then
+        run eagerly, by the model's own step)."""
+        if self.static is None or not rows:
+            return self.model.step(rows, prompts, self.cache, top=top)
+        logits = self.static(rows)
+        return torch.cat([logits, self.model.step([], prompts, self.cache, top=top)]) if prompts else logits
 
     def _prefilled(self, req: Request, logits: torch.Tensor) -> None:
         """After the prompt ran in the request's first slot: copy its cache to the others, pick tokens."""
@@ -210,34 +217,15 @@ class Engine:
         self._advance([(req, s) for s in req.sequences], logits.expand(len(req.sequences), -1))
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
-        """Choose each row's next token (beams: each beam request's step), update the requests, retire
-        what finished; a request whose choice failed fails alone."""
-        failed: dict[int, Exception] = {}
-        plain = [i for i, (r, _) in enumerate(rows) if r.beam is None]
-        if plain:
-            eos = self.tokenizer.eos_token_id
-            for i, token in zip(plain, choose_isolated([rows[i] for i in plain], logits[plain])):
-                req, seq = rows[i]
-                if isinstance(token, Exception):
-                    failed[req.id] = token
-                elif req.id not in failed:
-                    try:
-                        self._append(req, seq, token, eos)
-                    except Exception as exc:
-                        failed[req.id] = exc
-        for req, idx in beam_groups(rows):
-            try:
-                step_beams(req, logits[idx], self.cache, self.tokenizer)
-            except Exception as exc:
-                failed[req.id] = exc
+        """Each row's next token (chooser.advance), then retire what finished; a request whose choice
+        failed fails alone."""
+        failed = advance(rows, logits, self.cache, self.tokenizer, self._release, self.chooser)
         for req in {id(r): r for r, _ in rows}.values():
             if req.id in failed:
-                self._fail([req], failed[req.id])
+                self._finish(req, error=failed[req.id])
             elif not req.active:
                 self._finish(req)
 
-    def _append(self, req: Request, seq: Sequence, token: int, eos: int) -> None:
-        req.append_token(seq, token, eos)
-        if seq.finish_reason is not None and req.active:
-            with self._cond:
-                self.scheduler.release_slot(req, seq.slot)
+    def _release(self, req: Request, seq: Sequence) -> None:
+        with self._cond:
+            self.scheduler.release_slot(req, seq.slot)

@@ -1,4 +1,4 @@
-"""GPT-2 forward pass over a KV cache indexed by slot.
+"""GPT-2 forward pass over a KV cache indexed by slot (kv_cache.py).
 
 Every running sequence owns one slot of the cache, with its own length. One forward call runs any mix of
 slots at any positions, which is what continuous batching needs: a decode step feeds one new token for
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from gpt2serve.engine import native
 from gpt2serve.engine.config import ModelConfig
 from gpt2serve.engine.head_sketch import SKETCH_MAX_ROWS, HeadSketch
+from gpt2serve.engine.kv_cache import KVCache
 from gpt2serve.engine.linear import (
     DENSE_CHUNK,
     INT8_REDUCE_RANGE,
@@ -25,39 +26,6 @@ from gpt2serve.engine.linear import (
     gemv_max_rows,
     use_gemv,
 )
-
-
-class KVCache:
-    """Keys and values for `n_slots` sequences of up to `max_len` tokens each."""
-
-    def __init__(
-        self, cfg: ModelConfig, n_slots: int, max_len: int, dtype: torch.dtype, device: torch.device
-    ):
-        shape = (cfg.n_layer, n_slots, cfg.n_head, max_len, cfg.head_dim)
-        # Fresh pages from the OS are zero and stay out of RSS until written; small caches are zeroed.
-        nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
-        make = torch.empty if (device.type == "cpu" and nbytes > (256 << 20)) else torch.zeros
-        self.k = make(shape, dtype=dtype, device=device)
-        self.v = make(shape, dtype=dtype, device=device)
-        self.n_slots = n_slots
-        self.max_len = max_len
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-    def copy_slots(
-        self, src: list[int], dst: list[int], length: int, starts: list[int] | None = None
-    ) -> None:
-        """Copy positions `starts[i]` (default 0) up to `length` of slot `src[i]` into slot `dst[i]` (beam
-        forks, n > 1); no slot may be both a source and a destination. Slot by slot: a gather over the
-        slot axis of the cache would walk every slot's full context."""
-        if set(src) & set(dst):
-            raise ValueError(f"slots {sorted(set(src) & set(dst))} are both copied from and into")
-        for s, d, start in zip(src, dst, starts or [0] * len(src), strict=True):
-            for cache in (self.k, self.v):
-                cache[:, d, :, start:length].copy_(cache[:, s, :, start:length])
-
 
 # decode.c attends row by row: past ~128 prompt tokens a prompt ran faster through the layer-by-layer
 # forward (scaled_dot_product_attention) even where both multiply on gemv.c (int8 on a Zen 5: 0.81-0.94x
@@ -140,7 +108,7 @@ def layer_format(fmt: str, name: str, kernels: str = "torch") -> str:
 
 
 def kernel_family(cpu_kernels: str, cfg: ModelConfig, device: torch.device) -> str:
-    """"gemv" where gemv.c runs this model's matrices (see linear.use_gemv), else "torch"."""
+    """ "gemv" where gemv.c runs this model's matrices (see linear.use_gemv), else "torch"."""
     return "gemv" if device.type == "cpu" and use_gemv(cpu_kernels, cfg.n_embd) else "torch"
 
 

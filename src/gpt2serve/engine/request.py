@@ -181,3 +181,6 @@ class Request:
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.prompt, self.prompt_ids, self.outputs())
+
+
+Row = tuple[Request, Sequence]  # one row of an engine step: a sequence and the request it belongs to

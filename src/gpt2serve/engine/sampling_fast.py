@@ -1,0 +1,261 @@
+"""The sampler's fast paths: each computes what sampling.reference computes for one row (the same token,
+the generator left in the same state), or part of it, in less time on CPU; each returns None where it
+cannot be sure (ties that torch's order would settle, a call too close for its arithmetic, a GPU tensor,
+kernels not built), leaving the generator untouched, and sampling.choose then takes the next path.
+
+- `draw_top_k`: a top-k row's whole choice from its top-k values (C top-k, float64 over the survivors,
+  only their uniforms drawn).
+- `top_p_cut`: top-p's cut from the largest few hundred scores (torch.topk), not a sort of the row.
+- `top_p_sorted`: top-p over the row sorted in C (sampling.c), where the order among equal values
+  cannot matter.
+- `replay_multinomial`: torch.multinomial's draw without its vectorized temporaries (and with C kernels,
+  without drawing the uniforms of zero probabilities).
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+
+import torch
+
+from gpt2serve.engine import native
+
+NEG_INF = float("-inf")
+# `replay_multinomial`: up to this many non-zero probabilities, every exponential is computed as torch
+# does; beyond, vectorized, and exactly only for the ratios within DRAW_MARGIN (relative) of the largest.
+EXACT_DRAW_MAX_SURVIVORS = 256
+DRAW_MARGIN = 1e-5  # ~80 float32 rounding steps; a one-ulp change in a logarithm moves a ratio ~3 at most
+# `draw_top_k`: rows with top-k up to this take the fast path (its per-survivor arithmetic is Python).
+FAST_MAX_TOP_K = 256
+# `draw_top_k` computes in float64 what torch computes in float32 over at most FAST_MAX_TOP_K nonzero
+# terms (softmax, cumsum: each within ~300 rounding steps, ~2e-5); closer calls than this go to torch.
+FAST_MARGIN = 1e-4
+# `top_p_cut`: the partial selections tried, in turn; past ~512 of GPT-2's 50257 the C sort is cheaper.
+NUCLEUS_TRIES = (64, 512)
+UNIT = 2.0**-24  # float32's unit roundoff
+LANES = 8  # torch's softmax sums a row in at least 8 lanes (Vectorized<float>), each sequentially
+ABSOLUTE = 1e-10  # float64 rounding of the masses (sums of up to 50257 terms near 1), absolute
+
+
+# -- top-k ---------------------------------------------------------------------------------------------
+
+
+def draw_top_k(
+    row: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> int | None:
+    """The token `reference` draws for a row with top-k on, computed from the top-k values alone: an
+    exact top-k (native.topk), top-p and the draw's probabilities in float64 over the survivors, and only
+    the survivors' uniforms drawn (native.uniform_at).
+
+    Where a decision (a top-p cut, the winning ratio) is within FAST_MARGIN of going the other way, or
+    ties would leave it to torch's tie-breaking, it returns None with the generator untouched."""
+    vocab = row.shape[-1]
+    if not 0 < top_k <= FAST_MAX_TOP_K or top_k >= vocab or generator is None:
+        return None
+    top = native.topk(row, top_k + 1)
+    if top is None:
+        return None
+    values, indices = top
+    if temperature != 1:  # the reference's float32 division; it may merge neighbours into ties
+        values = values / torch.tensor(temperature, dtype=values.dtype)
+        if bool((values[1:] == values[:-1]).any()):
+            return None
+    kept = values[:top_k].tolist()  # descending and distinct: exactly top-k's survivors
+    if not (math.isfinite(kept[0]) and math.isfinite(kept[-1])):
+        return None
+    weights = [math.exp(v - kept[0]) for v in kept]
+    if top_p < 1:
+        n = _top_p_kept(weights, array("f", [1 - top_p])[0])  # the reference's float32 threshold
+        if n is None:
+            return None
+        weights = weights[:n]
+    ids = indices[: len(weights)].tolist()
+    order = sorted(range(len(ids)), key=ids.__getitem__)  # vocabulary order: argmax's tie rule
+    drawn = native.uniform_at(generator, vocab, torch.tensor([ids[i] for i in order]))
+    if drawn is None:
+        return None
+    u, state = drawn
+    e = array("f", [-math.log1p(-x) for x in u.tolist()])  # as torch rounds them: float32
+    total = math.fsum(weights)
+    ratios = [weights[i] / total / x for i, x in zip(order, e)]
+    best = max(range(len(ratios)), key=ratios.__getitem__)
+    runner_up = max((r for j, r in enumerate(ratios) if j != best), default=0.0)
+    if not ratios[best] > runner_up * (1 + FAST_MARGIN):
+        return None
+    generator.set_state(state)
+    return ids[order[best]]
+
+
+def _top_p_kept(weights: list[float], threshold: float) -> int | None:
+    """How many of the top-k survivors (their softmax weights, largest first) top-p keeps (ascending
+    cumulative probabilities <= threshold removed, the largest kept); None where a cumulative probability
+    is within FAST_MARGIN of the threshold."""
+    total = math.fsum(weights)
+    removed, cumulative = 0, 0.0
+    for w in reversed(weights[1:]):  # ascending, the largest (never removed) left out
+        cumulative += w / total
+        if abs(cumulative - threshold) <= FAST_MARGIN * threshold:
+            return None
+        if cumulative > threshold:
+            break
+        removed += 1
+    return len(weights) - removed
+
+
+# -- top-p ---------------------------------------------------------------------------------------------
+
+
+def _cpu_row(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 1
+
+
+def top_p_cut(scores: torch.Tensor, top_p: float) -> float | None:
+    """The smallest score the reference's top-p keeps (it keeps exactly the scores >= it), found from the
+    largest NUCLEUS_TRIES scores (torch.topk) instead of a sort of the whole row.
+
+    The reference sorts the row ascending, takes its softmax and removes the positions whose cumulative
+    probability is <= 1 - top_p. Its cumsum adds in float64 on CPU, so a position's cumulative value is
+    the exact mass at and below it, rounded once to float32; its softmax divides by a float32 sum taken in
+    sorted order. Here the mass comes from torch's softmax of the unsorted row, in float64: the two sums
+    differ by their rounding (at most `_sum_margin`), so a cut that close to the threshold, or tied scores
+    straddling it, or more kept scores than fetched, is left to the sort (None)."""
+    if not _cpu_row(scores) or top_p >= 1:
+        return None
+    probs = scores.softmax(dim=-1)
+    total, peak = probs.sum(dtype=torch.float64).item(), probs.max().item()
+    threshold = array("f", [1 - top_p])[0]
+    margin = _sum_margin(scores.numel())
+    if not math.isfinite(total):
+        return None
+    for k in NUCLEUS_TRIES:
+        if k >= scores.numel():
+            return None
+        if k * peak < (total - threshold) * (1 - margin):  # the top k cannot hold the kept mass
+            continue
+        values, indices = torch.topk(scores, k + 1)
+        mass = probs[indices].double()
+        below = (total - (mass.cumsum(0) - mass)).tolist()  # the reference's cumulative, rank by rank
+        # kept where even its lowest bound rounds above the threshold: a prefix (`below` decreases)
+        kept = 1 + sum(1 for s in below[1:] if s * (1 - margin) - ABSOLUTE > threshold * (1 + 2 * UNIT))
+        if kept > k:
+            continue  # every fetched score is kept: fetch more
+        if below[kept] * (1 + margin) + ABSOLUTE > threshold or values[kept - 1] == values[kept]:
+            return None  # too close to call, or a tie that the sort's order would settle
+        return float(values[kept - 1])
+    return None
+
+
+def _sum_margin(n: int) -> float:
+    """A bound on the relative difference between two float32 sums of the same n positive terms in
+    different orders, each over LANES lanes (each lane within its terms' count plus the lanes' tree of
+    rounding steps), plus the rounding of each probability: the reference's and ours."""
+    steps = -(-n // LANES) + LANES.bit_length()
+    return 2 * steps * UNIT + 4 * UNIT
+
+
+def top_p_sorted(scores: torch.Tensor, top_p: float) -> torch.Tensor | None:
+    """The reference's top-p of a 1-D CPU row with the row sorted in C (native.sort_rows): its values are
+    torch.sort's; None where the C sort declines or tied values straddle the cut."""
+    if not _cpu_row(scores):
+        return None
+    ordered = native.sort_rows(scores[None])
+    if ordered is None:
+        return None
+    threshold = torch.tensor([1 - top_p], dtype=torch.float64).to(scores.dtype)
+    return _top_p_sorted(scores, *(t[0] for t in ordered), threshold)
+
+
+def _top_p_sorted(
+    row: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, sorted_ok: bool, threshold: torch.Tensor
+) -> torch.Tensor | None:
+    """HF's top-p for one row given native.sort_rows' order: the sorted values are torch.sort's, so
+    softmax and cumsum see the same floats; only where tied values straddle the cut would torch's order
+    among them matter, and there (or for a row the C sort declined) it returns None."""
+    if not sorted_ok:
+        return None
+    cumulative = values[None].softmax(dim=-1).cumsum(dim=-1)[0]
+    remove = cumulative <= threshold
+    remove[-1] = False
+    cut = int(remove.sum())  # the removed positions are a prefix (cumsum is monotone)
+    if cut and bool(values[cut - 1] == values[cut]):
+        return None
+    return row.index_fill(0, indices[:cut], NEG_INF)
+
+
+# -- the draw -------------------------------------------------------------------------------------------
+
+
+def replay_multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> int | None:
+    """`torch.multinomial(probs, 1, generator=generator)`'s token, the generator left in the same state,
+    in less time on CPU (per row over GPT-2's vocabulary: 0.4 ms after top-k, 0.45-0.85 ms without,
+    against ~1 ms); None (generator untouched) for what torch must answer itself: a GPU or non-float32
+    row, a row torch refuses (no positive entry, a negative, inf or NaN).
+
+    For one sample, torch computes argmax(probs / e) with e ~ Exp(1) drawn for every entry, each from one
+    float64 uniform u as -log1p(-u) (glibc's log1p), rounded to the row's dtype. Those uniforms are drawn
+    here in one call, which advances the generator identically (with the C kernels only the ones where
+    probs > 0, native.uniform_at advancing the generator past the rest), and the ratios are computed only
+    where probs > 0 (the others are 0 and cannot win). A u of exactly 0 (p = 2^-53 per entry) would make
+    torch's ratio 0/0 = NaN, which argmax picks: that draw is left to torch."""
+    if not _cpu_row(probs):
+        return None
+    alive = int(torch.count_nonzero(probs))
+    survivors = None if alive == probs.shape[0] else probs.nonzero()[:, 0]  # None: every entry
+    p = probs if survivors is None else probs[survivors]
+    if not alive:
+        return None
+    lo, hi = torch.aminmax(p)
+    if not (lo.item() >= 0 and hi.item() < math.inf):  # NaN fails both: torch raises its error
+        return None
+    gen = generator if generator is not None else torch.default_generator
+    if alive > EXACT_DRAW_MAX_SURVIVORS and (drawn := native.multinomial(gen, probs)) is not None:
+        token, state = drawn  # the whole draw in C (every ratio exact; see csrc/sampling.c)
+        gen.set_state(state)
+        return token
+    u = _uniforms(gen, probs.shape[0], survivors)
+    return None if u is None else _winner(p, u, survivors)
+
+
+def _uniforms(gen: torch.Generator, n: int, survivors: torch.Tensor | None) -> torch.Tensor | None:
+    """The survivors' draws of `torch.empty(n, dtype=torch.float64).uniform_(generator=gen)`, the
+    generator advanced past all n; None (generator untouched) where one of the n is exactly 0."""
+    at = survivors if survivors is not None else torch.arange(n)
+    drawn = native.uniform_at(gen, n, at)  # only the survivors' uniforms, where it can
+    if drawn is not None:
+        u, state = drawn
+        gen.set_state(state)
+        return u
+    state = gen.get_state()
+    u = torch.empty(n, dtype=torch.float64).uniform_(generator=gen)
+    if u.min().item() == 0:
+        gen.set_state(state)
+        return None
+    return u if survivors is None else u[survivors]
+
+
+def _winner(p: torch.Tensor, u: torch.Tensor, survivors: torch.Tensor | None) -> int:
+    """argmax(p / e): with glibc's own log1p for up to EXACT_DRAW_MAX_SURVIVORS entries, else with torch's
+    vectorized log1p, whose result may differ by one unit in the last place; a winner ahead of the
+    runner-up by more than DRAW_MARGIN cannot change with that, and closer entries are recomputed exactly."""
+    if p.numel() <= EXACT_DRAW_MAX_SURVIVORS:
+        return _token(survivors, int(_exact_ratios(p, u).argmax()))
+    ratios = p / (-torch.log1p(-u)).to(p.dtype)
+    first = int(ratios.argmax())
+    best = ratios[first].item()
+    ratios[first] = 0
+    if best > ratios.max().item() * (1 + DRAW_MARGIN):
+        return _token(survivors, first)
+    ratios[first] = best
+    close = (ratios >= best * (1 - DRAW_MARGIN)).nonzero()[:, 0]  # in vocabulary order: argmax's tie rule
+    return _token(survivors, int(close[_exact_ratios(p[close], u[close]).argmax()]))
+
+
+def _token(survivors: torch.Tensor | None, i: int) -> int:
+    return i if survivors is None else int(survivors[i])
+
+
+def _exact_ratios(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """p / e with e computed as torch.multinomial computes it, in float64 with glibc's log1p."""
+    e = torch.tensor([-1.0 * math.log1p(-x) for x in u.tolist()], dtype=torch.float64)
+    return p / e.to(p.dtype)

@@ -1,0 +1,314 @@
+"""engine.sampling_fast: each fast path gives the reference's token (sampling_fast.reference, itself checked
+against Hugging Face in test_sampling_fast.py) and leaves the generator where the reference leaves it."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from gpt2serve.engine import native, sampling_fast
+from gpt2serve.engine.sampling import draw
+from gpt2serve.engine.sampling_fast import EXACT_DRAW_MAX_SURVIVORS, NEG_INF
+from tests.engine.test_linear import NO_GEMV
+from tests.engine.test_sampling import TEMPERATURES, TOP_PS, generators, hf_warp, make_logits, run_warp
+
+
+@pytest.mark.parametrize("survivors", [1, 2, 50, 640, EXACT_DRAW_MAX_SURVIVORS, EXACT_DRAW_MAX_SURVIVORS + 1])
+def test_draw_is_torch_multinomial_token_and_generator_state(survivors: int) -> None:
+    """The fast draw picks torch.multinomial's token and leaves the generator where torch leaves it."""
+    for seed in range(12):
+        logits = make_logits("ties" if seed % 3 == 0 else "normal", 1, 50257, seed=seed)[0]
+        cut = torch.topk(logits, survivors).values[-1]
+        probs = torch.softmax(logits.masked_fill(logits < cut, NEG_INF), dim=-1)
+        ours, theirs = generators(seed, seed)
+        for _ in range(3):
+            assert draw(probs, ours) == int(torch.multinomial(probs, 1, generator=theirs))
+            assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+def test_draw_on_the_global_generator_and_bad_rows() -> None:
+    probs = torch.softmax(run_warp(make_logits("normal", 1, 3000, seed=4), [(1.0, 20, 1.0)]), dim=-1)[0]
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(77)
+        ours = [draw(probs, None) for _ in range(5)]
+        torch.manual_seed(77)
+        theirs = [int(torch.multinomial(probs, 1)) for _ in range(5)]
+    finally:
+        torch.random.set_rng_state(state)
+    assert ours == theirs
+    for bad in (torch.zeros(10), torch.tensor([0.5, float("nan"), 0.0]), torch.tensor([0.5, -0.1, 0.0])):
+        with pytest.raises(RuntimeError):
+            draw(bad, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind", ["normal", "flat", "peaked", "some_ties"])
+def test_draw_over_the_whole_vocabulary_is_torch_multinomial(kind: str) -> None:
+    """No top-k (the OpenAI API's sampling): every token is a candidate, the vectorized path decides."""
+    for seed in range(8):
+        probs = torch.softmax(make_logits(kind, 1, 50257, seed=seed)[0], dim=-1)
+        ours, theirs = generators(seed, seed)
+        for _ in range(3):
+            assert draw(probs, ours) == int(torch.multinomial(probs, 1, generator=theirs))
+            assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+def test_draw_recomputes_close_ratios_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a margin so wide that every draw looks close, the exact recomputation alone picks the token."""
+    monkeypatch.setattr(sampling_fast, "DRAW_MARGIN", 0.9)
+    for seed in range(6):
+        probs = torch.softmax(make_logits("normal", 1, 5000, seed=seed)[0] / 4, dim=-1)
+        ours, theirs = generators(seed, seed)
+        assert draw(probs, ours) == int(torch.multinomial(probs, 1, generator=theirs))
+
+
+needs_native = pytest.mark.skipif(not native.available(), reason=NO_GEMV)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["normal", "peaked", "some_ties", "ties", "banned"])
+def test_draw_top_k_is_hf_warpers_then_torch_multinomial(kind: str) -> None:
+    """The top-k fast path draws HF's token (warpers, softmax, torch.multinomial with the same generator)
+    and leaves the generator in the same state; where it gives up, the generator is untouched."""
+    decided = total = 0
+    for seed, (t, k, p) in enumerate(itertools.product(TEMPERATURES, [1, 5, 50, 256], TOP_PS)):
+        row = make_logits(kind, 1, 50257, seed=seed)[0]
+        ours, theirs = generators(seed, seed)
+        before = ours.get_state()
+        token = sampling_fast.draw_top_k(row, t, k, p, ours)
+        expected = int(torch.multinomial(torch.softmax(hf_warp(row, t, k, p), dim=-1), 1, generator=theirs))
+        total += 1
+        if token is None:
+            assert torch.equal(ours.get_state(), before)
+            continue
+        decided += 1
+        assert token == expected, (t, k, p)
+        assert torch.equal(ours.get_state(), theirs.get_state())
+    if kind in ("normal", "peaked"):  # no ties: the fast path decides nearly every draw
+        assert decided >= 0.9 * total, (decided, total)
+    if kind == "ties":  # tied runs everywhere: it leaves them all to torch
+        assert decided == 0
+
+
+@needs_native
+def test_draw_top_k_gives_up_rather_than_guess(monkeypatch: pytest.MonkeyPatch) -> None:
+    row = make_logits("normal", 1, 50257, seed=3)[0]
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert sampling_fast.draw_top_k(row, 1.0, 50, 1.0, None) is None  # the global generator: torch's path
+    assert sampling_fast.draw_top_k(row, 1.0, 0, 0.9, gen) is None  # no top-k
+    assert sampling_fast.draw_top_k(row, 1.0, sampling_fast.FAST_MAX_TOP_K + 1, 1.0, gen) is None
+    with_nan = row.clone().index_fill_(0, torch.tensor([7]), float("nan"))
+    assert sampling_fast.draw_top_k(with_nan, 1.0, 50, 1.0, gen) is None
+    monkeypatch.setattr(sampling_fast, "FAST_MARGIN", 10.0)  # every decision now looks too close to call
+    assert sampling_fast.draw_top_k(row, 1.0, 50, 0.92, gen) is None
+    assert sampling_fast.draw_top_k(row, 1.0, 50, 1.0, gen) is None
+    assert torch.equal(gen.get_state(), state)
+
+
+@needs_native
+def test_native_topk_is_torch_topk_or_declines() -> None:
+    for n, k in ((50257, 51), (5 * 50257, 10), (9, 9), (17, 1)):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        values, indices = native.topk(x, k)
+        expected = torch.topk(x, k)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    x = torch.randn(1000)
+    x[[3, 500]] = 50.0
+    assert native.topk(x, 5) is None  # a tie inside the top-k
+    x[500] = 40.0
+    x[600] = 40.0
+    assert native.topk(x, 2) is None  # a tie at the cut
+    assert native.topk(x, 4) is None
+    x[600] = float("nan")
+    assert native.topk(x, 3) is None
+
+
+@needs_native
+def test_native_topk_over_rows_adds_each_rows_bias_first() -> None:
+    """Beam search's top-k of log-probabilities plus each beam's score, without building the sums."""
+    gen = torch.Generator().manual_seed(5)
+    for rows, cols, k in ((5, 50257, 10), (3, 7, 15), (2, 1, 2)):
+        x = torch.log_softmax(torch.randn(rows, cols, generator=gen) * 3, dim=-1)
+        x[0, :3] = float("-inf")  # banned tokens
+        bias = torch.randn(rows, generator=gen) * 4
+        values, indices = native.topk(x, k, bias)
+        expected = torch.topk((x + bias[:, None]).reshape(-1), k)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    x = torch.zeros(2, 4)
+    assert native.topk(x, 3, torch.tensor([0.0, 1.0])) is None  # equal sums: torch's tie-breaking
+    x[1, 2] = float("nan")
+    assert native.topk(x, 1, torch.tensor([1.0, 0.0])) is None
+    with pytest.raises(ValueError, match="row_bias"):
+        native.topk(x, 1, torch.zeros(3))
+
+
+@needs_native
+@pytest.mark.parametrize("start", [0, 1, 623, 624, 1000])
+def test_native_uniform_at_replays_torch_uniform(start: int) -> None:
+    """The chosen draws of `uniform_(n)` and the generator state after it, from states at every phase of
+    the generator's 624-word refill, without touching the generator passed in."""
+    gen = torch.Generator().manual_seed(start)
+    torch.empty(start, dtype=torch.float64).uniform_(generator=gen)
+    for n in (1, 2, 311, 312, 313, 50257):
+        at = torch.unique(torch.randint(0, n, (min(n, 40),), generator=torch.Generator().manual_seed(n)))
+        state = gen.get_state()
+        draws, after = native.uniform_at(gen, n, at)
+        assert torch.equal(gen.get_state(), state)
+        expected = torch.empty(n, dtype=torch.float64).uniform_(generator=gen)
+        assert torch.equal(draws, expected[at]) and torch.equal(after, gen.get_state())
+
+
+@needs_native
+def test_a_zero_uniform_is_left_to_torch() -> None:
+    """A generator whose next draw is exactly 0 (crafted: the next two words of its state are 0): the C
+    replay declines, and draw() still returns torch.multinomial's token (its special case for 0)."""
+    gen = torch.Generator().manual_seed(5)
+    state = gen.get_state()
+    state[8:12] = torch.tensor([3], dtype=torch.int32).view(torch.uint8)  # `left`: no refill for 2 words
+    state[16:24] = 0  # `next`: word 0
+    state[24:40] = 0  # words 0 and 1
+    gen.set_state(state)
+    assert torch.empty(1, dtype=torch.float64).uniform_(generator=gen).item() == 0.0
+    gen.set_state(state)
+    assert native.uniform_at(gen, 10, torch.tensor([0, 4])) is None
+    probs = torch.softmax(make_logits("normal", 1, 10, seed=1)[0], dim=-1)
+    theirs = torch.Generator()
+    theirs.set_state(state)
+    assert draw(probs, gen) == int(torch.multinomial(probs, 1, generator=theirs))
+    assert torch.equal(gen.get_state(), theirs.get_state())
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["normal", "flat", "peaked", "banned"])
+def test_native_multinomial_is_torch_multinomial(kind: str) -> None:
+    """The whole-row draw in C: torch's token and the generator state torch leaves, the generator passed
+    in untouched; zeros (filtered tokens) never drawn."""
+    for seed in range(10):
+        probs = torch.softmax(make_logits(kind, 1, 50257, seed=seed)[0], dim=-1)
+        ours, theirs = generators(seed, seed)
+        before = ours.get_state()
+        token, state = native.multinomial(ours, probs)
+        assert torch.equal(ours.get_state(), before)
+        assert token == int(torch.multinomial(probs, 1, generator=theirs))
+        assert torch.equal(state, theirs.get_state()) and probs[token] > 0
+
+
+@needs_native
+def test_native_sort_is_torch_sort() -> None:
+    """torch.sort's values (and, for distinct values, its indices); equal values in index order; a row
+    with a NaN declined. Top-p with this order equals HF's where no tied run straddles the cut."""
+    distinct = torch.randperm(50257, generator=torch.Generator().manual_seed(0)).float() * 0.01 - 250
+    x = torch.randn(50257, generator=torch.Generator().manual_seed(0)) * 3  # a few equal pairs
+    values, indices, ok = native.sort_rows(
+        torch.stack([distinct, x, x.clone().index_fill_(0, torch.tensor([9]), float("nan"))])
+    )
+    expected = torch.sort(distinct)
+    assert ok == [True, True, False]
+    assert torch.equal(values[0], expected.values) and torch.equal(indices[0], expected.indices)
+    assert torch.equal(values[1], torch.sort(x).values)
+    tied = torch.tensor([[2.0, -0.0, float("-inf"), 2.0, 0.0, float("inf"), -1e-40, 2.0]])
+    values, indices, _ = native.sort_rows(tied)
+    assert torch.equal(values, torch.sort(tied).values) and indices[0].tolist() == [2, 6, 1, 4, 0, 3, 7, 5]
+    for p in (0.5, 0.9, 0.999):
+        threshold = torch.tensor([1 - p], dtype=torch.float32)
+        values, indices, ok = native.sort_rows(x[None])
+        assert torch.equal(
+            sampling_fast._top_p_sorted(x, values[0], indices[0], ok[0], threshold), hf_warp(x, 1.0, 0, p)
+        )
+    straddle = torch.tensor([0.0, 0.0, 5.0])  # the cut runs through the two equal values
+    values, indices, ok = native.sort_rows(straddle[None])
+    assert sampling_fast._top_p_sorted(straddle, values[0], indices[0], ok[0], torch.tensor([0.01])) is None
+
+
+def peaked_rows(n: int, seed: int) -> torch.Tensor:
+    """Rows shaped like a trained model's: a few hundred plausible tokens, the rest far below."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(n, 50257, generator=g) * 2 - 8
+    for i in range(n):
+        head = torch.randperm(50257, generator=g)[: 20 + 40 * i]
+        rows[i, head] += torch.rand(head.numel(), generator=g) * 12
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["trained", "normal", "peaked", "some_ties", "ties", "banned"])
+def test_top_p_cut_keeps_what_hf_keeps(kind: str) -> None:
+    """The partial selection's cut keeps exactly HF's top-p set wherever it decides; it decides nearly
+    every row whose nucleus is small (its tokens' probabilities well above the margin of its sums), and
+    leaves tied runs at the cut to the sort."""
+    rows = peaked_rows(6, seed=1) if kind == "trained" else make_logits(kind, 6, 50257, seed=2)
+    decided = small = 0
+    for row, p in itertools.product(rows, [1e-6, 0.5, 0.9, 0.95, 0.999]):
+        expected = hf_warp(row, 1.0, 0, p)
+        small += int(torch.isfinite(expected).sum()) <= 100
+        cut = sampling_fast.top_p_cut(row, p)
+        if cut is not None:
+            decided += 1
+            assert torch.equal(row.masked_fill(row < cut, NEG_INF), expected), (kind, p)
+    if kind in ("trained", "peaked"):
+        assert small >= 15 and decided >= 0.9 * small, (decided, small)
+    if kind == "ties":
+        assert decided <= len(rows)  # only p = 1e-6, where the largest alone stays (never removed)
+
+
+def test_top_p_cut_declines_close_calls_and_ties() -> None:
+    row = torch.full((1000,), -30.0)
+    row[:4] = torch.tensor([3.0, 2.0, 2.0, 1.0])  # tokens 1 and 2 tie
+    mass = torch.softmax(row, dim=0)
+    assert sampling_fast.top_p_cut(row, float(mass[0] + mass[1] / 2)) is None  # the cut splits the tie
+    assert sampling_fast.top_p_cut(row, float(mass[0])) is None  # the threshold at a cumulative value
+    assert sampling_fast.top_p_cut(row, float(mass[0] / 2)) == 3.0
+    assert sampling_fast.top_p_cut(row.double(), 0.5) is None  # not a float32 CPU row
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["trained", "normal", "some_ties"])
+def test_top_p_sorted_is_hf_top_p(kind: str) -> None:
+    rows = peaked_rows(3, seed=4) if kind == "trained" else make_logits(kind, 3, 50257, seed=4)
+    for row, p in itertools.product(rows, [0.5, 0.9, 0.999]):
+        filtered = sampling_fast.top_p_sorted(row, p)
+        assert filtered is not None or kind == "some_ties"
+        if filtered is not None:
+            assert torch.equal(filtered, hf_warp(row, 1.0, 0, p))
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["normal", "peaked", "banned"])
+def test_replay_multinomial_decides_and_is_torch_multinomial(kind: str) -> None:
+    """The replay itself (not torch's draw behind it) decides every ordinary row, with torch's token."""
+    for seed in range(6):
+        probs = torch.softmax(make_logits(kind, 1, 50257, seed=seed)[0], dim=-1)
+        ours, theirs = generators(seed, seed)
+        token = sampling_fast.replay_multinomial(probs, ours)
+        assert token is not None and token == int(torch.multinomial(probs, 1, generator=theirs))
+        assert torch.equal(ours.get_state(), theirs.get_state())
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    for refused in (torch.zeros(10), torch.tensor([0.5, float("nan")]), torch.ones(4, dtype=torch.float64)):
+        assert sampling_fast.replay_multinomial(refused, gen) is None
+    assert torch.equal(gen.get_state(), state)
+
+
+@needs_native
+def test_the_head_sketchs_logits_draw_the_references_tokens() -> None:
+    """Top-k rows on the head sketch's logits (exact only where a row's top k + 1 can be, -inf elsewhere)
+    choose what the reference chooses on the full head's logits."""
+    from gpt2serve.engine.chooser import logits_read
+    from gpt2serve.engine.head_sketch import HeadSketch
+    from gpt2serve.engine.linear import PackedLinear
+    from gpt2serve.engine.params import SamplingParams
+    from gpt2serve.engine.sampling import choose, reference
+
+    head = PackedLinear.lm_head(torch.randn(50257, 64, generator=torch.Generator().manual_seed(0)) * 0.5,
+                                "float32", kernels="gemv")  # fmt: skip
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 3
+    settings = ((1, 1.0), (5, 1.0), (50, 0.9), (50, 0.5))
+    params = [SamplingParams(do_sample=True, top_k=k, top_p=p) for k, p in settings]
+    sketched, full = HeadSketch(head).logits(x, logits_read(params)), head(x)
+    assert bool(torch.isinf(sketched).any())  # the sketch left most tokens out
+    ours, theirs = generators(*range(4)), generators(*range(4))
+    for _ in range(3):
+        expected = [reference(full[i], 1.0, p.top_k, p.top_p, theirs[i]) for i, p in enumerate(params)]
+        assert choose(sketched, params, ours) == expected
