@@ -58,7 +58,8 @@ typedef void (*block_fn)(const float *x, int K, const void *W, const float *scal
 
 /* Output columns n0 .. n0+NR-1 for MR activation rows (past N, the last row is read again, not stored);
  * `accumulate` adds them to y instead of storing them. The weights `ahead` elements past these rows are
- * prefetched into L2 as they stream (0: none): the cache lines `phase`, `phase + stride`, ... of each. */
+ * prefetched into L2 as they stream: every cache line of each or, with SPREAD, the lines `phase`,
+ * `phase + stride`, ... */
 #define DEFINE_BLOCK(NAME, T, LOAD, LOAD8, MR, NR, SPREAD)                                               \
     static void NAME##_##MR##x##NR##_##SPREAD(const float *x, int K, const void *W, const float *scale, \
                                    const float *b, float *y, int N, int n0, int accumulate,             \
@@ -77,7 +78,7 @@ typedef void (*block_fn)(const float *x, int K, const void *W, const float *scal
             vec_t xv[MR];                                                                              \
             for (int m = 0; m < MR; ++m) xv[m] = LOAD_F32(x + (size_t)m * K, k);                       \
             for (int j = 0; j < NR; ++j) {                                                             \
-                if (fetch && ahead) _mm_prefetch((const char *)(w[j] + ahead + k), _MM_HINT_T2);        \
+                if (fetch) _mm_prefetch((const char *)(w[j] + ahead + k), _MM_HINT_T2);                 \
                 vec_t wv = LOAD(w[j], k);                                                              \
                 for (int m = 0; m < MR; ++m) acc[j][m] = VFMA(wv, xv[m], acc[j][m]);                   \
             }                                                                                          \
@@ -115,7 +116,7 @@ static int rows_per_task(int mr) { return NR_OF[mr - 1]; }
  * per step, not once per chunk. Every chunk prefetches its share of the next task's lines (chunk c of C:
  * lines c, c + C, ...), so the prefetches are spread over the task rather than bunched in its first chunk.
  * On a Zen 5 (1 thread, gpt2's 48 layer matrices cold, float32) 4 x 6 blocks in 12-row tasks took 16 rows
- * in 18.2 ms and 32 in 30.8 against 21.4 and 35.7 for 4 x 2 blocks in 8-row tasks, their prefetches in
+ * in 18.1 ms and 32 in 30.2 against 21.8 and 35.2 for 4 x 2 blocks in 8-row tasks, their prefetches in
  * the first chunk (oneDNN: 20.9 and 31.6); 6- and 24-row tasks, prefetching 2-4 tasks ahead, or to L1,
  * were 3-10 % slower, and no prefetch 15 % slower. The time is about the weights' streaming time plus the
  * arithmetic's, not the larger of the two. */
