@@ -12,7 +12,9 @@ from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.engine import Engine
 from gpt2serve.engine.params import SamplingParams
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "setpriority"), reason="no per-thread priority here")
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "setpriority"), reason="os.setpriority is POSIX-only: runs on Linux, skipped on Windows"
+)
 
 
 def _thread_nice() -> dict[int, int]:
