@@ -1,9 +1,9 @@
 """llama.cpp as a peer: the benchmark checkpoint as GGUF, llama-cpp-python's decode loop, and its server.
 
 Needs the `[llamacpp]` extra: llama-cpp-python ships as a source distribution only, so installing it
-builds llama.cpp (about 20 minutes on 2 cores; `CMAKE_ARGS="-DGGML_NATIVE=ON"` builds for this CPU).
-Nothing here imports `llama_cpp` until a runner or the GGUF check needs it, so the other peers run without
-the extra.
+builds llama.cpp (up to about 20 minutes on 2 cores, 7.5 on a Zen 5; `CMAKE_ARGS="-DGGML_NATIVE=ON"`
+builds for this CPU). Nothing here imports `llama_cpp` until a runner needs it, so the other peers run
+without the extra.
 
 The GGUF files come from llama.cpp's own `convert_hf_to_gguf.py` (`--outtype f32|bf16|q8_0`) run on the
 Hugging Face export of the same weights the other engines get. The script is taken from `$LLAMA_CPP_SRC`
