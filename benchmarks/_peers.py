@@ -1,9 +1,10 @@
-"""Request shapes and the runners that execute them: gpt2serve's engine, transformers and CTranslate2.
+"""Request shapes and the runners that execute them: gpt2serve's engine, transformers, CTranslate2 and
+llama.cpp (_llamacpp.py).
 
 Every runner takes the same prompt and a `Shape` and returns how many tokens each returned sequence got,
 so bench_engine.py can time them alike. EOS is disabled everywhere (min_new_tokens in transformers,
-min_length in CTranslate2, stop_at_eos=False in gpt2serve), so every engine generates exactly
-`shape.new_tokens` tokens per sequence.
+min_length in CTranslate2, stop_at_eos=False in gpt2serve, a fixed step count in llama.cpp), so every
+engine generates exactly `shape.new_tokens` tokens per sequence.
 
 Each runner lives in its own process (`RemoteRunner`), as each engine would in production. This matters
 beyond memory: torch's OpenMP runtime (libgomp) spins its idle worker threads between parallel regions
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _llamacpp import LlamaCppRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_TOKENIZER = ROOT / "src" / "gpt2serve" / "data" / "gpt2-tokenizer"
@@ -79,7 +81,9 @@ def free() -> None:
 
 def export_hf(loaded, path: Path) -> Path:
     """Write `loaded` (a gpt2serve LoadedModel) as a Hugging Face GPT-2 checkpoint, without building a
-    transformers model: config.json, model.safetensors ("transformer." names) and the tokenizer."""
+    transformers model: config.json, model.safetensors ("transformer." names) and the tokenizer. The
+    config names the architecture and `n_ctx` as the published GPT-2 checkpoints do (llama.cpp's
+    convert_hf_to_gguf.py reads both)."""
     from safetensors.torch import save_file
     from transformers import GPT2Config
 
@@ -95,6 +99,8 @@ def export_hf(loaded, path: Path) -> Path:
         bos_token_id=c.bos_token_id,
         eos_token_id=c.eos_token_id,
         tie_word_embeddings=True,
+        architectures=["GPT2LMHeadModel"],
+        n_ctx=c.n_positions,
     ).save_pretrained(path)
     tensors = {"transformer." + k: v.contiguous() for k, v in loaded.state_dict.items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -271,7 +277,12 @@ class CT2Runner:
         free()
 
 
-RUNNERS = {"gpt2serve": GPT2ServeRunner, "transformers": TransformersRunner, "ctranslate2": CT2Runner}
+RUNNERS = {
+    "gpt2serve": GPT2ServeRunner,
+    "transformers": TransformersRunner,
+    "ctranslate2": CT2Runner,
+    "llamacpp": LlamaCppRunner,
+}
 
 
 def _status_kb(field: str) -> int:

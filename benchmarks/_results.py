@@ -28,7 +28,7 @@ ROOT = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
 # The flags that decide which kernels run (gemv.c's builds, oneDNN's bf16/VNNI paths, AMX).
 SIMD_FLAGS = re.compile(r"^(sse4_[12]|avx.*|fma|f16c|amx.*)$")
-VERSIONED = ("torch", "transformers", "ctranslate2")
+VERSIONED = ("torch", "transformers", "ctranslate2", "llama_cpp_python")
 
 
 def lscpu() -> dict[str, str]:

@@ -1,7 +1,8 @@
-"""End-to-end decode speed: gpt2serve's engine against transformers and CTranslate2, and against the roofline.
+"""End-to-end decode speed: gpt2serve's engine against transformers, CTranslate2, llama.cpp and the roofline.
 
 Every engine gets the same weights (gpt2serve's `random:<size>` state dict, exported once as a Hugging Face
-checkpoint that transformers loads and CTranslate2 converts), the same 8-token prompt, the same decoding
+checkpoint that transformers loads, CTranslate2 converts and llama.cpp's convert_hf_to_gguf.py turns into
+F32, BF16 and Q8_0 GGUF files for float32, bfloat16 and int8), the same 8-token prompt, the same decoding
 settings with EOS disabled (so all generate the same number of tokens) and the same number of threads.
 The figure of merit is ms per decode step = wall time of a whole request / new tokens per sequence (the
 8-token prefill included), the median over `--reps` repetitions after a warm-up. The repetitions of the
@@ -15,12 +16,14 @@ step (every matrix, and the output head) once from RAM at the read bandwidth tha
 measures.
 
     python benchmarks/bench_engine.py [--model random:gpt2] [--shapes greedy,top_p,beam,seed,long_prompt]
-        [--precisions float32,bfloat16,int8] [--peers transformers,ct2|none] [--only-peers] [--reps 3]
-        [--threads 2] [--interleave|--per-precision|--sequential] [--cold-start [--no-decode]]
+        [--precisions float32,bfloat16,int8] [--peers transformers,ct2,llamacpp|none] [--only-peers]
+        [--reps 3] [--threads 2] [--interleave|--per-precision|--sequential] [--cold-start [--no-decode]]
         [--out NAME|FILE.json|-] [--plot [FILE.png]]
 
-Each engine runs in a process of its own (see _peers.py). `--cold-start` also times `gpt2serve serve` from
-launch to /ping 200 and reads its peak RSS (_cold_start.py). Prints one JSON object (see BENCHMARKS.md)
+llama.cpp (`--peers llamacpp`, the `[llamacpp]` extra; see _llamacpp.py) runs only greedy one-sequence
+shapes; the report's "llamacpp" block lists the others under "not_run". Each engine runs in a process of
+its own (see _peers.py). `--cold-start` also times `gpt2serve serve` from launch to /ping 200 and reads
+its peak RSS (_cold_start.py). Prints one JSON object (see BENCHMARKS.md)
 and writes it to benchmarks/results/<machine>/engine_<model>.json (cold_<model>.json with --no-decode;
 `--out`: see _results.py); its "interleaved" says which engines alternated (all, per-precision, none).
 `--plot` draws it (plot_engine.py) beside the JSON, or to the PNG given.
@@ -42,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import bench_roofline  # noqa: E402
 from _cold_start import cold_start_report  # noqa: E402
+from _llamacpp import NOT_RUN, convert_gguf, runs_shape, tensor_types  # noqa: E402
 from _peers import SHAPES, RemoteRunner, Shape, convert_ct2, export_hf, free  # noqa: E402
 from _results import add_out_argument, command_line, model_slug, record, save  # noqa: E402
 from bench_roofline import measure_read_bandwidth  # noqa: E402
@@ -81,12 +85,14 @@ def streamed_bytes(cfg: ModelConfig, precision: str) -> int:
 
 
 def peer_dirs(spec: str, peers: list[str], precisions: list[str], cache: Path) -> dict[str, Path]:
-    """Export the weights for transformers and convert them for CTranslate2 (reused when already there)."""
+    """Export the weights for transformers and convert them for CTranslate2 and llama.cpp (reused when
+    already there; an export from before its config named `n_ctx` is written again)."""
     from gpt2serve.engine.loader import load_checkpoint
 
     root = cache / spec.replace(":", "_").replace("/", "_")
     hf = root / "hf"
-    if not (hf / "DONE").is_file() and not Path(spec).is_dir():
+    current = (hf / "DONE").is_file() and "n_ctx" in json.loads((hf / "config.json").read_text())
+    if not current and not Path(spec).is_dir():
         loaded = load_checkpoint(spec)
         export_hf(loaded, hf)
         del loaded
@@ -99,6 +105,9 @@ def peer_dirs(spec: str, peers: list[str], precisions: list[str], cache: Path) -
         for p in set(precisions) & ctranslate2.get_supported_compute_types("cpu"):
             dirs[f"ct2-{p}"] = convert_ct2(hf, root / f"ct2-{p}", p)
             free()
+    if "llamacpp" in peers:
+        for p in precisions:
+            dirs[f"gguf-{p}"] = convert_gguf(hf, root / f"{p}.gguf", p, cache)
     return dirs
 
 
@@ -109,7 +118,13 @@ def factories(args, dirs: dict[str, Path]) -> list[tuple[str, str, object]]:
         out += [("transformers", p, dirs["hf"]) for p in args.precisions if p in ("float32", "bfloat16")]
     if "ct2" in args.peers:
         out += [("ctranslate2", p, dirs.get(f"ct2-{p}")) for p in args.precisions]
+    if "llamacpp" in args.peers:
+        out += [("llamacpp", p, dirs[f"gguf-{p}"]) for p in args.precisions]
     return out
+
+
+def runs(engine: str, shape: Shape) -> bool:
+    return runs_shape(shape) if engine == "llamacpp" else True
 
 
 # -- timing ------------------------------------------------------------------------------------------------
@@ -130,7 +145,7 @@ def prompt_ids_for(shape: Shape, tokenizer) -> list[int]:
 
 
 def warm_up(runner, shapes: list[Shape], prompt_ids: dict[str, list[int]]) -> None:
-    for shape in shapes:
+    for shape in (s for s in shapes if runs(runner.engine, s)):
         runner.run(Shape(**{**shape.__dict__, "new_tokens": WARMUP_TOKENS}), prompt_ids[shape.name], 0)
 
 
@@ -175,7 +190,7 @@ def measure(args, prompt_ids: dict[str, list[int]], dirs: dict[str, Path], log) 
         runners = [r for e, p, f in group if (r := open_runner(e, p, f)) is not None]
         for shape in shapes:
             for rep in range(args.reps):
-                for runner in runners:
+                for runner in (r for r in runners if runs(r.engine, shape)):
                     record(runner, shape, rep)
         for runner in runners:
             runner.close()
@@ -219,13 +234,22 @@ def summarize(
         if engine != "gpt2serve":
             continue
         entry = {"shape": shape, "precision": precision, "gpt2serve_ms": ours}
-        for peer in ("ctranslate2", "transformers"):
+        for peer in ("ctranslate2", "transformers", "llamacpp"):
             if (peer, precision, shape) in by:
                 entry[f"speedup_vs_{peer}"] = round(by[(peer, precision, shape)] / ours, 2)
         if ("transformers", "float32", shape) in by:
             entry["speedup_vs_transformers_fp32"] = round(by[("transformers", "float32", shape)] / ours, 2)
+        if precision == "float32" and ("llamacpp", "bfloat16", shape) in by:  # against llama.cpp's BF16
+            entry["speedup_vs_llamacpp_bf16"] = round(by[("llamacpp", "bfloat16", shape)] / ours, 2)
         ratios.append(entry)
     return rows, ratios
+
+
+def llamacpp_report(args, dirs: dict[str, Path]) -> dict:
+    """The GGUF files' tensor types and the shapes llama.cpp did not run, and why."""
+    not_run = [s for s in args.shapes if not runs_shape(SHAPES[s])]
+    types = {p: tensor_types(dirs[f"gguf-{p}"]) for p in args.precisions}
+    return {"gguf_tensor_types": types, "not_run": {"shapes": not_run, "why": NOT_RUN} if not_run else None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -233,7 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default="random:gpt2", help="random:<size> or a checkpoint directory")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
-    ap.add_argument("--peers", default="transformers,ct2", help="transformers,ct2 or none")
+    ap.add_argument("--peers", default="transformers,ct2", help="transformers,ct2,llamacpp or none")
     ap.add_argument("--only-peers", action="store_true", help="skip gpt2serve (peers measured on their own)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -266,7 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.peers = [] if args.peers in ("", "none") else args.peers.split(",")
     unknown = set(args.shapes) - set(SHAPES) or set(args.precisions) - set(PRECISIONS)
-    unknown = unknown or set(args.peers) - {"transformers", "ct2"}
+    unknown = unknown or set(args.peers) - {"transformers", "ct2", "llamacpp"}
     if unknown:
         ap.error(f"unknown value(s): {', '.join(sorted(unknown))}")
     return args
@@ -304,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
             "ratios": ratios,
             "errors": errors,
         }
+        if "llamacpp" in args.peers:
+            report["llamacpp"] = llamacpp_report(args, dirs)
     if args.cold_start:
         report["cold_start"] = cold_start_report(args.model, args.precisions, cfg, log)
     report = record(command_line(argv), report, read_gbps=bandwidth)

@@ -1,9 +1,11 @@
-"""Serving benchmark: concurrent streaming clients against a gpt2serve server.
+"""Serving benchmark: concurrent streaming clients against a gpt2serve server (or llama.cpp's).
 
     python benchmarks/bench_serving.py [--url http://127.0.0.1:8080] [--model random:gpt2] [--clients 1,16]
                                        [--requests 32] [--max-tokens 32] [--prompt-tokens 0]
                                        [--api openai|native] [--temperature 0] [--device cpu]
-                                       [--max-batch-size 32] [--threads N] [--ray-replicas 0,1,2 [--rounds 3]]
+                                       [--max-batch-size 32] [--threads N] [--dtype float32]
+                                       [--ray-replicas 0,1,2 | --servers plain,llamacpp [--gguf F]]
+                                       [--rounds 3]
                                        [--out NAME|FILE.json|-]
 
 Without --url it starts a server itself (the container entry point, on a free loopback port, serving
@@ -13,8 +15,9 @@ ends), after one warm-up request.
 
 Per level: requests/s, generated tokens/s over the level's wall time, time to first token (request sent
 -> first text piece) p50/p99, and per-token latency ((last piece - first piece) / (tokens - 1), per
-request) p50/p99. Tokens are counted by the server (OpenAI stream with `include_usage`), or for the native
-stream by tokenizing the generated text with the bundled GPT-2 tokenizer. Prints one JSON object (and
+request) p50/p99. Tokens are counted by the server (OpenAI stream with `include_usage`); a stream without
+usage (llama.cpp's) that ends for "length" has --max-tokens; otherwise (and for the native stream) the
+generated text is tokenized with the bundled GPT-2 tokenizer. Prints one JSON object (and
 writes it to benchmarks/results/<machine>/serving_<model>.json, or where --out says); its `scaling` field
 gives tokens/s and requests/s of the last level relative to the first. Each level also records the
 1-minute load average at its end: on a busy machine, compare levels only at similar load.
@@ -25,6 +28,13 @@ gives tokens/s and requests/s of the last level relative to the first. Each leve
 times alternated; the report gives each server's levels per round and their medians, and the Ray proxy's
 overhead per request: the median over rounds of (1 replica - plain) in request latency and time to first
 token at the first level (use 1 client, where nothing queues). Results go to serving_<model>_ray.json.
+
+--servers names the servers to compare the same way: plain, ray-N, and llamacpp: llama-cpp-python's
+`python -m llama_cpp.server` (the `[llamacpp]` extra with its `[server]` part) on the --gguf file, by
+default --model converted by llama.cpp's convert_hf_to_gguf.py at --dtype (F32, BF16 or Q8_0, see
+_llamacpp.py), on --threads threads (default 2), with `--interrupt_requests False` so that concurrent
+requests queue (it runs one request at a time; by default a new request ends the streaming one early).
+Results go to serving_<model>_llamacpp.json, with gpt2serve's tokens/s over llama.cpp's per level.
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from _llamacpp import server_command as llamacpp_command
+from _llamacpp import tensor_types
 from _results import add_out_argument, command_line, model_slug, record, save
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -76,23 +88,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(args: argparse.Namespace, port: int, replicas: int) -> list[str]:
-    """`gpt2serve serve` (the container entry point), or with replicas > 0 `gpt2serve serve --ray`."""
+def server_command(args: argparse.Namespace, port: int, server: str) -> list[str]:
+    """`gpt2serve serve` (the container entry point) for "plain", `gpt2serve serve --ray --replicas N` for
+    "ray-N", llama.cpp's server for "llamacpp"."""
+    if server == "llamacpp":
+        return llamacpp_command(gguf_file(args), port, args.threads or 2)
+    replicas = int(server.removeprefix("ray-")) if server.startswith("ray-") else 0
     where = ["gpt2serve.cli", "serve", "--ray", "--replicas", str(replicas)] if replicas else \
         ["gpt2serve.api.container", "serve"]  # fmt: skip
     threads = ["--threads", str(args.threads)] if args.threads else []
+    dtype = ["--dtype", args.dtype] if args.dtype else []
     return [sys.executable, "-m", *where, "--host", "127.0.0.1", "--port", str(port), "--model", args.model,
             "--device", args.device, "--max-batch-size", str(args.max_batch_size), "--log-level", "warning",
-            *threads]  # fmt: skip
+            *threads, *dtype]  # fmt: skip
 
 
-def start_server(args: argparse.Namespace, replicas: int = 0) -> tuple[subprocess.Popen, str, object]:
+def gguf_file(args: argparse.Namespace) -> Path:
+    """--gguf, else --model converted at --dtype (bench_engine.py's conversion, kept between runs)."""
+    if args.gguf:
+        return Path(args.gguf)
+    from bench_engine import peer_dirs
+
+    precision = args.dtype or "float32"
+    cache = Path(tempfile.gettempdir()) / "gpt2serve-bench"
+    return peer_dirs(args.model, ["llamacpp"], [precision], cache)[f"gguf-{precision}"]
+
+
+def start_server(args: argparse.Namespace, server: str = "plain") -> tuple[subprocess.Popen, str, object]:
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     log = tempfile.TemporaryFile()
-    cmd = server_command(args, port, replicas)
+    cmd = server_command(args, port, server)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    ready = "/v1/models" if server == "llamacpp" else "/ping"  # llama.cpp's server has no /ping
     deadline = time.monotonic() + args.start_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -100,13 +129,13 @@ def start_server(args: argparse.Namespace, replicas: int = 0) -> tuple[subproces
             output = log.read().decode(errors="replace")
             raise RuntimeError(f"the server exited with {proc.returncode}:\n{output}")
         try:
-            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+            if httpx.get(url + ready, timeout=2).status_code == 200:
                 return proc, url, log
         except httpx.TransportError:
             pass
         time.sleep(0.25)
     proc.kill()
-    raise TimeoutError(f"the server did not answer /ping with 200 within {args.start_timeout} s")
+    raise TimeoutError(f"the server did not answer {ready} with 200 within {args.start_timeout} s")
 
 
 def prompt_for(args: argparse.Namespace, i: int, tokenizer) -> str:
@@ -136,7 +165,7 @@ def request_for(args: argparse.Namespace, i: int, tokenizer) -> tuple[str, dict]
 async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, i: int, tokenizer) -> Sample:
     path, body = request_for(args, i, tokenizer)
     started = time.perf_counter()
-    first = last = None
+    first = last = finish = None
     tokens, text = 0, ""
     async with client.stream("POST", path, json=body) as r:
         if r.status_code != 200:
@@ -151,6 +180,8 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, i: in
             piece = data["choices"][0]["text"] if data.get("choices") else data.get("text", "")
             if data.get("usage"):
                 tokens = data["usage"]["completion_tokens"]
+            if data.get("choices"):
+                finish = data["choices"][0].get("finish_reason") or finish
             if piece:
                 last = time.perf_counter()
                 first = first or last
@@ -159,6 +190,8 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, i: in
         return Sample(ok=False)
     if args.api == "native":
         tokens = len(tokenizer.encode(text[len(body["input"]) :]))
+    elif not tokens:  # no usage in the stream (llama.cpp's server)
+        tokens = args.max_tokens if finish == "length" else len(tokenizer.encode(text))
     tpot = (last - first) / (tokens - 1) if tokens > 1 else None
     return Sample(ok=True, ttft=first - started, latency=last - started, tpot=tpot, tokens=tokens)
 
@@ -207,7 +240,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own)")
     p.add_argument("--ray-replicas", default=None,
                    help="compare servers: comma-separated, 0 plain serve, N serve --ray --replicas N")
-    p.add_argument("--rounds", type=int, default=1, help="with --ray-replicas: rounds of every server")
+    p.add_argument("--servers", default=None,
+                   help="compare servers: comma-separated, plain, ray-N (serve --ray --replicas N), llamacpp")
+    p.add_argument("--gguf", help="llamacpp's model file (default: --model converted at --dtype)")
+    p.add_argument("--dtype", default=None, help="the server's --dtype (default: its own; llamacpp: float32)")
+    p.add_argument("--rounds", type=int, default=1, help="comparing servers: rounds of every server")
     p.add_argument("--clients", default="1,16", help="comma-separated concurrency levels")
     p.add_argument("--requests", type=int, default=32, help="requests per level")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
@@ -220,12 +257,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_levels(args: argparse.Namespace, levels: list[int], tokenizer, replicas: int = 0) -> list[dict]:
+def run_levels(args: argparse.Namespace, levels: list[int], tokenizer, server: str = "plain") -> list[dict]:
     """Every level against --url, or a server started here (see `server_command`) and stopped after."""
     proc = log = None
     url = args.url
     if url is None:
-        proc, url, log = start_server(args, replicas)
+        proc, url, log = start_server(args, server)
     try:
         return [asyncio.run(run_level(url.rstrip("/"), args, c, tokenizer)) for c in levels]
     finally:
@@ -268,19 +305,24 @@ def medians(rounds: list[list[dict]]) -> list[dict]:
             for runs in zip(*rounds)]  # fmt: skip
 
 
-def compare_servers(args: argparse.Namespace, levels: list[int], tokenizer) -> dict:
-    """--ray-replicas: each server's rounds (alternated) and medians, and the Ray proxy's overhead."""
-    servers = [int(n) for n in args.ray_replicas.split(",")]
-    rounds: dict[int, list[list[dict]]] = {n: [] for n in servers}
+def compare_servers(args: argparse.Namespace, servers: list[str], levels: list[int], tokenizer) -> dict:
+    """Each server's rounds (alternated) and medians; the Ray proxy's overhead (plain and ray-1), and
+    gpt2serve's tokens/s over llama.cpp's per level (plain and llamacpp)."""
+    rounds: dict[str, list[list[dict]]] = {name: [] for name in servers}
     for _ in range(args.rounds):
-        for n in servers:
-            rounds[n].append(run_levels(args, levels, tokenizer, n))
-    report = {server_name(n): {"rounds": rounds[n], "median": medians(rounds[n])} for n in servers}
-    if 0 in rounds and 1 in rounds:
-        pairs = list(zip(rounds[0], rounds[1]))
+        for name in servers:
+            rounds[name].append(run_levels(args, levels, tokenizer, name))
+    report: dict = {name: {"rounds": rounds[name], "median": medians(rounds[name])} for name in servers}
+    if "plain" in rounds and "ray-1" in rounds:
+        pairs = list(zip(rounds["plain"], rounds["ray-1"]))
         overhead = {f"{key}_p50": median([b[0][key]["p50"] - a[0][key]["p50"] for a, b in pairs])
                     for key in ("latency_ms", "ttft_ms")}  # fmt: skip
         report["ray_proxy_overhead_ms"] = {"clients": levels[0], **overhead}
+    if "plain" in rounds and "llamacpp" in rounds:
+        pairs = zip(report["plain"]["median"], report["llamacpp"]["median"])
+        report["tokens_per_s_vs_llamacpp"] = [
+            {"clients": a["clients"], "ratio": round(a["tokens_per_s"] / b["tokens_per_s"], 2)}
+            for a, b in pairs if a["tokens_per_s"] and b["tokens_per_s"]]  # fmt: skip
     return report
 
 
@@ -291,13 +333,21 @@ def main(argv: list[str] | None = None) -> None:
     from gpt2serve.engine.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.bundled()
+    servers = args.servers.split(",") if args.servers else None
     if args.ray_replicas is not None:
+        servers = [server_name(int(n)) for n in args.ray_replicas.split(",")]
+    if servers:
         report = {"api": args.api, "max_tokens": args.max_tokens, "temperature": args.temperature,
-                  "model": args.model, "max_batch_size": args.max_batch_size, "threads": args.threads or 1,
-                  "servers": compare_servers(args, levels, tokenizer)}  # fmt: skip
+                  "model": args.model, "dtype": args.dtype, "max_batch_size": args.max_batch_size,
+                  "threads": args.threads or 1}  # fmt: skip
+        report["servers"] = compare_servers(args, servers, levels, tokenizer)
+        if "llamacpp" in servers:
+            report["llamacpp_server"] = " ".join(server_command(args, 0, "llamacpp")[1:])
+            report["gguf_tensor_types"] = tensor_types(gguf_file(args))
         report = record(command_line(argv), report)
         print(json.dumps(report, indent=2))
-        save(report, args.out, f"serving_{model_slug(args.model)}_ray")
+        suffix = "llamacpp" if "llamacpp" in servers else "ray"
+        save(report, args.out, f"serving_{model_slug(args.model)}_{suffix}")
         return
     results = run_levels(args, levels, tokenizer)
     first, last = results[0], results[-1]
