@@ -174,7 +174,7 @@ def bench_gpt2serve(cfg: ModelConfig, size: str, device: torch.device, fmt: str,
     engine = Engine(loaded, config)
     engine.start()
     out: dict = {"slots": engine.scheduler.n_slots, "kv_cache_GB": round(engine.cache.nbytes / 2**30, 2)}
-    runner = engine.static.runner if engine.static is not None else None
+    runner = engine.path.static.runner if engine.path.static is not None else None
     out["capture_s"] = runner.capture_all() if hasattr(runner, "capture_all") else None
     greedy = lambda n: SamplingParams(max_new_tokens=n, stop_at_eos=False)  # noqa: E731
     engine.generate_sync(PROMPT, greedy(1))

@@ -36,7 +36,7 @@ def test_the_server_settings_build_the_engine_config_with_its_defaults(monkeypat
 def test_the_decode_step_is_static_on_cuda_unless_asked_otherwise() -> None:
     import torch
 
-    from gpt2serve.engine.build import uses_static_step
+    from gpt2serve.engine.step_path import uses_static_step
     from gpt2serve.settings import Settings
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

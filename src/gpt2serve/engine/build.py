@@ -15,13 +15,12 @@ from typing import TypeVar
 import torch
 
 from gpt2serve.engine.config import EngineConfig, resolve_dtype
-from gpt2serve.engine.device.graphs import CudaGraphs
-from gpt2serve.engine.device.static_step import StaticStep
 from gpt2serve.engine.kv_cache import KVCache
 from gpt2serve.engine.loader import READ_DTYPES, LoadedModel, load_checkpoint
 from gpt2serve.engine.loading.memory import returning_freed_memory
 from gpt2serve.engine.model import GPT2
 from gpt2serve.engine.scheduler import Scheduler
+from gpt2serve.engine.step_path import uses_static_step
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,12 @@ class EngineStats:
         self.decoded_tokens += rows
         self.max_step_batch = max(self.max_step_batch, rows)
 
+    def count_prefills(self, prompt_tokens: list[int], in_step: bool) -> None:
+        """Prompts of these lengths prefilled by one forward (`in_step`: inside a decode step)."""
+        self.prefills += len(prompt_tokens)
+        self.prefill_tokens += sum(prompt_tokens)
+        self.prefills_in_step += len(prompt_tokens) if in_step else 0
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -56,11 +61,6 @@ def placement(config: EngineConfig) -> tuple[torch.device, str]:
     """The device and weight format `config` asks for, resolved on this machine."""
     device = resolve_device(config.device)
     return device, resolve_dtype(config.dtype, str(device))
-
-
-def uses_static_step(config: EngineConfig, device: torch.device) -> bool:
-    """Whether decode steps run engine/device/'s static step: `decode_step` static, or auto on CUDA."""
-    return config.decode_step == "static" or (config.decode_step == "auto" and device.type == "cuda")
 
 
 def build_model(
@@ -76,14 +76,6 @@ def build_model(
     per_request = max(1, math.ceil(n_slots * config.max_request_share))
     cache = model.new_cache(n_slots + uses_static_step(config, device))
     return model, cache, Scheduler(n_slots, config.max_queue, max_tokens, per_request)
-
-
-def static_step(model: GPT2, cache: KVCache) -> StaticStep:
-    """The static decode step over `cache`: replayed from CUDA graphs on CUDA, eager elsewhere."""
-    step = StaticStep(model, cache)
-    if model.device.type == "cuda":
-        step.runner = CudaGraphs(step)
-    return step
 
 
 def lower_thread_priority(steps: int) -> None:

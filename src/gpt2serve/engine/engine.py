@@ -5,7 +5,7 @@ request (new prompts join its pass over the weights while the rows fit decode.c;
 prefilled first, in groups that fit it), choose the next tokens (sampling rows and beam groups), and
 retire what finished. Callers submit from any thread (`submit`, its checks in intake.py) and get results
 through `generate()` (asyncio) or `generate_sync()`, both by bridge.py. Choosing tokens is chooser.py's
-(`advance`), a beam request's step beams.py's, and the forward path `GPT2.step`'s.
+(`advance`), a beam request's step beams.py's, and the forward path and its chooser step_path.py's.
 """
 
 from __future__ import annotations
@@ -18,23 +18,15 @@ from collections.abc import Callable
 import torch
 
 from gpt2serve.engine.bridge import EngineBatch, generate_sync
-from gpt2serve.engine.build import (
-    EngineStats,
-    build_model,
-    load_and_build,
-    lower_thread_priority,
-    placement,
-    static_step,
-    uses_static_step,
-)
-from gpt2serve.engine.chooser import TokenChooser, advance, logits_read
+from gpt2serve.engine.build import EngineStats, build_model, load_and_build, lower_thread_priority, placement
+from gpt2serve.engine.chooser import advance
 from gpt2serve.engine.config import EngineConfig
-from gpt2serve.engine.device.chooser import DeviceTokenChooser
 from gpt2serve.engine.errors import EngineStoppedError, RequestTimeoutError
 from gpt2serve.engine.intake import Intake
 from gpt2serve.engine.loader import LoadedModel
 from gpt2serve.engine.params import SamplingParams
 from gpt2serve.engine.request import GenerationResult, Request, Row, Sequence
+from gpt2serve.engine.step_path import StepPath
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +38,7 @@ class Engine:
         self.model_name, self.is_random = loaded.name, loaded.is_random
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.model, self.cache, self.scheduler = build_model(loaded, self.config, self.device, self.dtype)
-        # the device path (engine/device/): static decode steps, tokens chosen by batched tensor ops
-        self.static = (
-            static_step(self.model, self.cache) if uses_static_step(self.config, self.device) else None
-        )
-        self.chooser = TokenChooser if self.static is None else DeviceTokenChooser
+        self.path = StepPath.of(self.model, self.cache, self.config, self.device)  # forward and chooser
         self.intake = Intake(self.tokenizer, loaded.config.n_positions, self.config)
         self.stats = EngineStats()
         self._cond = threading.Condition()
@@ -129,9 +117,7 @@ class Engine:
                 self._drop_cancelled_and_expired()
                 admitted = self.scheduler.admit()
             decoding = [r for r in self.scheduler.running if r not in admitted]
-            # prompts join a decode step where decode.c takes them all; never beside a static step
-            fits = lambda rows: self.static is None and self.model.takes_rows(rows, self.cache)  # noqa: E731
-            joining, groups = self.scheduler.group_prompts(decoding, admitted, fits)
+            joining, groups = self.scheduler.group_prompts(decoding, admitted, self.path.joins)
             for group in groups:
                 self._step_isolated([], group)
             if decoding or joining:
@@ -182,44 +168,25 @@ class Engine:
 
     # -- one step -------------------------------------------------------------------------------
     def _step(self, decoding: list[Request], prompts: list[Request]) -> None:
-        """One forward (`model.step` picks its path): a token for every active sequence of `decoding`,
+        """One forward (`StepPath.forward`): a token for every active sequence of `decoding`,
         and the prompts of `prompts` (see `Scheduler.group_prompts`), then each row's next token."""
         rows = [(r, s) for r in decoding for s in r.active]
         rows.sort(key=lambda row: row[1].slot)  # consecutive slots let attention read cache views
         for req in prompts:
             req.start(self.tokenizer, self.device)
-        decode_rows = [(s.history[-1], s.slot, len(s.history) - 1) for _, s in rows]
-        prompt_rows = [(req.prompt_ids, req.sequences[0].slot) for req in prompts]
-        logits = self._forward(decode_rows, prompt_rows, logits_read([r.params for r in decoding + prompts]))
-        self.stats.prefills_in_step += len(prompts) if rows else 0
-        for i, req in enumerate(prompts):
-            self._prefilled(req, logits[len(rows) + i])
+        logits = self.path.forward(rows, prompts)
+        self.stats.count_prefills([len(req.prompt_ids) for req in prompts], in_step=bool(rows))
+        for i, req in enumerate(prompts):  # a prompt's logits serve each of its request's sequences
+            n = len(req.sequences)
+            self._advance([(req, s) for s in req.sequences], logits[len(rows) + i].expand(n, -1))
         if rows:
             self.stats.count_step(len(rows))
             self._advance(rows, logits[: len(rows)])
 
-    def _forward(
-        self, rows: list[tuple[int, int, int]], prompts: list[tuple[list[int], int]], top: int | None
-    ):
-        """GPT2.step's logits: decode rows through the static step where there is one (the prompts then
-        run eagerly, by the model's own step)."""
-        if self.static is None or not rows:
-            return self.model.step(rows, prompts, self.cache, top=top)
-        logits = self.static(rows)
-        return torch.cat([logits, self.model.step([], prompts, self.cache, top=top)]) if prompts else logits
-
-    def _prefilled(self, req: Request, logits: torch.Tensor) -> None:
-        """After the prompt ran in the request's first slot: copy its cache to the others, pick tokens."""
-        first, others = req.sequences[0], req.sequences[1:]
-        self.cache.copy_slots([first.slot] * len(others), [s.slot for s in others], len(req.prompt_ids))
-        self.stats.prefills += 1
-        self.stats.prefill_tokens += len(req.prompt_ids)
-        self._advance([(req, s) for s in req.sequences], logits.expand(len(req.sequences), -1))
-
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Each row's next token (chooser.advance), then retire what finished; a request whose choice
         failed fails alone."""
-        failed = advance(rows, logits, self.cache, self.tokenizer, self._release, self.chooser)
+        failed = advance(rows, logits, self.cache, self.tokenizer, self._release, self.path.chooser)
         for req in {id(r): r for r, _ in rows}.values():
             if req.id in failed:
                 self._finish(req, error=failed[req.id])

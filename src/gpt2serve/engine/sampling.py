@@ -74,19 +74,15 @@ def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 def choose(
     logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> list[int]:
-    """The token of each sampling row (`logits` processed, one row per entry of `params`)."""
-    rows = zip(logits, params, generators, strict=True)
-    return [choose_row(row, p.temperature, p.top_k, p.top_p, gen) for row, p, gen in rows]
-
-
-def choose_row(
-    row: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
-) -> int:
-    """`reference(row, ...)`, by the fastest path that can decide it."""
-    token = sampling_fast.draw_top_k(row, temperature, top_k, top_p, generator)
-    if token is None:
-        token = draw(warp_row(row, temperature, top_k, top_p).softmax(dim=-1), generator)
-    return token
+    """The token of each sampling row (`logits` processed, one row per entry of `params`): what
+    `reference` draws for it, by the first path that can decide it."""
+    tokens = []
+    for row, p, gen in zip(logits, params, generators, strict=True):
+        token = sampling_fast.draw_top_k(row, p.temperature, p.top_k, p.top_p, gen)
+        if token is None:
+            token = draw(warp_row(row, p.temperature, p.top_k, p.top_p).softmax(dim=-1), gen)
+        tokens.append(token)
+    return tokens
 
 
 def warp_row(row: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

@@ -42,8 +42,8 @@ def _ids(result):
 
 def test_the_static_engine_uses_the_device_path(engines):
     eager, static = engines
-    assert eager.static is None and static.static is not None
-    assert static.chooser is DeviceTokenChooser
+    assert eager.path.static is None and static.path.static is not None
+    assert static.path.chooser is DeviceTokenChooser
     assert static.cache.n_slots == static.scheduler.n_slots + 1  # the spare slot
 
 

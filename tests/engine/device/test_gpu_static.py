@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from gpt2serve.engine import sampling
-from gpt2serve.engine.build import static_step
 from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.device.graphs import CudaGraphs
 from gpt2serve.engine.engine import Engine
 from gpt2serve.engine.loader import load_checkpoint
 from gpt2serve.engine.model import GPT2
 from gpt2serve.engine.params import SamplingParams
+from gpt2serve.engine.step_path import static_step
 
 pytestmark = pytest.mark.gpu
 
@@ -84,7 +84,7 @@ def test_seeded_draws_repeat_on_cuda(tiny_checkpoint):
 def test_the_cuda_engine_greedy_and_beams_match_the_cpu(tiny_checkpoint, dtype):
     cpu = Engine.load(str(tiny_checkpoint), EngineConfig(device="cpu"))
     gpu = Engine.load(str(tiny_checkpoint), EngineConfig(device="cuda", dtype=dtype))
-    assert gpu.static is not None and isinstance(gpu.static.runner, CudaGraphs)
+    assert gpu.path.static is not None and isinstance(gpu.path.static.runner, CudaGraphs)
     cpu.start()
     gpu.start()
     try:
