@@ -13,6 +13,7 @@ from gpt2serve.api import openai_protocol as proto
 from gpt2serve.api.errors import speaking
 from gpt2serve.api.protocol import answer_request
 from gpt2serve.batch import BatchOptions, FatalLineError, is_openai
+from gpt2serve.engine import bridge
 from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.engine import Engine
 from gpt2serve.engine.errors import EngineOverloadedError, EngineStoppedError
@@ -22,7 +23,7 @@ from gpt2serve.engine.request import GenerationResult
 
 async def generate(engine: Engine, prompt: str, params: SamplingParams) -> GenerationResult:
     """The job's one call into the engine: its asyncio bridge."""
-    return await engine.generate(prompt, params)
+    return await bridge.generate(engine, prompt, params)
 
 
 class LocalBatch:

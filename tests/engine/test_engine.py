@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from gpt2serve.engine import bridge
 from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.engine import Engine
 from gpt2serve.engine.errors import InvalidParameterError
@@ -164,7 +165,7 @@ def test_concurrent_requests_equal_single_runs_and_share_steps(setup, monkeypatc
     before = engine.stats.max_step_batch
 
     async def together():
-        return await asyncio.gather(*(engine.generate(p, s) for p, s in requests))
+        return await asyncio.gather(*(bridge.generate(engine, p, s) for p, s in requests))
 
     engine.stats.max_step_batch = 0
     joined = engine.stats.prefills_in_step

@@ -40,7 +40,7 @@ def _request(loaded, slots: list[int]) -> Request:
     params = SamplingParams(do_sample=True, n=len(slots), seed=3)  # no top-k: every logit is read
     req = Request("", ids, params, 8, lambda _: None, False, None)
     req.slots = slots
-    req.start(loaded.tokenizer, CPU)
+    req.start(loaded.tokenizer)
     return req
 
 

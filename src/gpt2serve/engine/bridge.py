@@ -4,8 +4,8 @@
 queue surface before anything runs (and before a stream sends its first byte); then it yields the
 requests' StreamDeltas and results as the engine thread hands them over. Leaving the iteration early (a
 client went away) cancels the requests, which frees their KV slots at the engine's next step.
-`Engine.generate`, the HTTP routes and the batch command all go through it; `generate_sync` is the same
-wait for a caller on a plain thread (the CLI, benchmarks).
+The HTTP routes and the batch command all go through it (`generate`: one prompt's result); `generate_sync`
+is the same wait for a caller on a plain thread (the CLI, benchmarks).
 """
 
 from __future__ import annotations
@@ -94,6 +94,15 @@ class EngineBatch:
     def cancel(self) -> None:
         for req in self.requests:
             req.cancel()
+
+
+async def generate(
+    engine: Engine, prompt: str, params: SamplingParams, deadline: float | None = None
+) -> GenerationResult:
+    """One request's result, awaited through an EngineBatch of one prompt."""
+    batch = await EngineBatch.open(engine, [prompt], params, stream=False, deadline=deadline)
+    (result,) = await batch.wait()
+    return result
 
 
 def generate_sync(engine: Engine, prompt: str, params: SamplingParams) -> GenerationResult:

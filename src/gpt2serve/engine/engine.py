@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from gpt2serve.engine.bridge import EngineBatch, generate_sync
+from gpt2serve.engine.bridge import generate_sync
 from gpt2serve.engine.build import EngineStats, build_model, load_and_build, lower_thread_priority, placement
 from gpt2serve.engine.chooser import advance
 from gpt2serve.engine.config import EngineConfig
@@ -39,7 +39,7 @@ class Engine:
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.model, self.cache, self.scheduler = build_model(loaded, self.config, self.device, self.dtype)
         self.path = StepPath.of(self.model, self.cache, self.config, self.device)  # forward and chooser
-        self.intake = Intake(self.tokenizer, loaded.config.n_positions, self.config)
+        self.intake = Intake(self.tokenizer, loaded.config.n_positions, self.config, self.device)
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -92,14 +92,6 @@ class Engine:
             self.scheduler.add(req)
             self._cond.notify()
         return req
-
-    async def generate(
-        self, prompt: str, params: SamplingParams, deadline: float | None = None
-    ) -> GenerationResult:
-        """The request's result, through the asyncio bridge (see bridge.py)."""
-        batch = await EngineBatch.open(self, [prompt], params, stream=False, deadline=deadline)
-        (result,) = await batch.wait()
-        return result
 
     def generate_sync(self, prompt: str, params: SamplingParams) -> GenerationResult:
         """The request's result, waited for on the calling thread (see bridge.py)."""
@@ -173,7 +165,7 @@ class Engine:
         rows = [(r, s) for r in decoding for s in r.active]
         rows.sort(key=lambda row: row[1].slot)  # consecutive slots let attention read cache views
         for req in prompts:
-            req.start(self.tokenizer, self.device)
+            req.start(self.tokenizer)
         logits = self.path.forward(rows, prompts)
         self.stats.count_prefills([len(req.prompt_ids) for req in prompts], in_step=bool(rows))
         for i, req in enumerate(prompts):  # a prompt's logits serve each of its request's sequences

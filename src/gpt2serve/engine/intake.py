@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.errors import InvalidParameterError
@@ -14,14 +15,17 @@ from gpt2serve.engine.request import Request
 from gpt2serve.engine.tokenizer import Tokenizer
 from gpt2serve.engine.usage import current_meter, metered
 
+if TYPE_CHECKING:
+    import torch
+
 INLINE_ENCODE_CHARS = 4096  # prompts up to this long are tokenized in the caller's thread (< 1 ms)
 
 
 class Intake:
     """Turns (prompt, SamplingParams, sink) into a validated Request, or InvalidParameterError."""
 
-    def __init__(self, tokenizer: Tokenizer, context: int, config: EngineConfig):
-        self.tokenizer, self.context, self.config = tokenizer, context, config
+    def __init__(self, tokenizer: Tokenizer, context: int, config: EngineConfig, device: torch.device):
+        self.tokenizer, self.context, self.config, self.device = tokenizer, context, config, device
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -79,4 +83,4 @@ class Intake:
         meter = current_meter.get()  # the caller's, where the HTTP layer meters its key's usage
         if meter is not None:
             sink = metered(sink, meter)
-        return Request(prompt, prompt_ids, params, budget, sink, stream, deadline)
+        return Request(prompt, prompt_ids, params, budget, sink, stream, deadline, self.device)

@@ -78,6 +78,7 @@ class Request:
         sink: Callable[[object], None],
         stream: bool,
         deadline: float | None,
+        device: torch.device | str = "cpu",
     ):
         self.id = next(_ids)
         self.prompt, self.prompt_ids, self.params, self.budget = prompt, prompt_ids, params, budget
@@ -93,24 +94,18 @@ class Request:
         self.copies = params.n if params.is_greedy else 1
         self.n_slots = params.num_beams if params.is_beam else params.n // self.copies
         self.token_cost = self.n_slots * (len(prompt_ids) + budget)
+        self.generators = _generators(params, self.n_slots, device) if params.do_sample else None
 
     def cancel(self) -> None:
         self.cancelled.set()
 
-    def start(self, tokenizer: Tokenizer, device: torch.device) -> None:
+    def start(self, tokenizer: Tokenizer) -> None:
         """Create one sequence per slot once the scheduler has given the request its slots (once: a step
         run again after a failure starts it again)."""
         if self.sequences:
             return
-        seed = self.params.seed
         for i, slot in enumerate(self.slots):
-            gen = None
-            if self.params.do_sample:
-                gen = torch.Generator(device=device)
-                if seed is None:
-                    gen.seed()
-                else:
-                    gen.manual_seed(seed if i == 0 else (seed ^ (i * 0x9E3779B97F4A7C15)) % 2**63)
+            gen = None if self.generators is None else self.generators[i]
             decoder = None if self.params.is_beam else IncrementalDecoder(tokenizer, self.prompt_ids)
             self.sequences.append(Sequence(i, slot, list(self.prompt_ids), decoder, gen))
         if self.params.is_beam:
@@ -184,3 +179,15 @@ class Request:
 
 
 Row = tuple[Request, Sequence]  # one row of an engine step: a sequence and the request it belongs to
+
+
+def _generators(params: SamplingParams, n: int, device: torch.device | str) -> list[torch.Generator]:
+    """One generator per sampled sequence: sequence 0 seeded with `seed`, sequence i with a mix of it and
+    i (no seed: each from the OS's entropy)."""
+    generators = [torch.Generator(device=device) for _ in range(n)]
+    for i, gen in enumerate(generators):
+        if params.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(params.seed if i == 0 else (params.seed ^ (i * 0x9E3779B97F4A7C15)) % 2**63)
+    return generators

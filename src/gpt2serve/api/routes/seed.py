@@ -33,6 +33,7 @@ from gpt2serve.api.protocol import answer_request
 from gpt2serve.api.routes.response_stream import PRODUCTION_VARIANT
 from gpt2serve.api.state import ServerState, server_state
 from gpt2serve.api.streaming import native_sse_response, wants_stream
+from gpt2serve.engine import bridge
 from gpt2serve.engine.errors import EngineStoppedError, RequestTimeoutError
 from gpt2serve.engine.params import SamplingParams
 from gpt2serve.engine.request import GenerationResult
@@ -104,7 +105,7 @@ async def answer_one(state: ServerState, body: Any, deadline: float | None = Non
     """Validate one request body, run it, and shape the answer for its format."""
 
     def generate(prompt: str, params: SamplingParams) -> Awaitable[GenerationResult]:
-        return state.require_engine().generate(prompt, params, deadline=deadline)
+        return bridge.generate(state.require_engine(), prompt, params, deadline)
 
     return await answer_request(body, generate)
 
