@@ -21,11 +21,6 @@ from gpt2serve.engine.params import SamplingParams
 from gpt2serve.engine.request import GenerationResult
 
 
-async def generate(engine: Engine, prompt: str, params: SamplingParams) -> GenerationResult:
-    """The job's one call into the engine: its asyncio bridge."""
-    return await bridge.generate(engine, prompt, params)
-
-
 class LocalBatch:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -50,7 +45,7 @@ class LocalBatch:
 
         async def counted(prompt: str, params: SamplingParams) -> GenerationResult:
             nonlocal tokens
-            result = await generate(self.engine, prompt, params)
+            result = await bridge.generate(self.engine, prompt, params)  # the job's one call into the engine
             tokens += result.completion_tokens
             return result
 
