@@ -78,7 +78,7 @@ def server_run(args: argparse.Namespace, path: Path) -> dict:
     from gpt2serve.batch_remote import RemoteBatch
 
     server_args = argparse.Namespace(model=args.model, device="cpu", max_batch_size=args.max_batch_size,
-                                     threads=args.threads, start_timeout=300.0)  # fmt: skip
+                                     threads=args.threads, dtype=None, start_timeout=300.0)  # fmt: skip
     proc, url, log = start_server(server_args)
 
     async def clients() -> dict:
