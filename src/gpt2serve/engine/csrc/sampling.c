@@ -11,6 +11,8 @@
 
 #include "kernels.h"
 
+enum { SCRATCH_SLOTS = 4 };
+
 typedef struct {
     float value;
     int64_t index;
@@ -237,80 +239,52 @@ int gpt2serve_uniform(void *state, int64_t n, const int64_t *at, int64_t n_at, d
     return zero;
 }
 
-/* torch.multinomial(probs, 1) for one row of n float32 probabilities (finite, >= 0, one of them > 0: the
- * caller checks), the generator in `state` advanced in place past n uniforms as torch's draw does: the
- * first index of the largest probs[i] / e_i, e_i = -log1p(-u_i) in double (glibc's log1p, as torch)
- * rounded to float, the division in float. e_i >= u_i, so probs[i] / u_i bounds each ratio from above
- * and only the few indices whose bound reaches the best ratio need the logarithm. Returns the index, or
- * -1 where a draw is exactly 0 (torch's own special case) or out of memory. */
+/* A work buffer of at least `bytes`, one per (calling thread, slot), kept between calls and grown as
+ * needed: a fresh vocabulary-sized malloc each call would be mapped, faulted in and zeroed by the kernel
+ * every time, which costs more than the work done in it. NULL out of memory. */
+void *gpt2serve_scratch(int slot, size_t bytes) {
+    static _Thread_local void *held[SCRATCH_SLOTS];
+    static _Thread_local size_t size[SCRATCH_SLOTS];
+    if (slot < 0 || slot >= SCRATCH_SLOTS) return NULL;
+    if (bytes > size[slot]) {
+        void *grown = realloc(held[slot], bytes);
+        if (!grown) return NULL;
+        held[slot] = grown, size[slot] = bytes;
+    }
+    return held[slot];
+}
+
+/* torch.multinomial(probs, 1) for one row of n float32 probabilities, the generator in `state` advanced in
+ * place past n uniforms as torch's draw does: the first index of the largest probs[i] / e_i, e_i =
+ * -log1p(-u_i) in double (glibc's log1p, as torch) rounded to float, the division in float. Only the
+ * uniforms of the positive probabilities are computed (a zero's ratio is 0 and cannot win). e_i >= u_i,
+ * so probs[i] / u_i bounds each ratio from above and only the few indices whose bound reaches the best
+ * ratio need the logarithm. Returns the index; -2 for a row torch refuses (a negative, inf or NaN entry,
+ * or none positive); -1 where a draw is exactly 0 (torch's own special case) or out of memory. */
 int64_t gpt2serve_multinomial(void *state, const float *probs, int64_t n) {
-    double *u = malloc((size_t)n * sizeof *u);
-    if (!u) return -1;
-    if (gpt2serve_uniform(state, n, NULL, 0, u) != 0) {
-        free(u);
-        return -1;
+    int64_t *at = gpt2serve_scratch(0, (size_t)n * sizeof *at), m = 0;
+    double *u = gpt2serve_scratch(1, (size_t)n * sizeof *u);
+    int bad = !at || !u;
+    for (int64_t i = 0; i < n && !bad; ++i) {
+        float p = probs[i];
+        bad |= !(p >= 0.0f && p < INFINITY) ? 2 : 0;
+        at[m] = i;
+        m += p > 0.0f;
     }
-    int64_t best_i = 0;
+    int64_t best_i = bad == 2 || (!bad && !m) ? -2 : -1;
+    if (bad || !m || gpt2serve_uniform(state, n, at, m, u) != 0) return best_i;
+    int64_t best_j = 0;
     double bound = -1.0;
-    for (int64_t i = 0; i < n; ++i) {
-        double b = probs[i] / u[i];
-        if (b > bound) bound = b, best_i = i;
+    for (int64_t j = 0; j < m; ++j) {
+        double b = probs[at[j]] / u[j];
+        if (b > bound) bound = b, best_j = j;
     }
-    float best = probs[best_i] / (float)(-log1p(-u[best_i]));
+    float best = probs[at[best_j]] / (float)(-log1p(-u[best_j]));
     double reach = (double)best * (1.0 - 1e-6);  /* a ratio can exceed its bound by ~1.2e-7 (roundings) */
-    for (int64_t i = 0; i < n; ++i) {
-        if (probs[i] / u[i] < reach || i == best_i) continue;
-        float r = probs[i] / (float)(-log1p(-u[i]));
-        if (r > best || (r == best && i < best_i)) best = r, best_i = i;
+    for (int64_t j = 0; j < m; ++j) {
+        if (probs[at[j]] / u[j] < reach || j == best_j) continue;
+        float r = probs[at[j]] / (float)(-log1p(-u[j]));
+        if (r > best || (r == best && j < best_j)) best = r, best_j = j;
     }
-    free(u);
-    return best_i;
-}
-
-/* x (n floats, n < 2^32) sorted ascending into values, with their indices: an LSD radix sort (four
- * passes of 8 bits over (order-preserving integer key, index) pairs), stable, so equal values keep index
- * order (-0.0 sorts before 0.0). Returns 0, or -1 for a NaN in x or out of memory. */
-static int sort_row(const float *x, int64_t n, float *values, int64_t *indices) {
-    uint64_t *buf = malloc((size_t)n * 2 * sizeof *buf);
-    if (!buf) return -1;
-    uint64_t *a = buf, *b = buf + n;
-    int64_t count[4][256] = {{0}};
-    for (int64_t i = 0; i < n; ++i) {
-        uint32_t u;
-        memcpy(&u, x + i, sizeof u);
-        if ((u & 0x7fffffffu) > 0x7f800000u) { /* NaN */
-            free(buf);
-            return -1;
-        }
-        uint32_t key = u & 0x80000000u ? ~u : u | 0x80000000u; /* unsigned order == float order */
-        a[i] = (uint64_t)key << 32 | (uint64_t)i;
-        for (int d = 0; d < 4; ++d) ++count[d][(key >> (8 * d)) & 255];
-    }
-    for (int d = 0; d < 4; ++d) {
-        int64_t total = 0;
-        for (int v = 0; v < 256; ++v) {
-            int64_t c = count[d][v];
-            count[d][v] = total;
-            total += c;
-        }
-        for (int64_t i = 0; i < n; ++i) b[count[d][(a[i] >> (32 + 8 * d)) & 255]++] = a[i];
-        uint64_t *t = a;
-        a = b, b = t;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-        uint32_t key = (uint32_t)(a[i] >> 32), u = key & 0x80000000u ? key & 0x7fffffffu : ~key;
-        memcpy(values + i, &u, sizeof u);
-        indices[i] = (int64_t)(a[i] & 0xffffffffu);
-    }
-    free(buf);
-    return 0;
-}
-
-/* `rows` rows of n floats each (x, values, indices row-major), each sorted as sort_row does, rows in
- * parallel; ok[r] = 1 where row r was sorted, 0 where it holds a NaN (or memory ran out). */
-void gpt2serve_sort_rows(const float *x, int rows, int64_t n, float *values, int64_t *indices, int8_t *ok,
-                         int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int r = 0; r < rows; ++r)
-        ok[r] = sort_row(x + (size_t)r * n, n, values + (size_t)r * n, indices + (size_t)r * n) == 0;
+    return at[best_j];
 }

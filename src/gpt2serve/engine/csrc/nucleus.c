@@ -1,0 +1,113 @@
+/* Top-p (nucleus) sampling's cut, exactly as Hugging Face's TopPLogitsWarper makes it, in two calls around
+ * one torch.softmax (sampling_fast.top_p_exact):
+ *
+ *   gpt2serve_sort_values: the row's values in ascending order, without their indices (a radix sort of
+ *     the values alone: torch.sort's values). HF's softmax of the sorted row
+ *     normalizes by a float32 sum taken in sorted order, so its probabilities, and the cut, depend on
+ *     that order; the caller takes torch's own softmax of these values, which is therefore bit for bit
+ *     HF's.
+ *   gpt2serve_top_p_apply: HF's cumulative sum over those probabilities (torch's CPU cumsum adds in
+ *     double and rounds each prefix to float), the positions with cumsum <= 1 - top_p removed (the
+ *     largest never), and the row masked: every score below the smallest kept value becomes -inf.
+ *
+ * The indices HF's sort carries are not needed: a value is kept or removed whatever its index, except
+ * where equal values straddle the cut, and there HF's unstable sort decides (reported, not guessed).
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+void *gpt2serve_scratch(int slot, size_t bytes); /* sampling.c: a per-thread buffer kept between calls */
+
+enum { SORT_SCRATCH = 2 }; /* sampling.c's multinomial holds slots 0 and 1 */
+enum { DIGIT_BITS = 8, DIGITS = 1 << DIGIT_BITS, PASSES = 4 };  /* 256 buckets: their write heads fit L1 */
+
+static inline uint32_t key_of(float v) { /* unsigned order of keys == float order (-0.0 before 0.0) */
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return u & 0x80000000u ? ~u : u | 0x80000000u;
+}
+
+static inline float value_of(uint32_t key) {
+    uint32_t u = key & 0x80000000u ? key & 0x7fffffffu : ~key;
+    float v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* x (n floats) sorted ascending into `sorted`: an LSD radix sort of the keys, 4 passes of 8 bits (a pass
+ * whose digit is the same for every key is skipped). Returns 0; 1 where the row's largest value is not
+ * finite (a NaN, +inf, or every value -inf: softmax would not give probabilities); -1 out of memory. */
+int gpt2serve_sort_values(const float *x, int64_t n, float *sorted) {
+    uint32_t *buf = n < 1 ? NULL : gpt2serve_scratch(SORT_SCRATCH, (size_t)n * 2 * sizeof *buf);
+    if (!buf) return -1;
+    uint32_t *a = buf, *b = buf + n, top = 0;
+    int64_t count[PASSES][DIGITS] = {{0}};
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t k = key_of(x[i]);
+        a[i] = k;
+        top = k > top ? k : top;
+        for (int d = 0; d < PASSES; ++d) ++count[d][(k >> (DIGIT_BITS * d)) & (DIGITS - 1)];
+    }
+    float largest = value_of(top);
+    /* a NaN's key lies above +inf's (positive NaN) or below -inf's (negative): check every value */
+    int bad = !(largest < INFINITY && largest > -INFINITY);
+    for (int64_t i = 0; i < n && !bad; ++i) bad = x[i] != x[i];
+    if (bad) return 1;
+    for (int d = 0; d < PASSES; ++d) {
+        int shift = DIGIT_BITS * d;
+        if (count[d][(a[0] >> shift) & (DIGITS - 1)] == n) continue;  /* one digit value: order unchanged */
+        int64_t total = 0;
+        for (int v = 0; v < DIGITS; ++v) {
+            int64_t c = count[d][v];
+            count[d][v] = total;
+            total += c;
+        }
+        for (int64_t i = 0; i < n; ++i) b[count[d][(a[i] >> shift) & (DIGITS - 1)]++] = a[i];
+        uint32_t *t = a;
+        a = b, b = t;
+    }
+    for (int64_t i = 0; i < n; ++i) sorted[i] = value_of(a[i]);
+    return 0;
+}
+
+/* HF's top-p over a row: `sorted` its values ascending (gpt2serve_sort_values), `probs` torch's softmax
+ * of `sorted`; positions are removed while fl32(sum of probs[0..i] in double) <= threshold (float32
+ * 1 - top_p), the last never. Writes x with every value below the smallest kept one as -inf into `out`
+ * (NULL: not written) and `*cut` (that value). Returns how many tokens are kept, or -1 where the removed
+ * and kept positions hold equal values (HF's unstable sort would decide which of them go). */
+int64_t gpt2serve_top_p_apply(const float *x, const float *sorted, const float *probs, int64_t n,
+                              float threshold, float *out, float *cut) {
+    double acc = 0.0;
+    int64_t removed = 0;
+    while (removed < n - 1) {
+        acc += probs[removed];
+        if (!((float)acc <= threshold)) break;
+        ++removed;
+    }
+    if (removed && sorted[removed - 1] == sorted[removed]) return -1;
+    const float c = sorted[removed];
+    *cut = c;
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        int keep = x[i] >= c;
+        kept += keep;
+        if (out) out[i] = keep ? x[i] : -INFINITY;
+    }
+    return kept;
+}
+
+/* The sum (in double) and the largest of n float32 probabilities, for top-p's partial selection
+ * (sampling_fast.top_p_cut) without two of torch's reductions, which split a vocabulary-sized row over
+ * the OpenMP threads and wait for each other where other work holds a core. */
+void gpt2serve_mass(const float *p, int64_t n, double *total, float *peak) {
+    double sum = 0.0;
+    float top = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) {
+        sum += p[i];
+        top = p[i] > top || p[i] != p[i] ? p[i] : top;
+    }
+    *total = sum, *peak = top;
+}
