@@ -249,7 +249,8 @@ def test_native_sort_values_is_torch_sort_values() -> None:
     changes skipped; a row whose largest value is not finite declined."""
     g = torch.Generator().manual_seed(3)
     narrow = 1.0 + torch.randint(0, 200, (5000,), generator=g).float() * 2**-23  # only the low byte varies
-    rows = [torch.randn(50257, generator=g) * 3, narrow, torch.tensor([2.5]), make_logits("banned", 1, 3000)[0]]
+    rows = [torch.randn(50257, generator=g) * 3, narrow, torch.tensor([2.5])]
+    rows += [make_logits("banned", 1, 3000)[0]]
     rows += [torch.tensor([2.0, -0.0, float("-inf"), 2.0, 0.0, -1e-40, 1e-45, -3.0])]
     for row in rows:
         assert torch.equal(native.sort_values(row), torch.sort(row).values)
@@ -263,7 +264,9 @@ TOP_P_EDGES = [1e-6, 0.1, 0.5, 0.9, 0.95, 0.999, 1 - 1e-7]
 
 
 @needs_native
-@pytest.mark.parametrize("kind", ["random_model", "trained", "normal", "peaked", "flat", "some_ties", "banned"])
+@pytest.mark.parametrize(
+    "kind", ["random_model", "trained", "normal", "peaked", "flat", "some_ties", "banned"]
+)
 def test_top_p_exact_keeps_what_hf_keeps(kind: str) -> None:
     """The sorted-values path keeps exactly HF's top-p set, wide nucleus or narrow, and decides every row
     where no tied run straddles the cut; where one does, it declines."""
@@ -316,7 +319,8 @@ def test_pure_top_p_rows_draw_the_references_tokens(kind: str) -> None:
 def test_native_multinomial_refuses_what_torch_refuses() -> None:
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
-    for bad in (torch.zeros(10), torch.tensor([0.5, float("nan")]), torch.tensor([0.5, -0.1]), torch.tensor([float("inf"), 1.0])):
+    nan, inf = float("nan"), float("inf")
+    for bad in (torch.zeros(10), torch.tensor([0.5, nan]), torch.tensor([0.5, -0.1]), torch.tensor([inf, 1])):
         assert native.multinomial(gen, bad) is None
         with pytest.raises(RuntimeError):
             draw(bad, gen)

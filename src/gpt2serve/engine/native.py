@@ -5,11 +5,11 @@ oneDNN's and MKL's small-batch paths reach about two thirds of it (see linear.py
 where the CPU has AVX-512, else 8 (`isa`). decode.c: a whole decode step through every layer in one call
 (see `decode`). sampling.c: an exact top-k, the head sketch's candidates and torch's CPU generator
 advanced without drawing every number (see `topk`, `candidates`, `uniform_at`). nucleus.c: top-p's cut
-as Hugging Face makes it, from the row's values sorted without their indices (`sort_values`, `top_p_apply`). The library is cached
-under `$GPT2SERVE_CACHE_DIR` (default `~/.cache/gpt2serve`; see `kernel_cache`), keyed by a hash of the
-source and the compile command (`$CC`, else `cc`, and the instruction set's flags). Without a C
-compiler, or on a CPU without AVX2 and FMA, `available()` is false and the caller keeps torch's kernels
-(`--cpu-kernels torch` chooses them).
+as Hugging Face makes it, from the row's values sorted without their indices (`sort_values`,
+`top_p_apply`). The library is cached under `$GPT2SERVE_CACHE_DIR` (default `~/.cache/gpt2serve`; see
+`kernel_cache`), keyed by a hash of the source and the compile command (`$CC`, else `cc`, and the
+instruction set's flags). Without a C compiler, or on a CPU without AVX2 and FMA, `available()` is false
+and the caller keeps torch's kernels (`--cpu-kernels torch` chooses them).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from gpt2serve.engine import kernel_cache
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(
-    Path(__file__).with_name("csrc") / name for name in ("gemv.c", "decode.c", "sampling.c", "nucleus.c", "kernels.h")
+    Path(__file__).with_name("csrc") / name
+    for name in ("gemv.c", "decode.c", "sampling.c", "nucleus.c", "kernels.h")
 )
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")

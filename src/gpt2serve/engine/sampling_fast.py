@@ -125,7 +125,9 @@ def top_p_cut(scores: torch.Tensor, top_p: float) -> float | None:
         return None
     probs = scores.softmax(dim=-1)  # one row: torch's single-threaded softmax
     summed = native.mass(probs)
-    total, peak = summed if summed is not None else (probs.sum(dtype=torch.float64).item(), probs.max().item())
+    if summed is None:
+        summed = probs.sum(dtype=torch.float64).item(), probs.max().item()
+    total, peak = summed
     threshold = array("f", [1 - top_p])[0]
     margin = _sum_margin(scores.numel())
     if not math.isfinite(total):
