@@ -153,5 +153,6 @@ def choose_batch(
     settings = [(p.temperature, p.top_k, p.top_p, p.do_sample) for p in params]
     table = to_device(torch.tensor(settings, dtype=torch.float64).T.contiguous(), logits.device)  # (4, B)
     temperature, top_k, top_p, do_sample = table.unbind(0)
-    drawn = device_sampling.sample(logits, temperature.float(), top_k.long(), top_p, generators)
+    cuts = any(p.do_sample and p.top_k for p in params), any(p.do_sample and p.top_p < 1 for p in params)
+    drawn = device_sampling.sample(logits, temperature.float(), top_k.long(), top_p, generators, cuts)
     return torch.where(do_sample.bool(), drawn, tokens)

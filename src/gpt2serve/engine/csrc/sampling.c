@@ -11,7 +11,7 @@
 
 #include "kernels.h"
 
-enum { SCRATCH_SLOTS = 4 };
+enum { SCRATCH_SLOTS = 5 };
 
 typedef struct {
     float value;
@@ -183,24 +183,18 @@ static inline uint32_t temper(uint32_t y) {
     return y ^ (y >> 18);
 }
 
-static inline double to_uniform(uint32_t hi, uint32_t lo) { /* torch's uniform_real for double */
-    uint64_t r = ((uint64_t)temper(hi) << 32) | temper(lo);
+static inline double to_uniform(uint32_t hi, uint32_t lo) { /* torch's uniform_real for double, from */
+    uint64_t r = ((uint64_t)hi << 32) | lo;                     /* two tempered words */
     return (double)(r & ((1ull << 53) - 1)) * (1.0 / (double)(1ull << 53));
 }
 
-/* Advance the generator in `state` (bytes of torch.Generator.get_state(), updated in place) exactly as
- * `torch.empty(n, dtype=torch.float64).uniform_()` would, writing only the draws at the ascending
- * indices `at` (n_at of them; every draw where `at` is NULL) to `out`. Returns 1 if any of the n draws is
- * exactly 0 (then the caller must let torch draw), else 0; -1 for arguments it does not take. */
-int gpt2serve_uniform(void *state, int64_t n, const int64_t *at, int64_t n_at, double *out) {
-    mt_state_t *s = state;
-    if (n < 0 || s->left < 1 || s->left > MT_N + 1 || s->next > MT_N) return -1;
-    for (int j = 0; at && j < n_at; ++j)
-        if (at[j] < 0 || at[j] >= n || (j && at[j] <= at[j - 1])) return -1;
-    uint32_t mt[MT_N];
+/* gpt2serve_uniform without its argument checks (`at` ascending and within n). Each segment of the
+ * generator's words is tempered whole (vectorized) before the draws at `at` are read from it. */
+static int advance_uniform(mt_state_t *s, int64_t n, const int64_t *at, int64_t n_at, double *out) {
+    uint32_t mt[MT_N], tw[MT_N];
     for (int i = 0; i < MT_N; ++i) mt[i] = (uint32_t)s->state[i];
     int64_t left = s->left, next = (int64_t)s->next, g = 0, words = 2 * n;  /* g: words consumed */
-    uint32_t carry = 0;  /* the last word of the previous segment */
+    uint32_t carry = 0;  /* the last tempered word of the previous segment */
     int64_t j = 0;
     int zero = 0;
     while (g < words) {
@@ -215,17 +209,20 @@ int gpt2serve_uniform(void *state, int64_t n, const int64_t *at, int64_t n_at, d
         }
         int64_t c = avail < words - g ? avail : words - g;
         uint32_t any_zero = 0;
-        for (int64_t i = 0; i < c; ++i) any_zero |= seg[i] == 0;
+        for (int64_t i = 0; i < c; ++i) {
+            tw[i] = temper(seg[i]);
+            any_zero |= seg[i] == 0;
+        }
         if (any_zero) /* a lo word (odd g) of 0 makes u == 0 when its hi word has no low 21 bits set */
             for (int64_t i = 0; i < c; ++i)
-                if (((g + i) & 1) && seg[i] == 0 && !(temper(i ? seg[i - 1] : carry) & 0x1fffffu)) zero = 1;
+                if (((g + i) & 1) && seg[i] == 0 && !((i ? tw[i - 1] : carry) & 0x1fffffu)) zero = 1;
         if (!at) /* every draw whose lo word is in this segment */
-            for (int64_t w = g | 1; w < g + c; w += 2) out[w / 2] = to_uniform(w > g ? seg[w - g - 1] : carry, seg[w - g]);
+            for (int64_t w = g | 1; w < g + c; w += 2) out[w / 2] = to_uniform(w > g ? tw[w - g - 1] : carry, tw[w - g]);
         for (; at && j < n_at && 2 * at[j] + 1 < g + c; ++j) {
             int64_t lo = 2 * at[j] + 1 - g;
-            out[j] = to_uniform(lo ? seg[lo - 1] : carry, seg[lo]);
+            out[j] = to_uniform(lo ? tw[lo - 1] : carry, tw[lo]);
         }
-        carry = seg[c - 1];
+        carry = tw[c - 1];
         if (twisted) {
             next = c, left = MT_N + 1 - c;
         } else {
@@ -237,6 +234,18 @@ int gpt2serve_uniform(void *state, int64_t n, const int64_t *at, int64_t n_at, d
     s->left = (int32_t)left;
     s->next = (uint64_t)next;
     return zero;
+}
+
+/* Advance the generator in `state` (bytes of torch.Generator.get_state(), updated in place) exactly as
+ * `torch.empty(n, dtype=torch.float64).uniform_()` would, writing only the draws at the ascending
+ * indices `at` (n_at of them; every draw where `at` is NULL) to `out`. Returns 1 if any of the n draws is
+ * exactly 0 (then the caller must let torch draw), else 0; -1 for arguments it does not take. */
+int gpt2serve_uniform(void *state, int64_t n, const int64_t *at, int64_t n_at, double *out) {
+    mt_state_t *s = state;
+    if (n < 0 || s->left < 1 || s->left > MT_N + 1 || s->next > MT_N) return -1;
+    for (int j = 0; at && j < n_at; ++j)
+        if (at[j] < 0 || at[j] >= n || (j && at[j] <= at[j - 1])) return -1;
+    return advance_uniform(s, n, at, n_at, out);
 }
 
 /* A work buffer of at least `bytes`, one per (calling thread, slot), kept between calls and grown as
@@ -262,28 +271,31 @@ void *gpt2serve_scratch(int slot, size_t bytes) {
  * ratio need the logarithm. Returns the index; -2 for a row torch refuses (a negative, inf or NaN entry,
  * or none positive); -1 where a draw is exactly 0 (torch's own special case) or out of memory. */
 int64_t gpt2serve_multinomial(void *state, const float *probs, int64_t n) {
+    mt_state_t *s = state;
+    if (n < 1 || s->left < 1 || s->left > MT_N + 1 || s->next > MT_N) return -1;
     int64_t *at = gpt2serve_scratch(0, (size_t)n * sizeof *at), m = 0;
-    double *u = gpt2serve_scratch(1, (size_t)n * sizeof *u);
-    int bad = !at || !u;
-    for (int64_t i = 0; i < n && !bad; ++i) {
-        float p = probs[i];
-        bad |= !(p >= 0.0f && p < INFINITY) ? 2 : 0;
-        at[m] = i;
-        m += p > 0.0f;
+    double *u = gpt2serve_scratch(1, (size_t)n * sizeof *u), *bound = gpt2serve_scratch(4, (size_t)n * 8);
+    float *p = gpt2serve_scratch(3, (size_t)n * sizeof *p);  /* the positive probabilities, packed */
+    if (!at || !u || !p || !bound) return -1;
+    int bad = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        float v = probs[i];
+        bad |= !(v >= 0.0f && v < INFINITY);
+        at[m] = i, p[m] = v;
+        m += v > 0.0f;
     }
-    int64_t best_i = bad == 2 || (!bad && !m) ? -2 : -1;
-    if (bad || !m || gpt2serve_uniform(state, n, at, m, u) != 0) return best_i;
+    if (bad || !m) return -2;
+    if (advance_uniform(s, n, at, m, u) != 0) return -1;
+    double top = -1.0;
+    for (int64_t j = 0; j < m; ++j) bound[j] = p[j] / u[j];  /* contiguous: vectorized */
+    for (int64_t j = 0; j < m; ++j) top = bound[j] > top ? bound[j] : top;
     int64_t best_j = 0;
-    double bound = -1.0;
-    for (int64_t j = 0; j < m; ++j) {
-        double b = probs[at[j]] / u[j];
-        if (b > bound) bound = b, best_j = j;
-    }
-    float best = probs[at[best_j]] / (float)(-log1p(-u[best_j]));
+    while (bound[best_j] != top) ++best_j;
+    float best = p[best_j] / (float)(-log1p(-u[best_j]));
     double reach = (double)best * (1.0 - 1e-6);  /* a ratio can exceed its bound by ~1.2e-7 (roundings) */
     for (int64_t j = 0; j < m; ++j) {
-        if (probs[at[j]] / u[j] < reach || j == best_j) continue;
-        float r = probs[at[j]] / (float)(-log1p(-u[j]));
+        if (bound[j] < reach || j == best_j) continue;
+        float r = p[j] / (float)(-log1p(-u[j]));
         if (r > best || (r == best && j < best_j)) best = r, best_j = j;
     }
     return at[best_j];
