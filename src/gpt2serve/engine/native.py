@@ -99,6 +99,8 @@ def library() -> ctypes.CDLL | None:
     lib.gpt2serve_sort_values.argtypes = [p, ctypes.c_int64, p]
     lib.gpt2serve_top_p_apply.restype = ctypes.c_int64
     lib.gpt2serve_top_p_apply.argtypes = [p, p, p, ctypes.c_int64, ctypes.c_float, p, p]
+    lib.gpt2serve_near_max.restype = None
+    lib.gpt2serve_near_max.argtypes = [p, ctypes.c_int64, p, i, p, p]
     lib.gpt2serve_mass.restype = None
     lib.gpt2serve_mass.argtypes = [p, ctypes.c_int64, p, p]
     return lib
@@ -341,6 +343,18 @@ def sort_values(x: torch.Tensor) -> torch.Tensor | None:
     x = x.contiguous()
     out = torch.empty_like(x)
     return out if lib.gpt2serve_sort_values(x.data_ptr(), x.numel(), out.data_ptr()) == 0 else None
+
+
+def near_max(x: torch.Tensor, gaps: tuple[float, ...]) -> tuple[float, list[int]] | None:
+    """The largest value of a 1-D float32 CPU row and, per gap, how many values are >= largest - gap
+    (on the calling thread); None where the kernels are not built."""
+    lib = _library_for(x, 1)
+    if lib is None:
+        return None
+    x, g = x.contiguous(), (ctypes.c_float * len(gaps))(*gaps)
+    counts, top = (ctypes.c_int64 * len(gaps))(), ctypes.c_float()
+    lib.gpt2serve_near_max(x.data_ptr(), x.numel(), g, len(gaps), counts, ctypes.byref(top))
+    return top.value, list(counts)
 
 
 def mass(probs: torch.Tensor) -> tuple[float, float] | None:

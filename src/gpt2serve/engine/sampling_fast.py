@@ -34,6 +34,10 @@ FAST_MAX_TOP_K = 256
 FAST_MARGIN = 1e-4
 # `top_p_cut`: the partial selections tried, in turn; past ~512 of GPT-2's 50257 the C sort is cheaper.
 NUCLEUS_TRIES = (64, 512)
+NEAR_GAPS = (0.5, 1.0, 2.0, 4.0)  # `_nucleus_too_wide`'s distances below the largest score
+# covers the roundings of exp(x - max), of the softmax's sum and of max - gap (a gap off by under 0.01 for
+# scores below 1e4), with room to spare
+NEAR_SLACK = 0.01
 UNIT = 2.0**-24  # float32's unit roundoff
 LANES = 8  # torch's softmax sums a row in at least 8 lanes (Vectorized<float>), each sequentially
 ABSOLUTE = 1e-10  # float64 rounding of the masses (sums of up to 50257 terms near 1), absolute
@@ -121,7 +125,7 @@ def top_p_cut(scores: torch.Tensor, top_p: float) -> float | None:
     sorted order. Here the mass comes from torch's softmax of the unsorted row, in float64: the two sums
     differ by their rounding (at most `_sum_margin`), so a cut that close to the threshold, or tied scores
     straddling it, or more kept scores than fetched, is left to the sort (None)."""
-    if not _cpu_row(scores) or top_p >= 1:
+    if not _cpu_row(scores) or top_p >= 1 or _nucleus_too_wide(scores, top_p):
         return None
     probs = scores.softmax(dim=-1)  # one row: torch's single-threaded softmax
     summed = native.mass(probs)
@@ -148,6 +152,18 @@ def top_p_cut(scores: torch.Tensor, top_p: float) -> float | None:
             return None  # too close to call, or a tie that the sort's order would settle
         return float(values[kept - 1])
     return None
+
+
+def _nucleus_too_wide(scores: torch.Tensor, top_p: float) -> bool:
+    """Whether even the largest partial selection cannot hold top_p of the mass, told without a softmax:
+    the c values within `gap` of the largest make the softmax's sum at least c * exp(-gap) times the
+    largest probability, so the top k hold at most k / (c * exp(-gap)) of it (a random model's rows:
+    thousands within 2 of the largest)."""
+    near = native.near_max(scores, NEAR_GAPS)
+    if near is None or not math.isfinite(near[0]):
+        return False
+    spread = max(c * math.exp(-gap) for gap, c in zip(NEAR_GAPS, near[1]))
+    return NUCLEUS_TRIES[-1] < top_p * spread * (1 - NEAR_SLACK)
 
 
 def _sum_margin(n: int) -> float:

@@ -126,3 +126,31 @@ void gpt2serve_mass(const float *p, int64_t n, double *total, float *peak) {
     for (int l = 0; l < LANES; ++l) s += sum[l], t = top[l] > t ? top[l] : t;
     *total = nan ? NAN : s, *peak = nan ? NAN : t;
 }
+
+/* The row's largest value and, for each of the nd gaps, how many values lie within that gap of it
+ * (x >= max - gap): each such value holds at least exp(-gap) of the largest one's probability, so the
+ * counts bound the softmax's sum from below without an exponential (sampling_fast.top_p_cut: whether a
+ * partial selection can hold the nucleus at all). */
+void gpt2serve_near_max(const float *x, int64_t n, const float *gaps, int nd, int64_t *counts, float *max) {
+    __m256 top8 = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(x + i));
+    float lanes[8], top = -INFINITY;
+    _mm256_storeu_ps(lanes, top8);
+    for (int l = 0; l < 8; ++l) top = lanes[l] > top ? lanes[l] : top;
+    for (; i < n; ++i) top = x[i] > top ? x[i] : top;
+    *max = top;  /* a NaN is not seen here: the caller's softmax path meets it */
+    for (int d = 0; d < nd; ++d) {
+        const float floor = top - gaps[d];
+        __m256i c8 = _mm256_setzero_si256();
+        const __m256 f8 = _mm256_set1_ps(floor);
+        for (i = 0; i + 8 <= n; i += 8) /* a true comparison is -1 in every bit */
+            c8 = _mm256_sub_epi32(c8, _mm256_castps_si256(_mm256_cmp_ps(_mm256_loadu_ps(x + i), f8, _CMP_GE_OQ)));
+        int32_t part[8];
+        _mm256_storeu_si256((__m256i *)part, c8);
+        int64_t c = 0;
+        for (int l = 0; l < 8; ++l) c += part[l];
+        for (; i < n; ++i) c += x[i] >= floor;
+        counts[d] = c;
+    }
+}
