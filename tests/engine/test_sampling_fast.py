@@ -289,6 +289,19 @@ def test_top_p_exact_keeps_what_hf_keeps(kind: str) -> None:
 
 
 @needs_native
+def test_a_nucleus_too_wide_for_the_partial_selection_is_told_without_a_softmax() -> None:
+    """The counts near the largest score are torch's; a random model's row skips the partial selection,
+    a trained-like row (few plausible tokens) does not."""
+    row = random_model_rows(1, seed=2)[0]
+    top, counts = native.near_max(row, sampling_fast.NEAR_GAPS)
+    assert top == float(row.max())
+    assert counts == [int((row >= row.max() - gap).sum()) for gap in sampling_fast.NEAR_GAPS]
+    assert sampling_fast._nucleus_too_wide(row, 0.9)
+    assert not sampling_fast._nucleus_too_wide(row, 0.01)  # 1% of the mass: within the largest 512
+    assert not any(sampling_fast._nucleus_too_wide(r, 0.9) for r in peaked_rows(4, seed=2))
+
+
+@needs_native
 def test_top_p_exact_declines_a_straddling_tie_and_odd_rows() -> None:
     row = torch.full((1000,), -30.0)
     row[:4] = torch.tensor([3.0, 2.0, 2.0, 1.0])  # tokens 1 and 2 tie
