@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpt2serve.engine import native, sampling_fast
-from gpt2serve.engine.sampling import draw
+from gpt2serve.engine.sampling import choose_row, draw, reference
 from gpt2serve.engine.sampling_fast import EXACT_DRAW_MAX_SURVIVORS, NEG_INF
 from tests.engine.test_linear import NO_GEMV
 from tests.engine.test_sampling import TEMPERATURES, TOP_PS, generators, hf_warp, make_logits, run_warp
@@ -56,8 +56,10 @@ def test_draw_over_the_whole_vocabulary_is_torch_multinomial(kind: str) -> None:
 
 
 def test_draw_recomputes_close_ratios_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a margin so wide that every draw looks close, the exact recomputation alone picks the token."""
+    """Without the C draw, and with a margin so wide that every draw looks close, the exact recomputation
+    alone picks the token."""
     monkeypatch.setattr(sampling_fast, "DRAW_MARGIN", 0.9)
+    monkeypatch.setattr(native, "multinomial", lambda *_: None)
     for seed in range(6):
         probs = torch.softmax(make_logits("normal", 1, 5000, seed=seed)[0] / 4, dim=-1)
         ours, theirs = generators(seed, seed)
@@ -196,33 +198,6 @@ def test_native_multinomial_is_torch_multinomial(kind: str) -> None:
         assert torch.equal(state, theirs.get_state()) and probs[token] > 0
 
 
-@needs_native
-def test_native_sort_is_torch_sort() -> None:
-    """torch.sort's values (and, for distinct values, its indices); equal values in index order; a row
-    with a NaN declined. Top-p with this order equals HF's where no tied run straddles the cut."""
-    distinct = torch.randperm(50257, generator=torch.Generator().manual_seed(0)).float() * 0.01 - 250
-    x = torch.randn(50257, generator=torch.Generator().manual_seed(0)) * 3  # a few equal pairs
-    values, indices, ok = native.sort_rows(
-        torch.stack([distinct, x, x.clone().index_fill_(0, torch.tensor([9]), float("nan"))])
-    )
-    expected = torch.sort(distinct)
-    assert ok == [True, True, False]
-    assert torch.equal(values[0], expected.values) and torch.equal(indices[0], expected.indices)
-    assert torch.equal(values[1], torch.sort(x).values)
-    tied = torch.tensor([[2.0, -0.0, float("-inf"), 2.0, 0.0, float("inf"), -1e-40, 2.0]])
-    values, indices, _ = native.sort_rows(tied)
-    assert torch.equal(values, torch.sort(tied).values) and indices[0].tolist() == [2, 6, 1, 4, 0, 3, 7, 5]
-    for p in (0.5, 0.9, 0.999):
-        threshold = torch.tensor([1 - p], dtype=torch.float32)
-        values, indices, ok = native.sort_rows(x[None])
-        assert torch.equal(
-            sampling_fast._top_p_sorted(x, values[0], indices[0], ok[0], threshold), hf_warp(x, 1.0, 0, p)
-        )
-    straddle = torch.tensor([0.0, 0.0, 5.0])  # the cut runs through the two equal values
-    values, indices, ok = native.sort_rows(straddle[None])
-    assert sampling_fast._top_p_sorted(straddle, values[0], indices[0], ok[0], torch.tensor([0.01])) is None
-
-
 def peaked_rows(n: int, seed: int) -> torch.Tensor:
     """Rows shaped like a trained model's: a few hundred plausible tokens, the rest far below."""
     g = torch.Generator().manual_seed(seed)
@@ -263,15 +238,106 @@ def test_top_p_cut_declines_close_calls_and_ties() -> None:
     assert sampling_fast.top_p_cut(row.double(), 0.5) is None  # not a float32 CPU row
 
 
+def random_model_rows(n: int, seed: int) -> torch.Tensor:
+    """Rows shaped like a random-weight GPT-2's: near-flat, so top-p 0.9 keeps ~38,000 tokens of ~2e-5."""
+    return torch.randn(n, 50257, generator=torch.Generator().manual_seed(seed)) * 0.55
+
+
 @needs_native
-@pytest.mark.parametrize("kind", ["trained", "normal", "some_ties"])
-def test_top_p_sorted_is_hf_top_p(kind: str) -> None:
-    rows = peaked_rows(3, seed=4) if kind == "trained" else make_logits(kind, 3, 50257, seed=4)
-    for row, p in itertools.product(rows, [0.5, 0.9, 0.999]):
-        filtered = sampling_fast.top_p_sorted(row, p)
-        assert filtered is not None or kind == "some_ties"
+def test_native_sort_values_is_torch_sort_values() -> None:
+    """torch.sort's values (-0.0 and 0.0 compare equal: either order), with the passes whose digit never
+    changes skipped; a row whose largest value is not finite declined."""
+    g = torch.Generator().manual_seed(3)
+    narrow = 1.0 + torch.randint(0, 200, (5000,), generator=g).float() * 2**-23  # only the low byte varies
+    rows = [torch.randn(50257, generator=g) * 3, narrow, torch.tensor([2.5])]
+    rows += [make_logits("banned", 1, 3000)[0]]
+    rows += [torch.tensor([2.0, -0.0, float("-inf"), 2.0, 0.0, -1e-40, 1e-45, -3.0])]
+    for row in rows:
+        assert torch.equal(native.sort_values(row), torch.sort(row).values)
+    for bad in (float("nan"), float("inf")):
+        assert native.sort_values(torch.tensor([0.0, bad, 1.0])) is None
+    assert native.sort_values(torch.full((7,), float("-inf"))) is None
+    assert native.sort_values(-torch.tensor([0.0, float("nan")])) is None  # a NaN with its sign bit set
+
+
+TOP_P_EDGES = [1e-6, 0.1, 0.5, 0.9, 0.95, 0.999, 1 - 1e-7]
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "kind", ["random_model", "trained", "normal", "peaked", "flat", "some_ties", "banned"]
+)
+def test_top_p_exact_keeps_what_hf_keeps(kind: str) -> None:
+    """The sorted-values path keeps exactly HF's top-p set, wide nucleus or narrow, and decides every row
+    where no tied run straddles the cut; where one does, it declines."""
+    if kind in ("random_model", "trained"):
+        rows = random_model_rows(4, seed=5) if kind == "random_model" else peaked_rows(4, seed=5)
+    else:
+        rows = make_logits(kind, 4, 50257, seed=5)
+    decided = 0
+    for row, p in itertools.product(rows, TOP_P_EDGES):
+        expected = hf_warp(row, 1.0, 0, p)
+        filtered = sampling_fast.top_p_exact(row, p)
         if filtered is not None:
-            assert torch.equal(filtered, hf_warp(row, 1.0, 0, p))
+            decided += 1
+            assert torch.equal(filtered, expected), (kind, p)
+    total = len(rows) * len(TOP_P_EDGES)
+    if kind in ("random_model", "trained", "normal", "peaked", "banned"):
+        assert decided == total, (decided, total)
+    if kind == "flat":  # every value equal: only "keep them all" leaves no tie at the cut
+        assert decided == len(rows)
+
+
+@needs_native
+def test_a_nucleus_too_wide_for_the_partial_selection_is_told_without_a_softmax() -> None:
+    """The counts near the largest score are torch's; a random model's row skips the partial selection,
+    a trained-like row (few plausible tokens) does not."""
+    row = random_model_rows(1, seed=2)[0]
+    top, counts = native.near_max(row, sampling_fast.NEAR_GAPS)
+    assert top == float(row.max())
+    assert counts == [int((row >= row.max() - gap).sum()) for gap in sampling_fast.NEAR_GAPS]
+    assert sampling_fast._nucleus_too_wide(row, 0.9)
+    assert not sampling_fast._nucleus_too_wide(row, 0.01)  # 1% of the mass: within the largest 512
+    assert not any(sampling_fast._nucleus_too_wide(r, 0.9) for r in peaked_rows(4, seed=2))
+
+
+@needs_native
+def test_top_p_exact_declines_a_straddling_tie_and_odd_rows() -> None:
+    row = torch.full((1000,), -30.0)
+    row[:4] = torch.tensor([3.0, 2.0, 2.0, 1.0])  # tokens 1 and 2 tie
+    mass = torch.softmax(row, dim=0)
+    assert sampling_fast.top_p_exact(row, float(mass[0] + mass[1] / 2)) is None  # the cut splits the tie
+    both = float(mass[0] + mass[1] * 2 + mass[3] / 2)  # the cut below the tied pair: both kept
+    assert torch.equal(sampling_fast.top_p_exact(row, both), hf_warp(row, 1.0, 0, both))
+    assert sampling_fast.top_p_exact(row.double(), 0.5) is None  # not a float32 CPU row
+    assert sampling_fast.top_p_exact(row, 1.0) is None  # top-p off
+    assert sampling_fast.top_p_exact(row.index_fill(0, torch.tensor([5]), float("nan")), 0.5) is None
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["random_model", "trained", "some_ties"])
+def test_pure_top_p_rows_draw_the_references_tokens(kind: str) -> None:
+    """top_p without top_k, through the dispatcher (partial selection, sorted values, or torch's sort,
+    then the C draw), over many seeded rows: the reference's token and generator state at every draw."""
+    rows = {"random_model": random_model_rows, "trained": peaked_rows}.get(kind)
+    rows = rows(6, seed=8) if rows else make_logits(kind, 6, 50257, seed=8)
+    for i, (row, p, t) in enumerate(itertools.product(rows, [0.3, 0.9, 0.999], [1.0, 0.7])):
+        ours, theirs = generators(i, i)
+        for _ in range(2):
+            assert choose_row(row, t, 0, p, ours) == reference(row, t, 0, p, theirs), (kind, p, t)
+            assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+@needs_native
+def test_native_multinomial_refuses_what_torch_refuses() -> None:
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    nan, inf = float("nan"), float("inf")
+    for bad in (torch.zeros(10), torch.tensor([0.5, nan]), torch.tensor([0.5, -0.1]), torch.tensor([inf, 1])):
+        assert native.multinomial(gen, bad) is None
+        with pytest.raises(RuntimeError):
+            draw(bad, gen)
+    assert torch.equal(gen.get_state(), state)
 
 
 @needs_native

@@ -4,11 +4,12 @@ gemv.c: few-row matrix products, which stream a weight matrix at the machine's r
 oneDNN's and MKL's small-batch paths reach about two thirds of it (see linear.py); built 16 floats wide
 where the CPU has AVX-512, else 8 (`isa`). decode.c: a whole decode step through every layer in one call
 (see `decode`). sampling.c: an exact top-k, the head sketch's candidates and torch's CPU generator
-advanced without drawing every number (see `topk`, `candidates`, `uniform_at`). The library is cached
-under `$GPT2SERVE_CACHE_DIR` (default `~/.cache/gpt2serve`; see `kernel_cache`), keyed by a hash of the
-source and the compile command (`$CC`, else `cc`, and the instruction set's flags). Without a C
-compiler, or on a CPU without AVX2 and FMA, `available()` is false and the caller keeps torch's kernels
-(`--cpu-kernels torch` chooses them).
+advanced without drawing every number (see `topk`, `candidates`, `uniform_at`). nucleus.c: top-p's cut
+as Hugging Face makes it, from the row's values sorted without their indices (`sort_values`,
+`top_p_apply`). The library is cached under `$GPT2SERVE_CACHE_DIR` (default `~/.cache/gpt2serve`; see
+`kernel_cache`), keyed by a hash of the source and the compile command (`$CC`, else `cc`, and the
+instruction set's flags). Without a C compiler, or on a CPU without AVX2 and FMA, `available()` is false
+and the caller keeps torch's kernels (`--cpu-kernels torch` chooses them).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from gpt2serve.engine import kernel_cache
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(
-    Path(__file__).with_name("csrc") / name for name in ("gemv.c", "decode.c", "sampling.c", "kernels.h")
+    Path(__file__).with_name("csrc") / name
+    for name in ("gemv.c", "decode.c", "sampling.c", "nucleus.c", "kernels.h")
 )
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
@@ -91,10 +93,16 @@ def library() -> ctypes.CDLL | None:
     lib.gpt2serve_candidates.argtypes = [p, i, ctypes.c_int64, p, p, i, p]
     lib.gpt2serve_uniform.restype = ctypes.c_int
     lib.gpt2serve_uniform.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, p]
-    lib.gpt2serve_sort_rows.restype = None
-    lib.gpt2serve_sort_rows.argtypes = [p, i, ctypes.c_int64, p, p, p, i]
     lib.gpt2serve_multinomial.restype = ctypes.c_int64
     lib.gpt2serve_multinomial.argtypes = [p, p, ctypes.c_int64]
+    lib.gpt2serve_sort_values.restype = ctypes.c_int
+    lib.gpt2serve_sort_values.argtypes = [p, ctypes.c_int64, p]
+    lib.gpt2serve_top_p_apply.restype = ctypes.c_int64
+    lib.gpt2serve_top_p_apply.argtypes = [p, p, p, ctypes.c_int64, ctypes.c_float, p, p]
+    lib.gpt2serve_near_max.restype = None
+    lib.gpt2serve_near_max.argtypes = [p, ctypes.c_int64, p, i, p, p]
+    lib.gpt2serve_mass.restype = None
+    lib.gpt2serve_mass.argtypes = [p, ctypes.c_int64, p, p]
     return lib
 
 
@@ -272,29 +280,6 @@ def candidates(sketch: torch.Tensor, slack: torch.Tensor, r: torch.Tensor, k: in
     return None if count < 0 else mark.nonzero().squeeze(1)
 
 
-def sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[bool]] | None:
-    """Each row of a 2-D float32 CPU tensor sorted ascending, with the indices, rows in parallel: the
-    values are torch.sort's; among equal values the indices are in index order (torch.sort's unstable
-    order may differ there). Also whether each row was sorted (False for a row holding a NaN). None where
-    the kernels are not built."""
-    lib = _library_for(x, 2)
-    if lib is None:
-        return None
-    x = x.contiguous()
-    values, indices = torch.empty_like(x), torch.empty(x.shape, dtype=torch.long)
-    ok = torch.zeros(x.shape[0], dtype=torch.int8)
-    lib.gpt2serve_sort_rows(
-        x.data_ptr(),
-        x.shape[0],
-        x.shape[1],
-        values.data_ptr(),
-        indices.data_ptr(),
-        ok.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return values, indices, [bool(v) for v in ok.tolist()]
-
-
 def uniform_at(
     generator: torch.Generator, n: int, at: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -314,10 +299,10 @@ def uniform_at(
 
 
 def multinomial(generator: torch.Generator, probs: torch.Tensor) -> tuple[int, torch.Tensor] | None:
-    """`torch.multinomial(probs, 1, generator=generator)` for a 1-D float32 CPU row whose entries are
-    finite and >= 0, one of them > 0 (the caller checks): the token, and the generator state torch leaves
-    (for `generator.set_state`); `generator` itself is not changed. None where a uniform draw is exactly 0
-    (torch's own special case) or where `uniform_at` would be refused."""
+    """`torch.multinomial(probs, 1, generator=generator)` for a 1-D float32 CPU row: the token, and the
+    generator state torch leaves (for `generator.set_state`); `generator` itself is not changed. None for
+    a row torch refuses (an entry negative, inf or NaN, or none positive: torch raises), where a uniform
+    draw is exactly 0 (torch's own special case) or where `uniform_at` would be refused."""
     lib = _library_for(probs, 1)
     if lib is None or generator.device.type != "cpu" or not _generator_layout_understood():
         return None
@@ -346,3 +331,54 @@ def _generator_layout_understood() -> bool:
             log.warning("torch's CPU generator is not laid out as sampling.c expects: sampling runs slower")
             return False
     return True
+
+
+def sort_values(x: torch.Tensor) -> torch.Tensor | None:
+    """torch.sort(x).values of a 1-D float32 CPU row, without the indices (see nucleus.c); None where
+    the row's largest value is not finite (a NaN, +inf, or every value -inf) or the kernels are not
+    built."""
+    lib = _library_for(x, 1)
+    if lib is None:
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    return out if lib.gpt2serve_sort_values(x.data_ptr(), x.numel(), out.data_ptr()) == 0 else None
+
+
+def near_max(x: torch.Tensor, gaps: tuple[float, ...]) -> tuple[float, list[int]] | None:
+    """The largest value of a 1-D float32 CPU row and, per gap, how many values are >= largest - gap
+    (on the calling thread); None where the kernels are not built."""
+    lib = _library_for(x, 1)
+    if lib is None:
+        return None
+    x, g = x.contiguous(), (ctypes.c_float * len(gaps))(*gaps)
+    counts, top = (ctypes.c_int64 * len(gaps))(), ctypes.c_float()
+    lib.gpt2serve_near_max(x.data_ptr(), x.numel(), g, len(gaps), counts, ctypes.byref(top))
+    return top.value, list(counts)
+
+
+def mass(probs: torch.Tensor) -> tuple[float, float] | None:
+    """(sum in float64, largest) of a 1-D float32 CPU row, on the calling thread alone (torch's sum and
+    max share a long row among the OpenMP threads); NaN where the row holds one. None where the kernels
+    are not built."""
+    lib = _library_for(probs, 1)
+    if lib is None:
+        return None
+    probs, total, peak = probs.contiguous(), ctypes.c_double(), ctypes.c_float()
+    lib.gpt2serve_mass(probs.data_ptr(), probs.numel(), ctypes.byref(total), ctypes.byref(peak))
+    return total.value, peak.value
+
+
+def top_p_apply(
+    x: torch.Tensor, ordered: torch.Tensor, probs: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, float] | None:
+    """HF's top-p of the 1-D float32 row `x`, given `ordered` (sort_values(x)) and `probs` (torch's
+    softmax of `ordered`): x with the removed scores -inf, and the smallest kept score; None where equal
+    values straddle the cut (HF's unstable sort decides) or the kernels are not built."""
+    lib = _library_for(x, 1)
+    if lib is None:
+        return None
+    x, probs, out, cut = x.contiguous(), probs.contiguous(), torch.empty_like(x), ctypes.c_float()
+    args = x.data_ptr(), ordered.data_ptr(), probs.data_ptr(), x.numel()
+    kept = lib.gpt2serve_top_p_apply(*args, threshold, out.data_ptr(), ctypes.byref(cut))
+    return None if kept < 0 else (out, cut.value)

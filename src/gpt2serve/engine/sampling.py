@@ -7,8 +7,9 @@ then softmax and `torch.multinomial` with the row's generator), matched bit for 
 `choose` is the dispatcher: each row's token exactly as `reference` draws it (the same token, the
 generator left in the same state), by the first path that can decide it:
   1. sampling_fast.draw_top_k: a top-k row from its top-k values alone;
-  2. the reference's warpers, top-p's cut from sampling_fast.top_p_cut (a partial selection) or
-     top_p_sorted (the row sorted in C) where they decide, else torch.sort as HF does;
+  2. the reference's warpers, top-p's cut from sampling_fast.top_p_cut (a partial selection: a small
+     nucleus) or top_p_exact (the values sorted in C: any nucleus) where they decide, else torch.sort
+     as HF does;
   3. the draw (`draw`): sampling_fast.replay_multinomial, else torch.multinomial.
 A fast path that cannot be sure returns None and leaves the generator untouched. The model's head sketch
 is one more, upstream: chooser.logits_read lets a step compute only the logits these paths read. The
@@ -95,7 +96,7 @@ def warp_row(row: torch.Tensor, temperature: float, top_k: int, top_p: float) ->
     cut = sampling_fast.top_p_cut(scores, top_p)
     if cut is not None:
         return scores.masked_fill(scores < cut, NEG_INF)
-    filtered = sampling_fast.top_p_sorted(scores, top_p)
+    filtered = sampling_fast.top_p_exact(scores, top_p)
     return filtered if filtered is not None else top_p_filter(scores[None], top_p)[0]
 
 
@@ -148,5 +149,6 @@ def choose_batch(
     settings = [(p.temperature, p.top_k, p.top_p, p.do_sample) for p in params]
     table = to_device(torch.tensor(settings, dtype=torch.float64).T.contiguous(), logits.device)  # (4, B)
     temperature, top_k, top_p, do_sample = table.unbind(0)
-    drawn = device_sampling.sample(logits, temperature.float(), top_k.long(), top_p, generators)
+    cuts = any(p.do_sample and p.top_k for p in params), any(p.do_sample and p.top_p < 1 for p in params)
+    drawn = device_sampling.sample(logits, temperature.float(), top_k.long(), top_p, generators, cuts)
     return torch.where(do_sample.bool(), drawn, tokens)

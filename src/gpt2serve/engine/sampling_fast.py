@@ -6,8 +6,8 @@ kernels not built), leaving the generator untouched, and sampling.choose then ta
 - `draw_top_k`: a top-k row's whole choice from its top-k values (C top-k, float64 over the survivors,
   only their uniforms drawn).
 - `top_p_cut`: top-p's cut from the largest few hundred scores (torch.topk), not a sort of the row.
-- `top_p_sorted`: top-p over the row sorted in C (sampling.c), where the order among equal values
-  cannot matter.
+- `top_p_exact`: top-p from the row's values sorted in C without their indices (nucleus.c) and torch's
+  softmax of them, for any width of nucleus; where equal values straddle the cut, None.
 - `replay_multinomial`: torch.multinomial's draw without its vectorized temporaries (and with C kernels,
   without drawing the uniforms of zero probabilities).
 """
@@ -22,8 +22,9 @@ import torch
 from gpt2serve.engine import native
 
 NEG_INF = float("-inf")
-# `replay_multinomial`: up to this many non-zero probabilities, every exponential is computed as torch
-# does; beyond, vectorized, and exactly only for the ratios within DRAW_MARGIN (relative) of the largest.
+# `replay_multinomial` without the C kernels: up to this many non-zero probabilities, every exponential is
+# computed as torch does; beyond, vectorized, and exactly only for the ratios within DRAW_MARGIN
+# (relative) of the largest.
 EXACT_DRAW_MAX_SURVIVORS = 256
 DRAW_MARGIN = 1e-5  # ~80 float32 rounding steps; a one-ulp change in a logarithm moves a ratio ~3 at most
 # `draw_top_k`: rows with top-k up to this take the fast path (its per-survivor arithmetic is Python).
@@ -33,6 +34,10 @@ FAST_MAX_TOP_K = 256
 FAST_MARGIN = 1e-4
 # `top_p_cut`: the partial selections tried, in turn; past ~512 of GPT-2's 50257 the C sort is cheaper.
 NUCLEUS_TRIES = (64, 512)
+NEAR_GAPS = (0.5, 1.0, 2.0, 4.0)  # `_nucleus_too_wide`'s distances below the largest score
+# covers the roundings of exp(x - max), of the softmax's sum and of max - gap (a gap off by under 0.01 for
+# scores below 1e4), with room to spare
+NEAR_SLACK = 0.01
 UNIT = 2.0**-24  # float32's unit roundoff
 LANES = 8  # torch's softmax sums a row in at least 8 lanes (Vectorized<float>), each sequentially
 ABSOLUTE = 1e-10  # float64 rounding of the masses (sums of up to 50257 terms near 1), absolute
@@ -120,10 +125,13 @@ def top_p_cut(scores: torch.Tensor, top_p: float) -> float | None:
     sorted order. Here the mass comes from torch's softmax of the unsorted row, in float64: the two sums
     differ by their rounding (at most `_sum_margin`), so a cut that close to the threshold, or tied scores
     straddling it, or more kept scores than fetched, is left to the sort (None)."""
-    if not _cpu_row(scores) or top_p >= 1:
+    if not _cpu_row(scores) or top_p >= 1 or _nucleus_too_wide(scores, top_p):
         return None
-    probs = scores.softmax(dim=-1)
-    total, peak = probs.sum(dtype=torch.float64).item(), probs.max().item()
+    probs = scores.softmax(dim=-1)  # one row: torch's single-threaded softmax
+    summed = native.mass(probs)
+    if summed is None:
+        summed = probs.sum(dtype=torch.float64).item(), probs.max().item()
+    total, peak = summed
     threshold = array("f", [1 - top_p])[0]
     margin = _sum_margin(scores.numel())
     if not math.isfinite(total):
@@ -146,6 +154,18 @@ def top_p_cut(scores: torch.Tensor, top_p: float) -> float | None:
     return None
 
 
+def _nucleus_too_wide(scores: torch.Tensor, top_p: float) -> bool:
+    """Whether even the largest partial selection cannot hold top_p of the mass, told without a softmax:
+    the c values within `gap` of the largest make the softmax's sum at least c * exp(-gap) times the
+    largest probability, so the top k hold at most k / (c * exp(-gap)) of it (a random model's rows:
+    thousands within 2 of the largest)."""
+    near = native.near_max(scores, NEAR_GAPS)
+    if near is None or not math.isfinite(near[0]):
+        return False
+    spread = max(c * math.exp(-gap) for gap, c in zip(NEAR_GAPS, near[1]))
+    return NUCLEUS_TRIES[-1] < top_p * spread * (1 - NEAR_SLACK)
+
+
 def _sum_margin(n: int) -> float:
     """A bound on the relative difference between two float32 sums of the same n positive terms in
     different orders, each over LANES lanes (each lane within its terms' count plus the lanes' tree of
@@ -154,33 +174,24 @@ def _sum_margin(n: int) -> float:
     return 2 * steps * UNIT + 4 * UNIT
 
 
-def top_p_sorted(scores: torch.Tensor, top_p: float) -> torch.Tensor | None:
-    """The reference's top-p of a 1-D CPU row with the row sorted in C (native.sort_rows): its values are
-    torch.sort's; None where the C sort declines or tied values straddle the cut."""
-    if not _cpu_row(scores):
+def top_p_exact(scores: torch.Tensor, top_p: float) -> torch.Tensor | None:
+    """The reference's top-p of a 1-D CPU row (scores, the removed ones -inf), for any width of nucleus.
+
+    HF's softmax of the sorted row divides by a float32 sum taken in sorted order, so the cut depends on
+    every value's place in that order, not only on the values near it: no bound on that sum's rounding
+    is tight enough to place a cut among tens of thousands of tokens of ~1e-5 each (a random model's
+    rows). So the values are sorted (native.sort_values: without their indices, which only ties at the
+    cut would need) and torch itself takes their softmax, bit for bit HF's; the cumulative sum, the cut
+    and the mask are computed in C (native.top_p_apply). None where equal values straddle the cut, the
+    row's largest value is not finite, or the kernels are not built."""
+    if not _cpu_row(scores) or top_p >= 1:
         return None
-    ordered = native.sort_rows(scores[None])
+    ordered = native.sort_values(scores)
     if ordered is None:
         return None
-    threshold = torch.tensor([1 - top_p], dtype=torch.float64).to(scores.dtype)
-    return _top_p_sorted(scores, *(t[0] for t in ordered), threshold)
-
-
-def _top_p_sorted(
-    row: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, sorted_ok: bool, threshold: torch.Tensor
-) -> torch.Tensor | None:
-    """HF's top-p for one row given native.sort_rows' order: the sorted values are torch.sort's, so
-    softmax and cumsum see the same floats; only where tied values straddle the cut would torch's order
-    among them matter, and there (or for a row the C sort declined) it returns None."""
-    if not sorted_ok:
-        return None
-    cumulative = values[None].softmax(dim=-1).cumsum(dim=-1)[0]
-    remove = cumulative <= threshold
-    remove[-1] = False
-    cut = int(remove.sum())  # the removed positions are a prefix (cumsum is monotone)
-    if cut and bool(values[cut - 1] == values[cut]):
-        return None
-    return row.index_fill(0, indices[:cut], NEG_INF)
+    probs = ordered[None].softmax(dim=-1)[0]  # one row: torch's single-threaded softmax
+    applied = native.top_p_apply(scores, ordered, probs, array("f", [1 - top_p])[0])
+    return None if applied is None else applied[0]
 
 
 # -- the draw -------------------------------------------------------------------------------------------
@@ -188,18 +199,24 @@ def _top_p_sorted(
 
 def replay_multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> int | None:
     """`torch.multinomial(probs, 1, generator=generator)`'s token, the generator left in the same state,
-    in less time on CPU (per row over GPT-2's vocabulary: 0.4 ms after top-k, 0.45-0.85 ms without,
-    against ~1 ms); None (generator untouched) for what torch must answer itself: a GPU or non-float32
-    row, a row torch refuses (no positive entry, a negative, inf or NaN).
+    in less time on CPU; None (generator untouched) for what torch must answer itself: a GPU or
+    non-float32 row, a row torch refuses (no positive entry, a negative, inf or NaN).
 
     For one sample, torch computes argmax(probs / e) with e ~ Exp(1) drawn for every entry, each from one
     float64 uniform u as -log1p(-u) (glibc's log1p), rounded to the row's dtype. Those uniforms are drawn
     here in one call, which advances the generator identically (with the C kernels only the ones where
-    probs > 0, native.uniform_at advancing the generator past the rest), and the ratios are computed only
-    where probs > 0 (the others are 0 and cannot win). A u of exactly 0 (p = 2^-53 per entry) would make
-    torch's ratio 0/0 = NaN, which argmax picks: that draw is left to torch."""
+    probs > 0, the generator advanced past the rest: native.multinomial does the whole draw, its row
+    checks included; without them, torch's uniform_ and the ratios here), and the ratios are computed
+    only where probs > 0 (the others are 0 and cannot win). A u of exactly 0 (p = 2^-53 per entry) would
+    make torch's ratio 0/0 = NaN, which argmax picks: that draw is left to torch."""
     if not _cpu_row(probs):
         return None
+    gen = generator if generator is not None else torch.default_generator
+    drawn = native.multinomial(gen, probs)  # the whole draw in C, where built (see csrc/sampling.c)
+    if drawn is not None:
+        token, state = drawn
+        gen.set_state(state)
+        return token
     alive = int(torch.count_nonzero(probs))
     survivors = None if alive == probs.shape[0] else probs.nonzero()[:, 0]  # None: every entry
     p = probs if survivors is None else probs[survivors]
@@ -208,11 +225,6 @@ def replay_multinomial(probs: torch.Tensor, generator: torch.Generator | None) -
     lo, hi = torch.aminmax(p)
     if not (lo.item() >= 0 and hi.item() < math.inf):  # NaN fails both: torch raises its error
         return None
-    gen = generator if generator is not None else torch.default_generator
-    if alive > EXACT_DRAW_MAX_SURVIVORS and (drawn := native.multinomial(gen, probs)) is not None:
-        token, state = drawn  # the whole draw in C (every ratio exact; see csrc/sampling.c)
-        gen.set_state(state)
-        return token
     u = _uniforms(gen, probs.shape[0], survivors)
     return None if u is None else _winner(p, u, survivors)
 

@@ -10,7 +10,7 @@ from gpt2serve.engine import processors, sampling
 from gpt2serve.engine.chooser import TokenChooser, choose_isolated
 from gpt2serve.engine.device import processors as device_processors
 from gpt2serve.engine.device.chooser import DeviceTokenChooser
-from gpt2serve.engine.device.sampling import kept_probs, race
+from gpt2serve.engine.device.sampling import kept_probs, order_keys, race, select
 from gpt2serve.engine.errors import NonFiniteLogitsError
 from gpt2serve.engine.params import SamplingParams
 from gpt2serve.engine.request import Request, Sequence
@@ -79,21 +79,59 @@ def test_greedy_rows_equal_the_reference_exactly():
 CASES = [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.9), (0.5, 40, 0.8), (1.0, 1, 1.0), (2.0, 200, 0.3)]
 
 
+def _kept(x: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    rows = x.shape[0]
+    return kept_probs(
+        x,
+        torch.full((rows,), temperature),
+        torch.full((rows,), top_k),
+        torch.full((rows,), top_p, dtype=torch.float64),
+    )
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", CASES)
 def test_kept_set_is_the_references(temperature, top_k, top_p):
     x = _logits(16, seed=top_k)
-    probs, order = kept_probs(
-        x,
-        torch.full((16,), temperature),
-        torch.full((16,), top_k),
-        torch.full((16,), top_p, dtype=torch.float64),
-    )
-    for row, p, o in zip(x, probs, order):
-        kept = set(o[p > 0].tolist())
+    for row, p in zip(x, _kept(x, temperature, top_k, top_p)):
         ref = sampling.warp_row(row, temperature, top_k, top_p)
-        assert kept == set(torch.isfinite(ref).nonzero()[:, 0].tolist())
+        assert torch.equal(p > 0, torch.isfinite(ref))
         share = p[p > 0] / p.sum()  # the race draws in proportion: no renormalizing needed
-        torch.testing.assert_close(share, ref.softmax(-1)[o[p > 0]], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(share, ref.softmax(-1)[p > 0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.55, 3.0, 15.0])  # a random model's near-flat rows .. most mass on a few
+def test_kept_set_over_gpt2s_vocabulary_is_the_references(scale):
+    """Without a sort, over 50257 tokens: a nucleus of tens of thousands (flat rows) or of a handful."""
+    x = torch.randn(4, 50257, generator=torch.Generator().manual_seed(int(scale * 10))) * scale
+    for top_k, top_p in ((0, 0.9), (0, 0.3), (50, 0.92), (0, 0.999)):
+        for row, p in zip(x, _kept(x, 1.0, top_k, top_p)):
+            ref = torch.isfinite(sampling.warp_row(row, 1.0, top_k, top_p))
+            assert torch.equal(p > 0, ref), (scale, top_k, top_p, int(ref.sum()), int((p > 0).sum()))
+
+
+def test_select_is_the_largest_threshold_that_reaches_need():
+    """Against a sort: per row, the largest key whose tokens at or above it weigh at least `need`."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 500, generator=gen) * 2
+    x[1, :300] = 0.25  # a long tied run
+    x[2, 10:20] = float("-inf")
+    keys = order_keys(x)
+    assert torch.equal(keys.argsort(dim=1, stable=True), x.argsort(dim=1, stable=True))  # keys order as x
+    weight = torch.randint(0, 5, x.shape, generator=gen)
+    need = (weight.sum(1).float() * torch.rand(6, generator=gen)).long().clamp(min=1)
+    got = select(keys, weight, need)
+    for r in range(6):
+        ranked = keys[r].unique(sorted=True).flip(0)
+        reach = torch.stack([weight[r][keys[r] >= t].sum() for t in ranked])
+        assert got[r] == ranked[int((reach >= need[r]).nonzero()[0])]
+
+
+def test_tokens_tied_at_a_cut_are_kept_together():
+    x = torch.tensor([[3.0, 2.0, 2.0, 1.0, 0.0]])
+    assert (_kept(x, 1.0, 2, 1.0)[0] > 0).tolist() == [True, True, True, False, False]  # as HF's top-k
+    mass = torch.softmax(x[0], dim=0)
+    half = float(mass[0] + mass[1] / 2)  # the top-p cut falls inside the tied pair
+    assert (_kept(x, 1.0, 0, half)[0] > 0).tolist() == [True, True, True, False, False]
 
 
 def test_draws_follow_the_kept_probabilities():

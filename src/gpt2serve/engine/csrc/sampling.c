@@ -11,6 +11,8 @@
 
 #include "kernels.h"
 
+enum { SCRATCH_SLOTS = 5 };
+
 typedef struct {
     float value;
     int64_t index;
@@ -181,24 +183,18 @@ static inline uint32_t temper(uint32_t y) {
     return y ^ (y >> 18);
 }
 
-static inline double to_uniform(uint32_t hi, uint32_t lo) { /* torch's uniform_real for double */
-    uint64_t r = ((uint64_t)temper(hi) << 32) | temper(lo);
+static inline double to_uniform(uint32_t hi, uint32_t lo) { /* torch's uniform_real for double, from */
+    uint64_t r = ((uint64_t)hi << 32) | lo;                     /* two tempered words */
     return (double)(r & ((1ull << 53) - 1)) * (1.0 / (double)(1ull << 53));
 }
 
-/* Advance the generator in `state` (bytes of torch.Generator.get_state(), updated in place) exactly as
- * `torch.empty(n, dtype=torch.float64).uniform_()` would, writing only the draws at the ascending
- * indices `at` (n_at of them; every draw where `at` is NULL) to `out`. Returns 1 if any of the n draws is
- * exactly 0 (then the caller must let torch draw), else 0; -1 for arguments it does not take. */
-int gpt2serve_uniform(void *state, int64_t n, const int64_t *at, int64_t n_at, double *out) {
-    mt_state_t *s = state;
-    if (n < 0 || s->left < 1 || s->left > MT_N + 1 || s->next > MT_N) return -1;
-    for (int j = 0; at && j < n_at; ++j)
-        if (at[j] < 0 || at[j] >= n || (j && at[j] <= at[j - 1])) return -1;
-    uint32_t mt[MT_N];
+/* gpt2serve_uniform without its argument checks (`at` ascending and within n). Each segment of the
+ * generator's words is tempered whole (vectorized) before the draws at `at` are read from it. */
+static int advance_uniform(mt_state_t *s, int64_t n, const int64_t *at, int64_t n_at, double *out) {
+    uint32_t mt[MT_N], tw[MT_N];
     for (int i = 0; i < MT_N; ++i) mt[i] = (uint32_t)s->state[i];
     int64_t left = s->left, next = (int64_t)s->next, g = 0, words = 2 * n;  /* g: words consumed */
-    uint32_t carry = 0;  /* the last word of the previous segment */
+    uint32_t carry = 0;  /* the last tempered word of the previous segment */
     int64_t j = 0;
     int zero = 0;
     while (g < words) {
@@ -213,17 +209,20 @@ int gpt2serve_uniform(void *state, int64_t n, const int64_t *at, int64_t n_at, d
         }
         int64_t c = avail < words - g ? avail : words - g;
         uint32_t any_zero = 0;
-        for (int64_t i = 0; i < c; ++i) any_zero |= seg[i] == 0;
+        for (int64_t i = 0; i < c; ++i) {
+            tw[i] = temper(seg[i]);
+            any_zero |= seg[i] == 0;
+        }
         if (any_zero) /* a lo word (odd g) of 0 makes u == 0 when its hi word has no low 21 bits set */
             for (int64_t i = 0; i < c; ++i)
-                if (((g + i) & 1) && seg[i] == 0 && !(temper(i ? seg[i - 1] : carry) & 0x1fffffu)) zero = 1;
+                if (((g + i) & 1) && seg[i] == 0 && !((i ? tw[i - 1] : carry) & 0x1fffffu)) zero = 1;
         if (!at) /* every draw whose lo word is in this segment */
-            for (int64_t w = g | 1; w < g + c; w += 2) out[w / 2] = to_uniform(w > g ? seg[w - g - 1] : carry, seg[w - g]);
+            for (int64_t w = g | 1; w < g + c; w += 2) out[w / 2] = to_uniform(w > g ? tw[w - g - 1] : carry, tw[w - g]);
         for (; at && j < n_at && 2 * at[j] + 1 < g + c; ++j) {
             int64_t lo = 2 * at[j] + 1 - g;
-            out[j] = to_uniform(lo ? seg[lo - 1] : carry, seg[lo]);
+            out[j] = to_uniform(lo ? tw[lo - 1] : carry, tw[lo]);
         }
-        carry = seg[c - 1];
+        carry = tw[c - 1];
         if (twisted) {
             next = c, left = MT_N + 1 - c;
         } else {
@@ -237,80 +236,67 @@ int gpt2serve_uniform(void *state, int64_t n, const int64_t *at, int64_t n_at, d
     return zero;
 }
 
-/* torch.multinomial(probs, 1) for one row of n float32 probabilities (finite, >= 0, one of them > 0: the
- * caller checks), the generator in `state` advanced in place past n uniforms as torch's draw does: the
- * first index of the largest probs[i] / e_i, e_i = -log1p(-u_i) in double (glibc's log1p, as torch)
- * rounded to float, the division in float. e_i >= u_i, so probs[i] / u_i bounds each ratio from above
- * and only the few indices whose bound reaches the best ratio need the logarithm. Returns the index, or
- * -1 where a draw is exactly 0 (torch's own special case) or out of memory. */
+/* Advance the generator in `state` (bytes of torch.Generator.get_state(), updated in place) exactly as
+ * `torch.empty(n, dtype=torch.float64).uniform_()` would, writing only the draws at the ascending
+ * indices `at` (n_at of them; every draw where `at` is NULL) to `out`. Returns 1 if any of the n draws is
+ * exactly 0 (then the caller must let torch draw), else 0; -1 for arguments it does not take. */
+int gpt2serve_uniform(void *state, int64_t n, const int64_t *at, int64_t n_at, double *out) {
+    mt_state_t *s = state;
+    if (n < 0 || s->left < 1 || s->left > MT_N + 1 || s->next > MT_N) return -1;
+    for (int j = 0; at && j < n_at; ++j)
+        if (at[j] < 0 || at[j] >= n || (j && at[j] <= at[j - 1])) return -1;
+    return advance_uniform(s, n, at, n_at, out);
+}
+
+/* A work buffer of at least `bytes`, one per (calling thread, slot), kept between calls and grown as
+ * needed: a fresh vocabulary-sized malloc each call would be mapped, faulted in and zeroed by the kernel
+ * every time, which costs more than the work done in it. NULL out of memory. */
+void *gpt2serve_scratch(int slot, size_t bytes) {
+    static _Thread_local void *held[SCRATCH_SLOTS];
+    static _Thread_local size_t size[SCRATCH_SLOTS];
+    if (slot < 0 || slot >= SCRATCH_SLOTS) return NULL;
+    if (bytes > size[slot]) {
+        void *grown = realloc(held[slot], bytes);
+        if (!grown) return NULL;
+        held[slot] = grown, size[slot] = bytes;
+    }
+    return held[slot];
+}
+
+/* torch.multinomial(probs, 1) for one row of n float32 probabilities, the generator in `state` advanced in
+ * place past n uniforms as torch's draw does: the first index of the largest probs[i] / e_i, e_i =
+ * -log1p(-u_i) in double (glibc's log1p, as torch) rounded to float, the division in float. Only the
+ * uniforms of the positive probabilities are computed (a zero's ratio is 0 and cannot win). e_i >= u_i,
+ * so probs[i] / u_i bounds each ratio from above and only the few indices whose bound reaches the best
+ * ratio need the logarithm. Returns the index; -2 for a row torch refuses (a negative, inf or NaN entry,
+ * or none positive); -1 where a draw is exactly 0 (torch's own special case) or out of memory. */
 int64_t gpt2serve_multinomial(void *state, const float *probs, int64_t n) {
-    double *u = malloc((size_t)n * sizeof *u);
-    if (!u) return -1;
-    if (gpt2serve_uniform(state, n, NULL, 0, u) != 0) {
-        free(u);
-        return -1;
-    }
-    int64_t best_i = 0;
-    double bound = -1.0;
+    mt_state_t *s = state;
+    if (n < 1 || s->left < 1 || s->left > MT_N + 1 || s->next > MT_N) return -1;
+    int64_t *at = gpt2serve_scratch(0, (size_t)n * sizeof *at), m = 0;
+    double *u = gpt2serve_scratch(1, (size_t)n * sizeof *u), *bound = gpt2serve_scratch(4, (size_t)n * 8);
+    float *p = gpt2serve_scratch(3, (size_t)n * sizeof *p);  /* the positive probabilities, packed */
+    if (!at || !u || !p || !bound) return -1;
+    int bad = 0;
     for (int64_t i = 0; i < n; ++i) {
-        double b = probs[i] / u[i];
-        if (b > bound) bound = b, best_i = i;
+        float v = probs[i];
+        bad |= !(v >= 0.0f && v < INFINITY);
+        at[m] = i, p[m] = v;
+        m += v > 0.0f;
     }
-    float best = probs[best_i] / (float)(-log1p(-u[best_i]));
+    if (bad || !m) return -2;
+    if (advance_uniform(s, n, at, m, u) != 0) return -1;
+    double top = -1.0;
+    for (int64_t j = 0; j < m; ++j) bound[j] = p[j] / u[j];  /* contiguous: vectorized */
+    for (int64_t j = 0; j < m; ++j) top = bound[j] > top ? bound[j] : top;
+    int64_t best_j = 0;
+    while (bound[best_j] != top) ++best_j;
+    float best = p[best_j] / (float)(-log1p(-u[best_j]));
     double reach = (double)best * (1.0 - 1e-6);  /* a ratio can exceed its bound by ~1.2e-7 (roundings) */
-    for (int64_t i = 0; i < n; ++i) {
-        if (probs[i] / u[i] < reach || i == best_i) continue;
-        float r = probs[i] / (float)(-log1p(-u[i]));
-        if (r > best || (r == best && i < best_i)) best = r, best_i = i;
+    for (int64_t j = 0; j < m; ++j) {
+        if (bound[j] < reach || j == best_j) continue;
+        float r = p[j] / (float)(-log1p(-u[j]));
+        if (r > best || (r == best && j < best_j)) best = r, best_j = j;
     }
-    free(u);
-    return best_i;
-}
-
-/* x (n floats, n < 2^32) sorted ascending into values, with their indices: an LSD radix sort (four
- * passes of 8 bits over (order-preserving integer key, index) pairs), stable, so equal values keep index
- * order (-0.0 sorts before 0.0). Returns 0, or -1 for a NaN in x or out of memory. */
-static int sort_row(const float *x, int64_t n, float *values, int64_t *indices) {
-    uint64_t *buf = malloc((size_t)n * 2 * sizeof *buf);
-    if (!buf) return -1;
-    uint64_t *a = buf, *b = buf + n;
-    int64_t count[4][256] = {{0}};
-    for (int64_t i = 0; i < n; ++i) {
-        uint32_t u;
-        memcpy(&u, x + i, sizeof u);
-        if ((u & 0x7fffffffu) > 0x7f800000u) { /* NaN */
-            free(buf);
-            return -1;
-        }
-        uint32_t key = u & 0x80000000u ? ~u : u | 0x80000000u; /* unsigned order == float order */
-        a[i] = (uint64_t)key << 32 | (uint64_t)i;
-        for (int d = 0; d < 4; ++d) ++count[d][(key >> (8 * d)) & 255];
-    }
-    for (int d = 0; d < 4; ++d) {
-        int64_t total = 0;
-        for (int v = 0; v < 256; ++v) {
-            int64_t c = count[d][v];
-            count[d][v] = total;
-            total += c;
-        }
-        for (int64_t i = 0; i < n; ++i) b[count[d][(a[i] >> (32 + 8 * d)) & 255]++] = a[i];
-        uint64_t *t = a;
-        a = b, b = t;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-        uint32_t key = (uint32_t)(a[i] >> 32), u = key & 0x80000000u ? key & 0x7fffffffu : ~key;
-        memcpy(values + i, &u, sizeof u);
-        indices[i] = (int64_t)(a[i] & 0xffffffffu);
-    }
-    free(buf);
-    return 0;
-}
-
-/* `rows` rows of n floats each (x, values, indices row-major), each sorted as sort_row does, rows in
- * parallel; ok[r] = 1 where row r was sorted, 0 where it holds a NaN (or memory ran out). */
-void gpt2serve_sort_rows(const float *x, int rows, int64_t n, float *values, int64_t *indices, int8_t *ok,
-                         int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int r = 0; r < rows; ++r)
-        ok[r] = sort_row(x + (size_t)r * n, n, values + (size_t)r * n, indices + (size_t)r * n) == 0;
+    return at[best_j];
 }
