@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gpt2serve.engine import native, sampling_fast
-from gpt2serve.engine.sampling import choose_row, draw, reference
+from gpt2serve.engine.params import SamplingParams
+from gpt2serve.engine.sampling import choose, draw, reference
 from gpt2serve.engine.sampling_fast import EXACT_DRAW_MAX_SURVIVORS, NEG_INF
 from tests.engine.test_linear import NO_GEMV
 from tests.engine.test_sampling import TEMPERATURES, TOP_PS, generators, hf_warp, make_logits, run_warp
@@ -324,7 +325,8 @@ def test_pure_top_p_rows_draw_the_references_tokens(kind: str) -> None:
     for i, (row, p, t) in enumerate(itertools.product(rows, [0.3, 0.9, 0.999], [1.0, 0.7])):
         ours, theirs = generators(i, i)
         for _ in range(2):
-            assert choose_row(row, t, 0, p, ours) == reference(row, t, 0, p, theirs), (kind, p, t)
+            params = SamplingParams(do_sample=True, temperature=t, top_k=0, top_p=p)
+            assert choose(row[None], [params], [ours]) == [reference(row, t, 0, p, theirs)], (kind, p, t)
             assert torch.equal(ours.get_state(), theirs.get_state())
 
 
@@ -364,7 +366,6 @@ def test_the_head_sketchs_logits_draw_the_references_tokens() -> None:
     from gpt2serve.engine.chooser import logits_read
     from gpt2serve.engine.head_sketch import HeadSketch
     from gpt2serve.engine.linear import PackedLinear
-    from gpt2serve.engine.params import SamplingParams
     from gpt2serve.engine.sampling import choose, reference
 
     head = PackedLinear.lm_head(torch.randn(50257, 64, generator=torch.Generator().manual_seed(0)) * 0.5,
