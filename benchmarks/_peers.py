@@ -129,8 +129,13 @@ def load_engine(spec: str, precision: str, threads: int, kernels: str = "auto"):
     from gpt2serve.engine.config import EngineConfig
     from gpt2serve.engine.engine import Engine
 
-    config = EngineConfig(
-        dtype=precision, max_batch_size=8, request_timeout_s=None, threads=threads, cpu_kernels=kernels
+    config = EngineConfig(  # one request at a time: it may hold every slot (beam 5)
+        dtype=precision,
+        max_batch_size=8,
+        max_request_share=1.0,
+        request_timeout_s=None,
+        threads=threads,
+        cpu_kernels=kernels,
     )
     loaded: dict = {}
     loader = threading.Thread(target=lambda: loaded.update(engine=Engine.load(spec, config)))

@@ -52,16 +52,20 @@ def isa_libraries() -> dict:
     return libraries
 
 
+GIT = {"capture_output": True, "check": True, "text": True}
+
+
 def revision_libraries(base: str) -> dict:
-    """The C library built from `base`'s csrc ("base") and from the working tree's ("worktree")."""
+    """The C library built from `base`'s csrc ("base": every file that revision has there) and from the
+    working tree's ("worktree")."""
     sources, root = native.SOURCES, Path(__file__).resolve().parents[1]
+    folder = sources[0].parent.relative_to(root).as_posix()
+    listed = subprocess.run(["git", "ls-tree", "--name-only", f"{base}:{folder}"], cwd=root, **GIT)
     with tempfile.TemporaryDirectory() as tmp:
-        for path in sources:
-            name = path.relative_to(root).as_posix()
-            git = ["git", "show", f"{base}:{name}"]
-            shown = subprocess.run(git, cwd=root, capture_output=True, check=True)
-            (Path(tmp) / path.name).write_bytes(shown.stdout)
-        native.SOURCES = [Path(tmp) / path.name for path in sources]
+        for name in sorted(listed.stdout.split()):
+            shown = subprocess.run(["git", "show", f"{base}:{folder}/{name}"], cwd=root, **GIT)
+            (Path(tmp) / name).write_text(shown.stdout)
+        native.SOURCES = sorted(Path(tmp).iterdir())
         native.library.cache_clear()
         libraries = {"base": native.library()}  # built into the kernel cache, so tmp may go
     native.SOURCES = sources
