@@ -1,7 +1,7 @@
 """Batch benchmark: `gpt2serve batch` locally, the same requests one at a time, and a server at 16 clients.
 
     python benchmarks/bench_batch.py [--model random:gpt2] [--requests 200] [--sequential 40]
-                                     [--clients 16] [--max-batch-size 32] [--out NAME|FILE.json|-]
+                                     [--clients 16] [--max-batch-size 48] [--out NAME|FILE.json|-]
 
 The requests are seed-API defaults ({"input": prompt}: sample-top-p, 3 sequences, max_length 100), one per
 line. Three runs, one after the other in this process, each measuring generated tokens/s over its wall
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--sequential", type=int, default=40, help="requests of the one-at-a-time run")
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=48, help="KV slots, here and in the server (batch's default)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads, here and in the server")
     add_out_argument(p, "batch_<model>")
     args = p.parse_args(argv)

@@ -51,7 +51,7 @@ class BatchOptions:
     concurrency: int | None = None  # None: 2 x max_batch_size locally, 16 against a server
     device: str = "cpu"
     dtype: str | None = None
-    max_batch_size: int = 32
+    max_batch_size: int = 48  # the server's 32 leave a 3-sequence request's slots idle; see BENCHMARKS.md
     threads: int | None = None
     ray: bool = False  # engine actors on a Ray cluster (gpt2serve.scale.batch)
     replicas: int | None = None  # with ray: engine actors (default 1)

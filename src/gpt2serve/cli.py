@@ -148,7 +148,7 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     concurrency_help = "requests in flight (default: 2 x --max-batch-size locally and per --ray actor, " \
         "16 with --url)"  # fmt: skip
     batch.add_argument("--concurrency", type=int, default=None, help=concurrency_help)
-    batch.add_argument("--max-batch-size", type=int, default=32, help="local engine: KV slots (default 32)")
+    batch.add_argument("--max-batch-size", type=int, default=48, help="local engine: KV slots (default 48)")
     batch.add_argument("--dtype", default=None, help="local engine: float32 | bfloat16 | float16 | int8")
     batch.add_argument("--device", default="cpu", help="local engine: cpu | cuda | auto (default cpu)")
     batch.add_argument("--threads", type=int, default=None,

@@ -20,7 +20,12 @@ from gpt2serve.engine import native
 from gpt2serve.engine.linear import PackedLinear, in_huge_pages, quantize_int8
 
 MAX_CANDIDATE_SHARE = 0.125
-SKETCH_MAX_ROWS = 32  # more rows than this take the full head: their candidates' union grows with them
+# Rows past these take the full head: the sketch costs as many FMAs per row as the head (it saves bytes,
+# not arithmetic) and the candidates' union grows with the rows. Where the two cross on a Zen 5 (random
+# gpt2, 2 threads, ms): top 1 at 32 rows 6.1 against 7.2; top 50 at 16 rows 3.9 against 3.9, at 20 5.0
+# against 4.6, at 32 8.3 against 7.2.
+SKETCH_MAX_ROWS = {1: 32}  # by the `top` asked for
+SKETCH_MAX_ROWS_TOP_K = 16  # any other `top`
 ROUNDING = 2.0**-24  # float32's unit roundoff
 WIDEN = 1.001
 SLACK_CHUNK = 1024  # rows per float64 temporary (gpt2-xl: 13 MB)
@@ -41,6 +46,11 @@ class HeadSketch:
             norms = exact.norm(dim=1) + sketch.norm(dim=1)
             slack = ((exact - sketch).norm(dim=1) + rounding * norms) * WIDEN
             self.slack[rows] = slack.float().nextafter(torch.tensor(float("inf")))  # rounded up
+
+    @staticmethod
+    def pays(rows: int, top: int) -> bool:
+        """Whether `logits(x, top)` for `rows` rows is faster than the full head (see SKETCH_MAX_ROWS)."""
+        return rows <= SKETCH_MAX_ROWS.get(top, SKETCH_MAX_ROWS_TOP_K)
 
     @property
     def nbytes(self) -> int:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from gpt2serve.engine import native
 from gpt2serve.engine.config import ModelConfig
-from gpt2serve.engine.head_sketch import SKETCH_MAX_ROWS, HeadSketch
+from gpt2serve.engine.head_sketch import HeadSketch
 from gpt2serve.engine.kv_cache import KVCache
 from gpt2serve.engine.linear import (
     DENSE_CHUNK,
@@ -292,7 +292,7 @@ class GPT2(torch.nn.Module):
         """Logits of the (N, C) final-norm outputs; with `top`, only what each row's `top` largest can
         be is exact, the rest may be -inf (see head_sketch.py)."""
         sketch = self.head_sketch
-        if top is not None and sketch is not None and x.dim() == 2 and x.shape[0] <= SKETCH_MAX_ROWS:
+        if top is not None and sketch is not None and x.dim() == 2 and sketch.pays(x.shape[0], top):
             return sketch.logits(x, top)
         return self.lm_head(x)
 

@@ -68,17 +68,11 @@ static void layer_norm(const float *x, const float *w, const float *b, float *y,
     }
 }
 
-/* out (hs) = softmax(q . keys[j] * scale, j < L) @ values; hs a multiple of 8, s holds L + 8 floats. */
-static void attend(const float *q, const float *keys, const float *values, int L, int hs, float scale,
-                   float *s, float *out) {
+/* The scores s[0 .. L) become e^(s[j] - max), padded with zeros to a multiple of 8 (s holds L + 8
+ * floats); returns 1 / their sum. */
+static float softmax_scores(float *s, int L) {
     float best = -INFINITY;
-    for (int j = 0; j < L; ++j) {
-        const float *key = keys + (size_t)j * hs;
-        __m256 d = _mm256_setzero_ps();
-        for (int k = 0; k < hs; k += 8) d = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), _mm256_loadu_ps(key + k), d);
-        s[j] = hsum(d) * scale;
-        best = s[j] > best ? s[j] : best;
-    }
+    for (int j = 0; j < L; ++j) best = s[j] > best ? s[j] : best;
     int L8 = (L + 7) & ~7;
     for (int j = L; j < L8; ++j) s[j] = -INFINITY;
     __m256 top = _mm256_set1_ps(best), total = _mm256_setzero_ps();
@@ -87,7 +81,19 @@ static void attend(const float *q, const float *keys, const float *values, int L
         _mm256_storeu_ps(s + j, e);
         total = _mm256_add_ps(total, e);
     }
-    float inv = 1.0f / hsum(total);
+    return 1.0f / hsum(total);
+}
+
+/* out (hs) = softmax(q . keys[j] * scale, j < L) @ values; hs a multiple of 8, s holds L + 8 floats. */
+static void attend(const float *q, const float *keys, const float *values, int L, int hs, float scale,
+                   float *s, float *out) {
+    for (int j = 0; j < L; ++j) {
+        const float *key = keys + (size_t)j * hs;
+        __m256 d = _mm256_setzero_ps();
+        for (int k = 0; k < hs; k += 8) d = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), _mm256_loadu_ps(key + k), d);
+        s[j] = hsum(d) * scale;
+    }
+    float inv = softmax_scores(s, L);
     for (int k = 0; k < hs; k += 8) _mm256_storeu_ps(out + k, _mm256_setzero_ps());
     for (int j = 0; j < L; ++j) {
         __m256 p = _mm256_set1_ps(s[j] * inv);
@@ -95,6 +101,43 @@ static void attend(const float *q, const float *keys, const float *values, int L
         for (int k = 0; k < hs; k += 8)
             _mm256_storeu_ps(out + k, _mm256_fmadd_ps(p, _mm256_loadu_ps(value + k), _mm256_loadu_ps(out + k)));
     }
+}
+
+/* attend() for hs == 64 (every GPT-2 size) with the same sums in the same order, so the same bits: the
+ * query and the output held in registers, and 4 keys' dot products at once (each a chain of 8 FMAs). */
+static void attend64(const float *q, const float *keys, const float *values, int L, float scale, float *s,
+                     float *out) {
+    __m256 qv[8], o[8];
+    for (int i = 0; i < 8; ++i) qv[i] = _mm256_loadu_ps(q + 8 * i);
+    int j = 0;
+    for (; j + 4 <= L; j += 4) {
+        const float *key = keys + (size_t)j * 64;
+        __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
+        for (int i = 0; i < 8; ++i) {
+            d0 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), d0);
+            d1 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 64 + 8 * i), d1);
+            d2 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 128 + 8 * i), d2);
+            d3 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 192 + 8 * i), d3);
+        }
+        s[j] = hsum(d0) * scale;
+        s[j + 1] = hsum(d1) * scale;
+        s[j + 2] = hsum(d2) * scale;
+        s[j + 3] = hsum(d3) * scale;
+    }
+    for (; j < L; ++j) {
+        const float *key = keys + (size_t)j * 64;
+        __m256 d = _mm256_setzero_ps();
+        for (int i = 0; i < 8; ++i) d = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), d);
+        s[j] = hsum(d) * scale;
+    }
+    float inv = softmax_scores(s, L);
+    for (int i = 0; i < 8; ++i) o[i] = _mm256_setzero_ps();
+    for (j = 0; j < L; ++j) {
+        __m256 p = _mm256_set1_ps(s[j] * inv);
+        const float *value = values + (size_t)j * 64;
+        for (int i = 0; i < 8; ++i) o[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(value + 8 * i), o[i]);
+    }
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, o[i]);
 }
 
 static void matmul(const matrix_t *m, const float *x, int M, float *y, int accumulate) {
@@ -152,8 +195,12 @@ int gpt2serve_decode(const layer_t *layers, int n_layer, int n_head, float eps, 
             for (int t = 0; t < M * n_head; ++t) {
                 int i = t / n_head, head = t % n_head;
                 size_t at = (size_t)slots[i] * slot_stride + (size_t)head * max_len * hs;
-                attend(qkv + (size_t)i * 3 * C + head * hs, kc + at, vc + at, (int)positions[i] + 1, hs, scale, s,
-                       att + (size_t)i * C + head * hs);
+                const float *q = qkv + (size_t)i * 3 * C + head * hs;
+                float *out = att + (size_t)i * C + head * hs;
+                if (hs == 64)
+                    attend64(q, kc + at, vc + at, (int)positions[i] + 1, scale, s, out);
+                else
+                    attend(q, kc + at, vc + at, (int)positions[i] + 1, hs, scale, s, out);
             }
             matmul(&L->proj, att, M, x, 1);
 #pragma omp for schedule(static)
