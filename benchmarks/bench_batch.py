@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--sequential", type=int, default=40, help="requests of the one-at-a-time run")
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--max-batch-size", type=int, default=48, help="KV slots, here and in the server (batch's default)")
+    p.add_argument("--max-batch-size", type=int, default=48, help="KV slots, here and in the server")
     p.add_argument("--threads", type=int, default=None, help="CPU threads, here and in the server")
     add_out_argument(p, "batch_<model>")
     args = p.parse_args(argv)
