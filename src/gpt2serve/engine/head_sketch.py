@@ -10,6 +10,12 @@ the k-th largest lower bound cannot be among the top k; the others (the candidat
 init a few hundred of 50257) get their exact logits from the head's own rows, through the same kernel, so
 bit for bit those of the full product. Every other logit is -inf. Where the candidates would be more than
 MAX_CANDIDATE_SHARE of the vocabulary, the full head runs instead.
+
+Where the CPU has AVX-512 VNNI the sketch's products run in integers (sketch.c): each row x is quantized
+to 8 bits too (x^ = x_scale * q, q in -127..127), which widens each token's bound by ||x - x^||_2 *
+||sketch row||_2 (Cauchy-Schwarz again) plus the final multiply's rounding (2^-21 ||x^||_2 ||sketch
+row||_2 covers it), widened like the rest. With many rows the float32 sketch costs as many FMAs as the
+head; the integer one a fraction.
 """
 
 from __future__ import annotations
@@ -39,13 +45,17 @@ class HeadSketch:
         self.q = in_huge_pages(q, torch.int8)
         del q
         self.slack = torch.empty(w.shape[0], dtype=torch.float32)
+        self.row_norms = torch.empty(w.shape[0], dtype=torch.float32)  # ||sketch row||_2, rounded up
+        self.row_sums = self.q.sum(dim=1, dtype=torch.int32)
+        self.integer = native.sketch_int8_available()
         rounding = (w.shape[1] + 8) * ROUNDING
         for start in range(0, w.shape[0], SLACK_CHUNK):  # small float64 temporaries
             rows = slice(start, start + SLACK_CHUNK)
             exact, sketch = w[rows].double(), self.q[rows].double() * self.scale[rows, None].double()
             norms = exact.norm(dim=1) + sketch.norm(dim=1)
             slack = ((exact - sketch).norm(dim=1) + rounding * norms) * WIDEN
-            self.slack[rows] = slack.float().nextafter(torch.tensor(float("inf")))  # rounded up
+            self.slack[rows] = _rounded_up(slack)
+            self.row_norms[rows] = _rounded_up(sketch.norm(dim=1))
 
     @staticmethod
     def pays(rows: int, top: int) -> bool:
@@ -54,16 +64,40 @@ class HeadSketch:
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + 8 * self.slack.numel()
+        return self.q.numel() + 16 * self.slack.numel()
 
     def logits(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """(N, V) float32: the exact logits of every token that can be among its row's k largest (the
         union over rows), -inf elsewhere. `x` is the (N, C) float32 input of the head."""
-        vocab = self.q.shape[0]
-        sketch = native.gemv(x, self.q, self.scale, None)  # (N, V)
-        candidates = native.candidates(sketch, self.slack, x.norm(dim=1) * WIDEN, k)
+        vocab, r = self.q.shape[0], x.norm(dim=1) * WIDEN
+        integer = self._integer_sketch(x) if self.integer else None
+        if integer is not None:
+            sketch, e = integer
+            candidates = native.candidates(sketch, self.slack, r, k, e, self.row_norms)
+        else:
+            sketch = native.gemv(x, self.q, self.scale, None)  # (N, V)
+            candidates = native.candidates(sketch, self.slack, r, k)
         if candidates is None or len(candidates) > MAX_CANDIDATE_SHARE * vocab:
             return self.head(x)
         out = torch.full_like(sketch, float("-inf"))
         out[:, candidates] = native.gemv(x, self.head.weight.index_select(0, candidates), None, None)
         return out
+
+    def _integer_sketch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The sketch from 8-bit rows (sketch.c) and each row's second bound factor ||x - x^|| + 2^-21
+        ||x^||, widened and rounded up; None for a row that is not finite (the float32 sketch then
+        finds the NaN)."""
+        top = x.abs().amax(dim=1)
+        if not bool(torch.isfinite(top).all()):
+            return None
+        x_scale = (top / 127).clamp(min=1e-30)
+        q = torch.round(x / x_scale[:, None]).clamp_(-127, 127)
+        dequantized = q.double() * x_scale.double()[:, None]
+        e = ((x.double() - dequantized).norm(dim=1) + 2.0**-21 * dequantized.norm(dim=1)) * WIDEN
+        sketch = native.sketch_int8((q + 128).to(torch.uint8), x_scale, self.q, self.scale, self.row_sums)
+        return None if sketch is None else (sketch, _rounded_up(e))
+
+
+def _rounded_up(t: torch.Tensor) -> torch.Tensor:
+    """float64 `t` as float32, never below it."""
+    return t.float().nextafter(torch.tensor(float("inf")))

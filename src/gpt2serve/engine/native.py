@@ -6,7 +6,8 @@ where the CPU has AVX-512, else 8 (`isa`). decode.c: a whole decode step through
 (see `decode`). sampling.c: an exact top-k, the head sketch's candidates and torch's CPU generator
 advanced without drawing every number (see `topk`, `candidates`, `uniform_at`). nucleus.c: top-p's cut
 as Hugging Face makes it, from the row's values sorted without their indices (`sort_values`,
-`top_p_apply`). The library is cached under `$GPT2SERVE_CACHE_DIR` (default `~/.cache/gpt2serve`; see
+`top_p_apply`). sketch.c: the head sketch's logits in integers, where the CPU has AVX-512 VNNI
+(`sketch_int8`). The library is cached under `$GPT2SERVE_CACHE_DIR` (default `~/.cache/gpt2serve`; see
 `kernel_cache`), keyed by a hash of the source and the compile command (`$CC`, else `cc`, and the
 instruction set's flags). Without a C compiler, or on a CPU without AVX2 and FMA, `available()` is false
 and the caller keeps torch's kernels (`--cpu-kernels torch` chooses them).
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name("csrc") / name
-    for name in ("gemv.c", "decode.c", "sampling.c", "nucleus.c", "kernels.h")
+    for name in ("gemv.c", "decode.c", "sampling.c", "nucleus.c", "sketch.c", "kernels.h")
 )
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
@@ -90,7 +91,11 @@ def library() -> ctypes.CDLL | None:
     lib.gpt2serve_topk.restype = ctypes.c_int
     lib.gpt2serve_topk.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, i, p, p]
     lib.gpt2serve_candidates.restype = ctypes.c_int64
-    lib.gpt2serve_candidates.argtypes = [p, i, ctypes.c_int64, p, p, i, p]
+    lib.gpt2serve_candidates.argtypes = [p, i, ctypes.c_int64, p, p, p, p, i, p]
+    lib.gpt2serve_sketch_i8_available.restype = ctypes.c_int
+    lib.gpt2serve_sketch_i8_available.argtypes = []
+    lib.gpt2serve_sketch_i8.restype = ctypes.c_int
+    lib.gpt2serve_sketch_i8.argtypes = [p, p, i, i, p, p, p, p, i, i]
     lib.gpt2serve_uniform.restype = ctypes.c_int
     lib.gpt2serve_uniform.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, p]
     lib.gpt2serve_multinomial.restype = ctypes.c_int64
@@ -265,19 +270,56 @@ def topk(
     return values, indices
 
 
-def candidates(sketch: torch.Tensor, slack: torch.Tensor, r: torch.Tensor, k: int) -> torch.Tensor | None:
+def candidates(
+    sketch: torch.Tensor,
+    slack: torch.Tensor,
+    r: torch.Tensor,
+    k: int,
+    e: torch.Tensor | None = None,
+    wn: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """The tokens (ascending) that can be among some row's k largest logits, each row's exact logits
-    lying within r[row] * slack of the (rows, V) float32 `sketch` (see head_sketch.py); None for a NaN in
-    the sketch or where the kernels are not built."""
+    lying within r[row] * slack (+ e[row] * wn, where given) of the (rows, V) float32 `sketch` (see
+    head_sketch.py); None for a NaN in the sketch or where the kernels are not built."""
     lib = _library_for(sketch, 2)
     if lib is None:
         return None
     sketch, slack, r = (t.float().contiguous() for t in (sketch, slack, r))
+    e, wn = (None, None) if e is None else (e.float().contiguous(), wn.float().contiguous())
     rows, n = sketch.shape
     mark = torch.empty(n, dtype=torch.uint8)
-    args = sketch.data_ptr(), rows, n, slack.data_ptr(), r.data_ptr(), k, mark.data_ptr()
-    count = lib.gpt2serve_candidates(*args)
+    second = (None, None) if e is None else (e.data_ptr(), wn.data_ptr())
+    count = lib.gpt2serve_candidates(sketch.data_ptr(), rows, n, slack.data_ptr(), r.data_ptr(), *second, k,
+                                     mark.data_ptr())  # fmt: skip
     return None if count < 0 else mark.nonzero().squeeze(1)
+
+
+# -- sketch.c ----------------------------------------------------------------------------------------------
+
+
+def sketch_int8_available() -> bool:
+    """Whether `sketch_int8` runs here: the AVX-512 build on a CPU with VNNI."""
+    lib = library()
+    return lib is not None and lib.gpt2serve_sketch_i8_available() == 1
+
+
+def sketch_int8(
+    x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, row_sums: torch.Tensor
+) -> torch.Tensor | None:
+    """(M, N) float32: x_scale[m] * scale[n] * ((x[m] - 128) . weight[n]) for uint8 `x` (M, K) and int8
+    `weight` (N, K) with `row_sums` (N,) int32 its rows' sums, the sums exact in integers; None where
+    `sketch_int8_available()` is false."""
+    lib = library()
+    (rows, k), n = x.shape, weight.shape[0]
+    if x.dtype != torch.uint8 or weight.dtype != torch.int8 or weight.shape[1] != k or row_sums.dtype != torch.int32:
+        raise ValueError(f"sketch_int8 needs uint8 x (M, K) and int8 weight (N, K): {x.dtype} {weight.dtype}")
+    if lib is None or rows == 0:
+        return None
+    x, x_scale = x.contiguous(), x_scale.float().contiguous()
+    y = torch.empty(rows, n, dtype=torch.float32)
+    args = x_scale.data_ptr(), rows, k, weight.data_ptr(), scale.data_ptr(), row_sums.data_ptr(), y.data_ptr(), n
+    rc = lib.gpt2serve_sketch_i8(x.data_ptr(), *args, torch.get_num_threads())
+    return None if rc != 0 else y
 
 
 def uniform_at(

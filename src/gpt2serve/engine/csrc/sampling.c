@@ -102,33 +102,38 @@ int gpt2serve_topk(const float *x, int64_t rows, int64_t cols, const float *bias
 }
 
 /* The head sketch's candidates (head_sketch.py): token t of a row can be among its k largest exact
- * logits when sketch[t] + r * slack[t] reaches the k-th largest of sketch[u] - r * slack[u], where each
- * exact logit lies within r * slack of the sketch (r = the row's bound factor). Marks the union over the
- * rows in `mark` (n bytes, 1 = candidate) and returns how many, or -1 for a NaN in the sketch or
- * arguments it does not take. */
+ * logits when sketch[t] + b[t] reaches the k-th largest of sketch[u] - b[u], where each exact logit lies
+ * within b[t] = r * slack[t] (+ e * wn[t] where e is given) of the sketch (r, e: the row's bound factors).
+ * Marks the union over the rows in `mark` (n bytes, 1 = candidate) and returns how many, or -1 for a NaN
+ * in the sketch or arguments it does not take. */
 int64_t gpt2serve_candidates(const float *sketch, int rows, int64_t n, const float *slack, const float *r,
-                             int k, uint8_t *mark) {
+                             const float *e, const float *wn, int k, uint8_t *mark) {
     if (k < 1 || n < k || rows < 1) return -1;
     entry_t *h = malloc((size_t)k * sizeof *h);
-    if (!h) return -1;
+    float *b = malloc((size_t)n * sizeof *b);
+    if (!h || !b) {
+        free(h);
+        free(b);
+        return -1;
+    }
     memset(mark, 0, (size_t)n);
     int nan = 0;
     for (int row = 0; row < rows; ++row) {
-        const float *s = sketch + (int64_t)row * n, rr = r[row];
-        const __m256 rv = _mm256_set1_ps(rr);
-        for (int i = 0; i < k; ++i) h[i] = (entry_t){s[i] - rr * slack[i], i};
+        const float *s = sketch + (int64_t)row * n, rr = r[row], ee = e ? e[row] : 0.0f;
+        for (int64_t t = 0; t < n; ++t) b[t] = e ? rr * slack[t] + ee * wn[t] : rr * slack[t];
+        for (int i = 0; i < k; ++i) h[i] = (entry_t){s[i] - b[i], i};
         for (int i = k / 2 - 1; i >= 0; --i) sift_down(h, k, i);
         int64_t t = k;
         __m256 unordered = _mm256_setzero_ps();
         for (; t + 8 <= n; t += 8) {
             __m256 sv = _mm256_loadu_ps(s + t);
             unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(sv, sv, _CMP_UNORD_Q));
-            __m256 lo = _mm256_sub_ps(sv, _mm256_mul_ps(rv, _mm256_loadu_ps(slack + t)));
+            __m256 lo = _mm256_sub_ps(sv, _mm256_loadu_ps(b + t));
             int above = _mm256_movemask_ps(_mm256_cmp_ps(lo, _mm256_set1_ps(h[0].value), _CMP_GT_OQ));
             while (above) {
                 int lane = __builtin_ctz(above);
                 above &= above - 1;
-                float v = s[t + lane] - rr * slack[t + lane];
+                float v = s[t + lane] - b[t + lane];
                 if (v > h[0].value) {
                     h[0] = (entry_t){v, t + lane};
                     sift_down(h, k, 0);
@@ -136,7 +141,7 @@ int64_t gpt2serve_candidates(const float *sketch, int rows, int64_t n, const flo
             }
         }
         for (; t < n; ++t) {
-            float v = s[t] - rr * slack[t];
+            float v = s[t] - b[t];
             nan |= s[t] != s[t];
             if (v > h[0].value) {
                 h[0] = (entry_t){v, t};
@@ -146,9 +151,10 @@ int64_t gpt2serve_candidates(const float *sketch, int rows, int64_t n, const flo
         for (int i = 0; i < k; ++i) nan |= s[i] != s[i];
         nan |= _mm256_movemask_ps(unordered) != 0;
         const float kth = h[0].value;
-        for (t = 0; t < n; ++t) mark[t] |= s[t] + rr * slack[t] >= kth;
+        for (t = 0; t < n; ++t) mark[t] |= s[t] + b[t] >= kth;
     }
     free(h);
+    free(b);
     if (nan) return -1;
     int64_t count = 0;
     for (int64_t t = 0; t < n; ++t) count += mark[t];
