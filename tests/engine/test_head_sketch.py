@@ -75,3 +75,55 @@ def test_native_candidates_are_the_bounds_that_reach_the_kth_lower_bound() -> No
     assert torch.equal(native.candidates(sketch, slack, r, 7), expected)
     sketch[1, 500] = float("nan")
     assert native.candidates(sketch, slack, r, 7) is None
+
+
+def test_native_candidates_add_the_second_bound() -> None:
+    gen = torch.Generator().manual_seed(7)
+    sketch, slack = torch.randn(2, 800, generator=gen), torch.rand(800, generator=gen) * 0.1
+    wn = torch.rand(800, generator=gen)
+    r, e = torch.tensor([1.0, 0.5]), torch.tensor([0.2, 0.05])
+    bound = r[:, None] * slack + e[:, None] * wn
+    kth = torch.topk(sketch - bound, 3, dim=1).values[:, -1:]
+    expected = (sketch + bound >= kth).any(dim=0).nonzero().squeeze(1)
+    assert torch.equal(native.candidates(sketch, slack, r, 3, e, wn), expected)
+
+
+needs_vnni = pytest.mark.skipif(not native.sketch_int8_available(), reason="needs AVX-512 VNNI")
+
+
+@needs_vnni
+def test_sketch_int8_is_the_integer_product_rounded_once() -> None:
+    gen = torch.Generator().manual_seed(8)
+    for m, k, n in ((1, 64, 7), (5, 100, 13), (9, 768, 50)):  # K past whole 64-byte steps, N past 6
+        x = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+        xs, ws = torch.rand(m, generator=gen) + 0.1, torch.rand(n, generator=gen) + 0.1
+        got = native.sketch_int8(x, xs, w, ws, w.sum(dim=1, dtype=torch.int32))
+        exact = ((x.double() - 128) @ w.double().T) * xs.double()[:, None] * ws.double()
+        assert ((got.double() - exact).abs() <= 3 * 2.0**-24 * exact.abs()).all()
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [12, 33, 64])
+def test_the_integer_sketch_gives_greedy_rows_the_heads_own_top_logit(rows: int) -> None:
+    head = _head("float32", seed=9)
+    sketch = HeadSketch(head)
+    assert sketch.pays(rows, 1)
+    x = _rows(rows, 10)
+    x[:, 3] *= 30  # an outlier dimension, as GPT-2's final norm has: 8 bits of it round coarsely
+    flat = x.clone()
+    flat[1] = 0  # every logit 0: every token a candidate, so the full head runs
+    calls = []
+    real = native.sketch_int8
+    try:
+        native.sketch_int8 = lambda *a: calls.append(1) or real(*a)
+        got, got_flat = sketch.logits(x, 1), sketch.logits(flat, 1)
+    finally:
+        native.sketch_int8 = real
+    assert len(calls) == 2
+    assert torch.equal(got_flat, head(flat))
+    full = head(x)
+    finite = torch.isfinite(got)
+    assert not finite.all() and torch.equal(got[finite], full[finite])  # the sketch's own candidates
+    assert torch.equal(got.max(dim=1).values, full.max(dim=1).values)
+    assert torch.equal(got.argmax(dim=1), full.argmax(dim=1))

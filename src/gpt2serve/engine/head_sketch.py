@@ -11,11 +11,11 @@ init a few hundred of 50257) get their exact logits from the head's own rows, th
 bit for bit those of the full product. Every other logit is -inf. Where the candidates would be more than
 MAX_CANDIDATE_SHARE of the vocabulary, the full head runs instead.
 
-Where the CPU has AVX-512 VNNI the sketch's products run in integers (sketch.c): each row x is quantized
-to 8 bits too (x^ = x_scale * q, q in -127..127), which widens each token's bound by ||x - x^||_2 *
-||sketch row||_2 (Cauchy-Schwarz again) plus the final multiply's rounding (2^-21 ||x^||_2 ||sketch
-row||_2 covers it), widened like the rest. With many rows the float32 sketch costs as many FMAs as the
-head; the integer one a fraction.
+Where the CPU has AVX-512 VNNI, greedy steps of INTEGER_ROWS rows run the sketch in integers (sketch.c):
+each row x is quantized to 8 bits too (x^ = x_scale * q, q in -127..127), which widens each token's bound
+by ||x - x^||_2 * ||sketch row||_2 (Cauchy-Schwarz again) plus the final multiply's rounding (2^-21
+||x^||_2 ||sketch row||_2 covers it), widened like the rest. With many rows the float32 sketch costs as
+many FMAs as the head; the integer one a fraction.
 """
 
 from __future__ import annotations
@@ -26,12 +26,17 @@ from gpt2serve.engine import native
 from gpt2serve.engine.linear import PackedLinear, in_huge_pages, quantize_int8
 
 MAX_CANDIDATE_SHARE = 0.125
-# Rows past these take the full head: the sketch costs as many FMAs per row as the head (it saves bytes,
-# not arithmetic) and the candidates' union grows with the rows. Where the two cross on a Zen 5 (random
-# gpt2, 2 threads, ms): top 1 at 32 rows 6.1 against 7.2; top 50 at 16 rows 3.9 against 3.9, at 20 5.0
-# against 4.6, at 32 8.3 against 7.2.
+# Rows past these take the full head: the float32 sketch costs as many FMAs per row as the head (it saves
+# bytes, not arithmetic) and the candidates' union grows with the rows. Where the two cross on a Zen 5
+# (random gpt2, 2 threads, ms): top 1 at 32 rows 6.1 against 7.2; top 50 at 16 rows 3.9 against 3.9, at 20
+# 5.0 against 4.6, at 32 8.3 against 7.2.
 SKETCH_MAX_ROWS = {1: 32}  # by the `top` asked for
 SKETCH_MAX_ROWS_TOP_K = 16  # any other `top`
+# The integer sketch (VNNI) serves greedy rows only: its wider bound (8-bit activations) gives 3-5x the
+# candidates, few for top 1, too many for top 50. Zen 5, top 1, ms (integer, float32 sketch, full head):
+# 3 rows 1.2 / 0.8 / 3.7 (quantizing x costs more than it saves), 12 rows 2.1 / 2.8 / 4.1, 32 rows
+# 4.1 / 6.4 / 7.1, 64 rows 8.5 / 13.9 / 13.6.
+INTEGER_ROWS = range(12, 65)
 ROUNDING = 2.0**-24  # float32's unit roundoff
 WIDEN = 1.001
 SLACK_CHUNK = 1024  # rows per float64 temporary (gpt2-xl: 13 MB)
@@ -57,10 +62,12 @@ class HeadSketch:
             self.slack[rows] = _rounded_up(slack)
             self.row_norms[rows] = _rounded_up(sketch.norm(dim=1))
 
-    @staticmethod
-    def pays(rows: int, top: int) -> bool:
+    def pays(self, rows: int, top: int) -> bool:
         """Whether `logits(x, top)` for `rows` rows is faster than the full head (see SKETCH_MAX_ROWS)."""
-        return rows <= SKETCH_MAX_ROWS.get(top, SKETCH_MAX_ROWS_TOP_K)
+        return self._integer_for(rows, top) or rows <= SKETCH_MAX_ROWS.get(top, SKETCH_MAX_ROWS_TOP_K)
+
+    def _integer_for(self, rows: int, top: int) -> bool:
+        return self.integer and top == 1 and rows in INTEGER_ROWS
 
     @property
     def nbytes(self) -> int:
@@ -70,7 +77,7 @@ class HeadSketch:
         """(N, V) float32: the exact logits of every token that can be among its row's k largest (the
         union over rows), -inf elsewhere. `x` is the (N, C) float32 input of the head."""
         vocab, r = self.q.shape[0], x.norm(dim=1) * WIDEN
-        integer = self._integer_sketch(x) if self.integer else None
+        integer = self._integer_sketch(x) if self._integer_for(x.shape[0], k) else None
         if integer is not None:
             sketch, e = integer
             candidates = native.candidates(sketch, self.slack, r, k, e, self.row_norms)

@@ -311,14 +311,17 @@ def sketch_int8(
     `sketch_int8_available()` is false."""
     lib = library()
     (rows, k), n = x.shape, weight.shape[0]
-    if x.dtype != torch.uint8 or weight.dtype != torch.int8 or weight.shape[1] != k or row_sums.dtype != torch.int32:
+    kinds = x.dtype, weight.dtype, row_sums.dtype
+    if kinds != (torch.uint8, torch.int8, torch.int32) or weight.shape[1] != k:
         raise ValueError(f"sketch_int8 needs uint8 x (M, K) and int8 weight (N, K): {x.dtype} {weight.dtype}")
     if lib is None or rows == 0:
         return None
     x, x_scale = x.contiguous(), x_scale.float().contiguous()
     y = torch.empty(rows, n, dtype=torch.float32)
-    args = x_scale.data_ptr(), rows, k, weight.data_ptr(), scale.data_ptr(), row_sums.data_ptr(), y.data_ptr(), n
-    rc = lib.gpt2serve_sketch_i8(x.data_ptr(), *args, torch.get_num_threads())
+    w = weight.data_ptr(), scale.data_ptr(), row_sums.data_ptr()
+    rc = lib.gpt2serve_sketch_i8(
+        x.data_ptr(), x_scale.data_ptr(), rows, k, *w, y.data_ptr(), n, torch.get_num_threads()
+    )
     return None if rc != 0 else y
 
 

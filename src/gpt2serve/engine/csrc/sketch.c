@@ -92,7 +92,7 @@ static int has_vnni(void) { return 0; }
 #endif
 
 /* Whether gpt2serve_sketch_i8 runs here: the AVX-512 build on a CPU with VNNI. */
-int gpt2serve_sketch_i8_available(void) { return has_vnni(); }
+int gpt2serve_sketch_i8_available(void) { return has_vnni() != 0; }
 
 /* x (M, K) uint8, xs (M,); W (N, K) int8, ws (N,), wsum (N,) int32; y (M, N) float32. Returns 0, or -1
  * where it does not run (see gpt2serve_sketch_i8_available) or for arguments it does not take. */
