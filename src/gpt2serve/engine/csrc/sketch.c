@@ -3,10 +3,10 @@
  *
  * x holds each activation row quantized to 8 bits and shifted to unsigned (q + 128, q in -127..127), W
  * the sketch's int8 rows, wsum[n] the sum of row n. vpdpbusd multiplies 64 unsigned by 64 signed bytes
- * per instruction, 16 times the multiply-adds of a float32 FMA, so with many rows the sketch costs a
- * fraction of the float32 head it stands in for (the float32 sketch in gemv.c does as many FMAs as the
- * head itself). The integer sums are exact; the one rounding is the final multiply (within 3 * 2^-24
- * of the value).
+ * per instruction, 4 times the multiply-adds of a float32 FMA as wide, so with many rows the sketch costs
+ * a fraction of the float32 head it stands in for (the float32 sketch in gemv.c does as many FMAs as the
+ * head itself). The integer sums are exact; the only roundings are the last conversion and multiplies
+ * (within 3 * 2^-24 of the value).
  *
  * Each task is NR weight rows (in L1 while they last) taken through every chunk of MR activation rows;
  * the next task's rows are prefetched into L2 during the first chunk. Built into the AVX-512 library
