@@ -70,6 +70,10 @@ def test_draw_recomputes_close_ratios_exactly(monkeypatch: pytest.MonkeyPatch) -
 needs_native = pytest.mark.skipif(not native.available(), reason=NO_GEMV)
 
 
+def _top_k_params(t: float, k: int, p: float) -> SamplingParams:
+    return SamplingParams(do_sample=True, temperature=t, top_k=k, top_p=p)
+
+
 @needs_native
 @pytest.mark.parametrize("kind", ["normal", "peaked", "some_ties", "ties", "banned"])
 def test_draw_top_k_is_hf_warpers_then_torch_multinomial(kind: str) -> None:
@@ -77,11 +81,11 @@ def test_draw_top_k_is_hf_warpers_then_torch_multinomial(kind: str) -> None:
     and leaves the generator in the same state; where it gives up, the generator is untouched."""
     decided = total = 0
     for seed, (t, k, p) in enumerate(itertools.product(TEMPERATURES, [1, 5, 50, 256], TOP_PS)):
-        row = make_logits(kind, 1, 50257, seed=seed)[0]
+        row = make_logits(kind, 1, 50257, seed=seed)
         ours, theirs = generators(seed, seed)
         before = ours.get_state()
-        token = sampling_fast.draw_top_k(row, t, k, p, ours)
-        expected = int(torch.multinomial(torch.softmax(hf_warp(row, t, k, p), dim=-1), 1, generator=theirs))
+        token = sampling_fast.draw_top_k(row, [_top_k_params(t, k, p)], [ours])[0]
+        expected = int(torch.multinomial(torch.softmax(hf_warp(row[0], t, k, p), dim=-1), 1, generator=theirs))
         total += 1
         if token is None:
             assert torch.equal(ours.get_state(), before)
@@ -96,18 +100,44 @@ def test_draw_top_k_is_hf_warpers_then_torch_multinomial(kind: str) -> None:
 
 
 @needs_native
+def test_draw_top_k_over_a_batch_is_each_row_alone() -> None:
+    """Rows of mixed settings drawn together (on every thread) give what each draws alone: the rows it
+    does not take (no top-k, no generator, a NaN) come back None with their generators untouched."""
+    settings = list(itertools.product(TEMPERATURES, [0, 1, 50, 256], TOP_PS))
+    rows = make_logits("normal", len(settings), 50257, seed=11)
+    rows[5, 9] = float("nan")
+    params = [_top_k_params(*s) for s in settings]
+    together = [torch.Generator().manual_seed(i) for i in range(len(settings))]
+    alone = [torch.Generator().manual_seed(i) for i in range(len(settings))]
+    together[3] = None
+    tokens = sampling_fast.draw_top_k(rows, params, together)
+    assert tokens[3] is None and tokens[5] is None
+    assert all(tokens[i] is None for i, p in enumerate(params) if p.top_k == 0)
+    assert sum(t is not None for t in tokens) >= 0.6 * len(settings)
+    for i, token in enumerate(tokens):
+        expected = None if i == 3 else sampling_fast.draw_top_k(rows[i : i + 1], [params[i]], [alone[i]])[0]
+        assert token == expected, i
+        if together[i] is not None:
+            assert torch.equal(together[i].get_state(), alone[i].get_state()), i
+
+
+@needs_native
 def test_draw_top_k_gives_up_rather_than_guess(monkeypatch: pytest.MonkeyPatch) -> None:
-    row = make_logits("normal", 1, 50257, seed=3)[0]
+    row = make_logits("normal", 1, 50257, seed=3)
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
-    assert sampling_fast.draw_top_k(row, 1.0, 50, 1.0, None) is None  # the global generator: torch's path
-    assert sampling_fast.draw_top_k(row, 1.0, 0, 0.9, gen) is None  # no top-k
-    assert sampling_fast.draw_top_k(row, 1.0, sampling_fast.FAST_MAX_TOP_K + 1, 1.0, gen) is None
-    with_nan = row.clone().index_fill_(0, torch.tensor([7]), float("nan"))
-    assert sampling_fast.draw_top_k(with_nan, 1.0, 50, 1.0, gen) is None
+
+    def draw(t: float, k: int, p: float, g: torch.Generator | None, x: torch.Tensor = row) -> int | None:
+        return sampling_fast.draw_top_k(x, [_top_k_params(t, k, p)], [g])[0]
+
+    assert draw(1.0, 50, 1.0, None) is None  # the global generator: torch's path
+    assert draw(1.0, 0, 0.9, gen) is None  # no top-k
+    assert draw(1.0, sampling_fast.FAST_MAX_TOP_K + 1, 1.0, gen) is None
+    with_nan = row.clone().index_fill_(1, torch.tensor([7]), float("nan"))
+    assert draw(1.0, 50, 1.0, gen, with_nan) is None
     monkeypatch.setattr(sampling_fast, "FAST_MARGIN", 10.0)  # every decision now looks too close to call
-    assert sampling_fast.draw_top_k(row, 1.0, 50, 0.92, gen) is None
-    assert sampling_fast.draw_top_k(row, 1.0, 50, 1.0, gen) is None
+    assert draw(1.0, 50, 0.92, gen) is None
+    assert draw(1.0, 50, 1.0, gen) is None
     assert torch.equal(gen.get_state(), state)
 
 

@@ -66,12 +66,12 @@ def test_a_raising_token_choice_fails_only_its_request(engine, monkeypatch):
     original = sampling_fast.draw_top_k
     seen = {"poisoned": 0}
 
-    def draw_top_k(x, temperature, *args, **kwargs):
-        if temperature == POISON_TEMPERATURE:
+    def draw_top_k(x, params, generators):
+        if any(p.temperature == POISON_TEMPERATURE for p in params):
             seen["poisoned"] += 1
             if seen["poisoned"] >= 3:  # its first tokens are fine: it fails inside the shared step
                 raise InjectedFault("poisoned row")
-        return original(x, temperature, *args, **kwargs)
+        return original(x, params, generators)
 
     monkeypatch.setattr(sampling_fast, "draw_top_k", draw_top_k)
     poison = SamplingParams(

@@ -88,7 +88,8 @@ class TokenChooser:
         if drawn:
             settings = [params[i] for i in drawn]
             generators = [self.rows[i][1].generator for i in drawn]
-            for i, token in zip(drawn, sampling.choose(x[drawn], settings, generators)):
+            rows = x if len(drawn) == len(params) else x[drawn]  # no copy where every row samples
+            for i, token in zip(drawn, sampling.choose(rows, settings, generators)):
                 picked[i] = token
         if any(p.logprobs is not None for p in params):
             self._record_logprobs(raw, picked)

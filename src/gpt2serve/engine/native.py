@@ -98,6 +98,8 @@ def library() -> ctypes.CDLL | None:
     lib.gpt2serve_sketch_i8.argtypes = [p, p, i, i, p, p, p, p, i, i]
     lib.gpt2serve_uniform.restype = ctypes.c_int
     lib.gpt2serve_uniform.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, p]
+    lib.gpt2serve_draw_top_k.restype = None
+    lib.gpt2serve_draw_top_k.argtypes = [p, ctypes.c_int64, p, i, p, p, p, ctypes.c_double, p, p, i]
     lib.gpt2serve_multinomial.restype = ctypes.c_int64
     lib.gpt2serve_multinomial.argtypes = [p, p, ctypes.c_int64]
     lib.gpt2serve_sort_values.restype = ctypes.c_int
@@ -341,6 +343,34 @@ def uniform_at(
     if lib.gpt2serve_uniform(state.data_ptr(), n, at.data_ptr(), at.numel(), out.data_ptr()) != 0:
         return None
     return out, state
+
+
+def draw_top_k(
+    x: torch.Tensor,
+    rows: list[int],
+    temperature: list[float],
+    top_k: list[int],
+    threshold: list[float],
+    states: list[torch.Tensor],
+    margin: float,
+) -> list[int] | None:
+    """For each of `rows` of the (B, V) float32 CPU logits `x`: the token that HF's warpers (that row's
+    temperature, top-k, and top-p as `threshold`, float32(1 - top_p), negative for none) and
+    torch.multinomial draw, from its top-k values alone, with the generator whose get_state() bytes are
+    that row's `states` entry (advanced in place, for set_state), or -1 where the caller must decide
+    (sampling.c's draw_top_k_row: ties, a call within `margin`); rows drawn on all threads. None where
+    the kernels are not built or do not read torch's generator."""
+    lib = _library_for(x, 2)
+    if lib is None or not x.is_contiguous() or not _generator_layout_understood():
+        return None
+    n = len(rows)
+    tokens = torch.empty(n, dtype=torch.long)
+    pick, k = torch.tensor(rows, dtype=torch.long), torch.tensor(top_k, dtype=torch.int32)
+    t, cut = (torch.tensor(v, dtype=torch.float32) for v in (temperature, threshold))
+    pointers = (ctypes.c_void_p * n)(*(s.data_ptr() for s in states))
+    args = x.data_ptr(), x.shape[1], pick.data_ptr(), n, t.data_ptr(), k.data_ptr(), cut.data_ptr(), margin
+    lib.gpt2serve_draw_top_k(*args, pointers, tokens.data_ptr(), torch.get_num_threads())
+    return tokens.tolist()
 
 
 def multinomial(generator: torch.Generator, probs: torch.Tensor) -> tuple[int, torch.Tensor] | None:

@@ -6,7 +6,7 @@ then softmax and `torch.multinomial` with the row's generator), matched bit for 
 
 `choose` is the dispatcher: each row's token exactly as `reference` draws it (the same token, the
 generator left in the same state), by the first path that can decide it:
-  1. sampling_fast.draw_top_k: a top-k row from its top-k values alone;
+  1. sampling_fast.draw_top_k: top-k rows from their top-k values alone (in C, all rows at once);
   2. the reference's warpers, top-p's cut from sampling_fast.top_p_cut (a partial selection: a small
      nucleus) or top_p_exact (the values sorted in C: any nucleus) where they decide, else torch.sort
      as HF does;
@@ -77,12 +77,10 @@ def choose(
 ) -> list[int]:
     """The token of each sampling row (`logits` processed, one row per entry of `params`): what
     `reference` draws for it, by the first path that can decide it."""
-    tokens = []
-    for row, p, gen in zip(logits, params, generators, strict=True):
-        token = sampling_fast.draw_top_k(row, p.temperature, p.top_k, p.top_p, gen)
-        if token is None:
-            token = draw(warp_row(row, p.temperature, p.top_k, p.top_p).softmax(dim=-1), gen)
-        tokens.append(token)
+    tokens = sampling_fast.draw_top_k(logits, params, generators)
+    for i, (row, p, gen) in enumerate(zip(logits, params, generators, strict=True)):
+        if tokens[i] is None:
+            tokens[i] = draw(warp_row(row, p.temperature, p.top_k, p.top_p).softmax(dim=-1), gen)
     return tokens
 
 

@@ -3,8 +3,8 @@ the generator left in the same state), or part of it, in less time on CPU; each 
 cannot be sure (ties that torch's order would settle, a call too close for its arithmetic, a GPU tensor,
 kernels not built), leaving the generator untouched, and sampling.choose then takes the next path.
 
-- `draw_top_k`: a top-k row's whole choice from its top-k values (C top-k, float64 over the survivors,
-  only their uniforms drawn).
+- `draw_top_k`: top-k rows' whole choice from their top-k values, in C (an exact top-k, float64 over the
+  survivors, only their uniforms drawn), the rows spread over the threads.
 - `top_p_cut`: top-p's cut from the largest few hundred scores (torch.topk), not a sort of the row.
 - `top_p_exact`: top-p from the row's values sorted in C without their indices (nucleus.c) and torch's
   softmax of them, for any width of nucleus; where equal values straddle the cut, None.
@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Sequence
 
 import torch
 
 from gpt2serve.engine import native
+from gpt2serve.engine.params import SamplingParams
 
 NEG_INF = float("-inf")
 # `replay_multinomial` without the C kernels: up to this many non-zero probabilities, every exponential is
@@ -27,7 +29,7 @@ NEG_INF = float("-inf")
 # (relative) of the largest.
 EXACT_DRAW_MAX_SURVIVORS = 256
 DRAW_MARGIN = 1e-5  # ~80 float32 rounding steps; a one-ulp change in a logarithm moves a ratio ~3 at most
-# `draw_top_k`: rows with top-k up to this take the fast path (its per-survivor arithmetic is Python).
+# `draw_top_k`: rows with top-k up to this take the fast path (sampling.c's MAX_TOP_K).
 FAST_MAX_TOP_K = 256
 # `draw_top_k` computes in float64 what torch computes in float32 over at most FAST_MAX_TOP_K nonzero
 # terms (softmax, cumsum: each within ~300 rounding steps, ~2e-5); closer calls than this go to torch.
@@ -47,65 +49,41 @@ ABSOLUTE = 1e-10  # float64 rounding of the masses (sums of up to 50257 terms ne
 
 
 def draw_top_k(
-    row: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
-) -> int | None:
-    """The token `reference` draws for a row with top-k on, computed from the top-k values alone: an
-    exact top-k (native.topk), top-p and the draw's probabilities in float64 over the survivors, and only
-    the survivors' uniforms drawn (native.uniform_at).
+    rows: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> list[int | None]:
+    """The token `reference` draws for each of the (B, V) rows with top-k on (row i with params[i] and
+    generators[i], left where the reference leaves it), computed from the top-k values alone in C
+    (native.draw_top_k: an exact top-k, top-p and the draw's probabilities in float64 over the survivors,
+    only their uniforms drawn), the rows spread over the threads.
 
-    Where a decision (a top-p cut, the winning ratio) is within FAST_MARGIN of going the other way, or
-    ties would leave it to torch's tie-breaking, it returns None with the generator untouched."""
-    vocab = row.shape[-1]
-    if not 0 < top_k <= FAST_MAX_TOP_K or top_k >= vocab or generator is None:
-        return None
-    top = native.topk(row, top_k + 1)
-    if top is None:
-        return None
-    values, indices = top
-    if temperature != 1:  # the reference's float32 division; it may merge neighbours into ties
-        values = values / torch.tensor(temperature, dtype=values.dtype)
-        if bool((values[1:] == values[:-1]).any()):
-            return None
-    kept = values[:top_k].tolist()  # descending and distinct: exactly top-k's survivors
-    if not (math.isfinite(kept[0]) and math.isfinite(kept[-1])):
-        return None
-    weights = [math.exp(v - kept[0]) for v in kept]
-    if top_p < 1:
-        n = _top_p_kept(weights, array("f", [1 - top_p])[0])  # the reference's float32 threshold
-        if n is None:
-            return None
-        weights = weights[:n]
-    ids = indices[: len(weights)].tolist()
-    order = sorted(range(len(ids)), key=ids.__getitem__)  # vocabulary order: argmax's tie rule
-    drawn = native.uniform_at(generator, vocab, torch.tensor([ids[i] for i in order]))
-    if drawn is None:
-        return None
-    u, state = drawn
-    e = array("f", [-math.log1p(-x) for x in u.tolist()])  # as torch rounds them: float32
-    total = math.fsum(weights)
-    ratios = [weights[i] / total / x for i, x in zip(order, e)]
-    best = max(range(len(ratios)), key=ratios.__getitem__)
-    runner_up = max((r for j, r in enumerate(ratios) if j != best), default=0.0)
-    if not ratios[best] > runner_up * (1 + FAST_MARGIN):
-        return None
-    generator.set_state(state)
-    return ids[order[best]]
-
-
-def _top_p_kept(weights: list[float], threshold: float) -> int | None:
-    """How many of the top-k survivors (their softmax weights, largest first) top-p keeps (ascending
-    cumulative probabilities <= threshold removed, the largest kept); None where a cumulative probability
-    is within FAST_MARGIN of the threshold."""
-    total = math.fsum(weights)
-    removed, cumulative = 0, 0.0
-    for w in reversed(weights[1:]):  # ascending, the largest (never removed) left out
-        cumulative += w / total
-        if abs(cumulative - threshold) <= FAST_MARGIN * threshold:
-            return None
-        if cumulative > threshold:
-            break
-        removed += 1
-    return len(weights) - removed
+    None for a row it does not take (no top-k or more than FAST_MAX_TOP_K, no generator of its own, no
+    kernels) and where a decision (a top-p cut, the winning ratio) is within FAST_MARGIN of going the
+    other way, or ties would leave it to torch's tie-breaking; that row's generator is untouched."""
+    picked: list[int | None] = [None] * len(params)
+    vocab = rows.shape[-1]
+    taken = [
+        i
+        for i, (p, g) in enumerate(zip(params, generators, strict=True))
+        if 0 < p.top_k <= FAST_MAX_TOP_K and p.top_k < vocab and g is not None and g.device.type == "cpu"
+    ]
+    if not taken:
+        return picked
+    states = [generators[i].get_state() for i in taken]
+    thresholds = [array("f", [1 - params[i].top_p])[0] if params[i].top_p < 1 else -1.0 for i in taken]
+    tokens = native.draw_top_k(
+        rows.contiguous(),
+        taken,
+        [params[i].temperature for i in taken],
+        [params[i].top_k for i in taken],
+        thresholds,
+        states,
+        FAST_MARGIN,
+    )
+    for i, token, state in zip(taken, tokens or [], states):
+        if token >= 0:
+            generators[i].set_state(state)
+            picked[i] = token
+    return picked
 
 
 # -- top-p ---------------------------------------------------------------------------------------------

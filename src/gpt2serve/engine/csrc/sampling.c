@@ -306,3 +306,89 @@ int64_t gpt2serve_multinomial(void *state, const float *probs, int64_t n) {
     }
     return at[best_j];
 }
+
+/* -- a top-k row's whole draw (sampling_fast.draw_top_k) ------------------------------------------------ */
+
+enum { MAX_TOP_K = 256 };
+
+typedef struct {
+    int64_t id;
+    double weight;
+} survivor_t;
+
+static int by_id(const void *a, const void *b) {
+    int64_t x = ((const survivor_t *)a)->id, y = ((const survivor_t *)b)->id;
+    return (x > y) - (x < y);
+}
+
+/* What HF's warpers (temperature, top-k, then top-p) and torch.multinomial draw from one row of V scores,
+ * computed from its top_k + 1 largest values alone: their softmax weights in double, top-p's cut over
+ * them, and only the survivors' uniforms drawn (the generator in `state`, bytes of get_state(), advanced
+ * past all V in place). The reference's float32 arithmetic and these doubles agree to ~2e-5 over at most
+ * MAX_TOP_K terms, so a cut or a winning ratio within `margin` (relative) of going the other way is left
+ * to the caller, as are ties (which torch's tie-breaking settles), a non-finite kept value and a uniform
+ * of exactly 0. `threshold`: float32(1 - top_p), or negative for no top-p. Returns the token, or -1
+ * where the caller must decide (the state then is not to be used). */
+static int64_t draw_top_k_row(const float *row, int64_t V, float temperature, int top_k, float threshold,
+                              double margin, mt_state_t *state) {
+    float values[MAX_TOP_K + 1];
+    int64_t indices[MAX_TOP_K + 1];
+    survivor_t kept[MAX_TOP_K];
+    int64_t at[MAX_TOP_K];
+    double u[MAX_TOP_K];
+    if (top_k < 1 || top_k > MAX_TOP_K || top_k >= V) return -1;
+    if (state->left < 1 || state->left > MT_N + 1 || state->next > MT_N) return -1;
+    if (gpt2serve_topk(row, 1, V, NULL, top_k + 1, values, indices) != 0) return -1;
+    if (temperature != 1.0f) { /* the reference's float32 division; it may merge neighbours into ties */
+        for (int j = 0; j <= top_k; ++j) values[j] /= temperature;
+        for (int j = 1; j <= top_k; ++j)
+            if (values[j] == values[j - 1]) return -1;
+    }
+    if (!(isfinite(values[0]) && isfinite(values[top_k - 1]))) return -1;
+    double total = 0.0;
+    for (int j = 0; j < top_k; ++j) {
+        kept[j] = (survivor_t){indices[j], exp((double)values[j] - (double)values[0])};
+        total += kept[j].weight;
+    }
+    int n = top_k;
+    if (threshold >= 0.0f) { /* ascending cumulative probabilities <= threshold go, the largest stays */
+        double cumulative = 0.0;
+        while (n > 1) {
+            cumulative += kept[n - 1].weight / total;
+            if (fabs(cumulative - threshold) <= margin * threshold) return -1;
+            if (cumulative > threshold) break;
+            --n;
+        }
+        total = 0.0;
+        for (int j = 0; j < n; ++j) total += kept[j].weight;
+    }
+    qsort(kept, (size_t)n, sizeof *kept, by_id); /* vocabulary order: argmax's tie rule */
+    for (int j = 0; j < n; ++j) at[j] = kept[j].id;
+    if (advance_uniform(state, V, at, n, u) != 0) return -1;
+    int best = 0;
+    double best_ratio = -1.0, runner_up = 0.0;
+    for (int j = 0; j < n; ++j) {
+        double e = (float)(-log1p(-u[j])); /* as torch rounds it: float32 */
+        double ratio = kept[j].weight / total / e;
+        if (ratio > best_ratio) {
+            runner_up = best_ratio > runner_up ? best_ratio : runner_up;
+            best_ratio = ratio, best = j;
+        } else if (ratio > runner_up) {
+            runner_up = ratio;
+        }
+    }
+    if (!(best_ratio > runner_up * (1.0 + margin))) return -1;
+    return kept[best].id;
+}
+
+/* draw_top_k_row for rows `pick[0..n)` of x (rows of V floats), row i with temperature[i], top_k[i],
+ * threshold[i] and the generator state states[i] (each advanced in place), spread over `threads`; each
+ * token (or -1) into tokens[i]. */
+void gpt2serve_draw_top_k(const float *x, int64_t V, const int64_t *pick, int n, const float *temperature,
+                          const int *top_k, const float *threshold, double margin, void *const *states,
+                          int64_t *tokens, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int i = 0; i < n; ++i)
+        tokens[i] = draw_top_k_row(x + pick[i] * V, V, temperature[i], top_k[i], threshold[i], margin,
+                                   states[i]);
+}
