@@ -121,7 +121,8 @@ def advance(
     device path); beams step on the host."""
     failed: dict[int, Exception] = {}
     plain = [i for i, (r, _) in enumerate(rows) if r.beam is None]
-    chosen = choose_isolated([rows[i] for i in plain], logits[plain], chooser) if plain else []
+    mine = logits if len(plain) == len(rows) else logits[plain]  # no copy without beams
+    chosen = choose_isolated([rows[i] for i in plain], mine, chooser) if plain else []
     for i, token in zip(plain, chosen):
         req, seq = rows[i]
         if isinstance(token, Exception) or req.id in failed:
