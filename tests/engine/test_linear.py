@@ -202,14 +202,18 @@ def test_gemv_refuses_what_it_cannot_read() -> None:
 
 @pytest.mark.skipif(not native.available(), reason=NO_GEMV)
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("width", [64, 72])
+@pytest.mark.parametrize("width", [64, 72, 4104])
 def test_gemv_row_results_do_not_depend_on_the_batch(fmt: str, width: int) -> None:
     """Bit for bit, a row's output is the same alone or among others (every block sums the inputs in the
-    same order), so a request decodes the same whatever runs beside it."""
-    layer = PackedLinear(*_conv1d(width, 101, seed=9), fmt, kernels="gemv")
+    same order), so a request decodes the same whatever runs beside it. 4104 inputs are cut into K
+    blocks past 6 rows (every format), the last one ending 8-wide, and past 64 rows into row groups."""
+    weight, bias = _conv1d(width, 101, seed=9)
+    layer = PackedLinear(weight, bias, fmt, kernels="gemv")
     x = torch.randn(layer.max_gemv_rows, width)
     alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
-    for rows in range(2, layer.max_gemv_rows + 1):
+    assert _rel_err(alone, x.double() @ weight.double() + bias.double()) < 1e-2
+    counts = range(2, layer.max_gemv_rows + 1) if width < 1024 else (2, 6, 7, 9, 33, 64, 65, 130, 512)
+    for rows in (n for n in counts if n <= layer.max_gemv_rows):
         assert torch.equal(layer(x[:rows]), alone[:rows]), rows
 
 

@@ -53,51 +53,83 @@ typedef __m256 vec_t;
 #define LOAD_I8 LOAD8_I8
 #endif
 
+/* VSUM of four accumulators at once, [VSUM(a), VSUM(b), VSUM(c), VSUM(d)], by the same additions of the
+ * same lanes (so the same bits): _mm512_reduce_add_ps adds lanes i and i + 8, then i and i + 4, then
+ * i and i + 2, then 0 and 1; here each step serves the four (or two) vectors in one addition, ~4
+ * instructions a sum against ~8. */
+#ifdef __AVX512F__
+static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+    __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E)); /* lanes (2, 3, 0, 1) of each 4 */
+    s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1)); /* lanes (1, 0, 3, 2) of each 4 */
+    const __m512i firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, s));
+}
+#else
+static inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    return _mm_setr_ps(hsum(a), hsum(b), hsum(c), hsum(d));
+}
+#endif
+
 typedef void (*block_fn)(const float *x, int K, const void *W, const float *scale, const float *b,
-                         float *y, int N, int n0, int accumulate, size_t ahead, int phase, int stride);
+                         float *y, int N, int n0, int accumulate, size_t ahead, int phase, int stride,
+                         int k0, int k1, vec_t *carry);
 
 /* Output columns n0 .. n0+NR-1 for MR activation rows (past N, the last row is read again, not stored);
  * `accumulate` adds them to y instead of storing them. The weights `ahead` elements past these rows are
  * prefetched into L2 as they stream: every cache line of each or, with SPREAD, the lines `phase`,
- * `phase + stride`, ... */
-#define DEFINE_BLOCK(NAME, T, LOAD, LOAD8, MR, NR, SPREAD)                                               \
+ * `phase + stride`, ... Inputs k0 .. k1-1 only: past k0 > 0 the sums so far come from `carry` (NR x MR
+ * vectors), and before k1 < K they go back there unreduced, so the lanes add in the same order, and
+ * give the same bits, however K is cut. */
+#define DEFINE_BLOCK(NAME, T, LOAD, LOAD8, MR, NR, SPREAD)                                              \
     static void NAME##_##MR##x##NR##_##SPREAD(const float *x, int K, const void *W, const float *scale, \
                                    const float *b, float *y, int N, int n0, int accumulate,             \
-                                   size_t ahead, int phase, int stride) {                               \
-        vec_t acc[NR][MR];                                                                             \
-        const T *w[NR];                                                                                \
-        for (int j = 0; j < NR; ++j) {                                                                 \
-            int n = n0 + j < N ? n0 + j : N - 1;                                                       \
-            w[j] = (const T *)W + (size_t)n * K;                                                       \
-            for (int m = 0; m < MR; ++m) acc[j][m] = VZERO();                                          \
-        }                                                                                              \
-        int k = 0, wait = phase; /* SPREAD: cache lines until the next one prefetched */               \
-        for (; k + VW <= K; k += VW) {                                                                 \
-            int fetch = k % (64 / sizeof(T)) == 0 && (!SPREAD || wait-- == 0);                         \
-            if (SPREAD && fetch) wait = stride - 1;                                                    \
-            vec_t xv[MR];                                                                              \
-            for (int m = 0; m < MR; ++m) xv[m] = LOAD_F32(x + (size_t)m * K, k);                       \
-            for (int j = 0; j < NR; ++j) {                                                             \
+                                   size_t ahead, int phase, int stride, int k0, int k1, vec_t *carry) { \
+        vec_t acc[NR][MR];                                                                              \
+        const T *w[NR];                                                                                 \
+        for (int j = 0; j < NR; ++j) {                                                                  \
+            int n = n0 + j < N ? n0 + j : N - 1;                                                        \
+            w[j] = (const T *)W + (size_t)n * K;                                                        \
+            for (int m = 0; m < MR; ++m) acc[j][m] = k0 ? carry[j * MR + m] : VZERO();                  \
+        }                                                                                               \
+        int k = k0, wait = phase; /* SPREAD: cache lines until the next one prefetched */               \
+        for (; k + VW <= k1; k += VW) {                                                                 \
+            int fetch = k % (64 / sizeof(T)) == 0 && (!SPREAD || wait-- == 0);                          \
+            if (SPREAD && fetch) wait = stride - 1;                                                     \
+            vec_t xv[MR];                                                                               \
+            for (int m = 0; m < MR; ++m) xv[m] = LOAD_F32(x + (size_t)m * K, k);                        \
+            for (int j = 0; j < NR; ++j) {                                                              \
                 if (fetch) _mm_prefetch((const char *)(w[j] + ahead + k), _MM_HINT_T2);                 \
-                vec_t wv = LOAD(w[j], k);                                                              \
-                for (int m = 0; m < MR; ++m) acc[j][m] = VFMA(wv, xv[m], acc[j][m]);                   \
-            }                                                                                          \
-        }                                                                                              \
-        if (k < K) { /* K % VW == 8 */                                                                 \
-            vec_t xv[MR];                                                                              \
-            for (int m = 0; m < MR; ++m) xv[m] = WIDEN8(LOAD8_F32(x + (size_t)m * K, k));              \
-            for (int j = 0; j < NR; ++j) {                                                             \
-                vec_t wv = WIDEN8(LOAD8(w[j], k));                                                     \
-                for (int m = 0; m < MR; ++m) acc[j][m] = VFMA(wv, xv[m], acc[j][m]);                   \
-            }                                                                                          \
-        }                                                                                              \
-        for (int j = 0; j < NR && n0 + j < N; ++j) {                                                   \
-            float s = scale ? scale[n0 + j] : 1.0f, add = b ? b[n0 + j] : 0.0f;                        \
-            for (int m = 0; m < MR; ++m) {                                                             \
-                float v = VSUM(acc[j][m]) * s + add, *out = y + (size_t)m * N + n0 + j;                 \
-                *out = accumulate ? *out + v : v;                                                      \
-            }                                                                                          \
-        }                                                                                              \
+                vec_t wv = LOAD(w[j], k);                                                               \
+                for (int m = 0; m < MR; ++m) acc[j][m] = VFMA(wv, xv[m], acc[j][m]);                    \
+            }                                                                                           \
+        }                                                                                               \
+        if (k < k1) { /* K % VW == 8 */                                                                 \
+            vec_t xv[MR];                                                                               \
+            for (int m = 0; m < MR; ++m) xv[m] = WIDEN8(LOAD8_F32(x + (size_t)m * K, k));               \
+            for (int j = 0; j < NR; ++j) {                                                              \
+                vec_t wv = WIDEN8(LOAD8(w[j], k));                                                      \
+                for (int m = 0; m < MR; ++m) acc[j][m] = VFMA(wv, xv[m], acc[j][m]);                    \
+            }                                                                                           \
+        }                                                                                               \
+        if (k1 < K) {                                                                                   \
+            for (int j = 0; j < NR; ++j)                                                                \
+                for (int m = 0; m < MR; ++m) carry[j * MR + m] = acc[j][m];                             \
+            return;                                                                                     \
+        }                                                                                               \
+        for (int j = 0; j < NR && n0 + j < N; ++j) {                                                    \
+            float s = scale ? scale[n0 + j] : 1.0f, add = b ? b[n0 + j] : 0.0f, sums[MR + 3];           \
+            for (int m = 0; MR >= 4 && m < MR; m += 4) /* past MR: row m summed again, unused */        \
+                _mm_storeu_ps(sums + m, sum4(acc[j][m], acc[j][m + 1 < MR ? m + 1 : m],                 \
+                                             acc[j][m + 2 < MR ? m + 2 : m], acc[j][m + 3 < MR ? m + 3 : m])); \
+            for (int m = 0; MR < 4 && m < MR; ++m) sums[m] = VSUM(acc[j][m]);                           \
+            for (int m = 0; m < MR; ++m) {                                                              \
+                float v = sums[m] * s + add, *out = y + (size_t)m * N + n0 + j;                         \
+                *out = accumulate ? *out + v : v;                                                       \
+            }                                                                                           \
+        }                                                                                               \
     }
 
 /* Weight rows per task for MR activation rows, 8-12 accumulators of AVX2's 16 registers (3 rows x 4
@@ -111,15 +143,19 @@ typedef void (*block_fn)(const float *x, int K, const void *W, const float *scal
 static const int NR_OF[MAX_ROWS] = {NR_OF_MR};
 static int rows_per_task(int mr) { return NR_OF[mr - 1]; }
 
-/* More than 6 rows: each task is BIG_TASK weight rows, taken through every chunk of up to BIG_MR
- * activation rows (BIG_MR x BIG_NR blocks) while they are in cache, so the weights stream from memory once
- * per step, not once per chunk. Every chunk prefetches its share of the next task's lines (chunk c of C:
- * lines c, c + C, ...), so the prefetches are spread over the task rather than bunched in its first chunk.
+/* More than 6 rows: each task is BIG_TASK weight rows. BIG_NR of them at a time, one K block (at most
+ * L1_SHARE bytes of them) at a time, go through every chunk of up to BIG_MR activation rows (BIG_MR x
+ * BIG_NR blocks) of a group of GROUP_ROWS while they sit in L1, so the weights stream from memory once per
+ * step and from L2 once per group; the blocks' sums wait unreduced between K blocks (`carry`). Every
+ * chunk prefetches its share of the next task's lines (chunk c of C: lines c, c + C, ...), so the
+ * prefetches are spread over the task rather than bunched in its first chunk.
  * On a Zen 5 (1 thread, gpt2's 48 layer matrices cold, float32) 4 x 6 blocks in 12-row tasks took 16 rows
  * in 18.1 ms and 32 in 30.2 against 21.8 and 35.2 for 4 x 2 blocks in 8-row tasks, their prefetches in
  * the first chunk (oneDNN: 20.9 and 31.6); 6- and 24-row tasks, prefetching 2-4 tasks ahead, or to L1,
- * were 3-10 % slower, and no prefetch 15 % slower. The time is about the weights' streaming time plus the
- * arithmetic's, not the larger of the two. */
+ * were 3-10 % slower, and no prefetch 15 % slower. Taking the task's 12 rows through each chunk in turn
+ * (36 KB of weights and 12 KB of activations against a 48 KB L1) left them streaming from L2: 6 rows
+ * through every chunk, in K blocks, were 7-20 % faster on gpt2's matrices and gpt2-xl's (2 threads, 48
+ * rows, cold: K = 768 190 -> 203 GMAC/s, 3072 152 -> 168-185, 1600 152 -> 186). */
 #ifdef __AVX512F__
 #define BIG_NR 6 /* 24 accumulators, 4 activation vectors, 1 weight vector: 29 of 32 registers */
 #else
@@ -127,6 +163,9 @@ static int rows_per_task(int mr) { return NR_OF[mr - 1]; }
 #endif
 #define BIG_MR 4
 #define BIG_TASK 12
+#define L1_SHARE (24 << 10) /* bytes of BIG_NR weight rows' K block: half of Zen 5's L1 */
+#define GROUP_ROWS 64        /* activation rows per pass of a K block */
+static const int FORMAT_BYTES[] = {4, 2, 2, 1};
 
 #define DEFINE_FORMAT_(NAME, T, LOAD, LOAD8, N1, N2, N3, N4, N5, N6, N7, N8)                            \
     DEFINE_BLOCK(NAME, T, LOAD, LOAD8, 1, N1, 0)                                                          \
@@ -169,15 +208,20 @@ void gpt2serve_matmul_for(int fmt, const float *x, int M, int K, const void *W, 
         int tasks = (N + BIG_TASK - 1) / BIG_TASK;
         const size_t ahead = (size_t)BIG_TASK * K;
         const int chunks = (M + BIG_MR - 1) / BIG_MR;
+        int kb = L1_SHARE / (BIG_NR * FORMAT_BYTES[fmt]) / VW * VW, nk = (K + kb - 1) / kb;
+        kb = (K + nk - 1) / nk, kb = nk > 1 ? (kb + VW - 1) / VW * VW : K; /* even K blocks */
+        vec_t carry[GROUP_ROWS / BIG_MR * BIG_NR * BIG_MR];                 /* each thread's own */
 #pragma omp for schedule(static)
         for (int t = 0; t < tasks; ++t)
-            for (int m0 = 0; m0 < M; m0 += BIG_MR) {
-                int mr = M - m0 < BIG_MR ? M - m0 : BIG_MR;
-                block_fn block = BIG_BLOCKS[fmt][mr - 1];
-                for (int n0 = BIG_TASK * t; n0 < BIG_TASK * (t + 1) && n0 < N; n0 += BIG_NR)
-                    block(x + (size_t)m0 * K, K, W, scale, b, y + (size_t)m0 * N, N, n0, accumulate, ahead,
-                          m0 / BIG_MR, chunks);
-            }
+            for (int n0 = BIG_TASK * t; n0 < BIG_TASK * (t + 1) && n0 < N; n0 += BIG_NR)
+                for (int g0 = 0; g0 < M; g0 += GROUP_ROWS)
+                    for (int k0 = 0; k0 < K; k0 += kb)
+                        for (int m0 = g0; m0 < M && m0 < g0 + GROUP_ROWS; m0 += BIG_MR) {
+                            int mr = M - m0 < BIG_MR ? M - m0 : BIG_MR, k1 = K - k0 < kb ? K : k0 + kb;
+                            BIG_BLOCKS[fmt][mr - 1](x + (size_t)m0 * K, K, W, scale, b, y + (size_t)m0 * N, N,
+                                                    n0, accumulate, ahead, m0 / BIG_MR, chunks, k0, k1,
+                                                    carry + (m0 - g0) / BIG_MR * BIG_NR * BIG_MR);
+                        }
         return;
     }
     for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
@@ -187,7 +231,8 @@ void gpt2serve_matmul_for(int fmt, const float *x, int M, int K, const void *W, 
         float *ym = y + (size_t)m0 * N;
         int tasks = (N + nr - 1) / nr;
 #pragma omp for schedule(static)
-        for (int t = 0; t < tasks; ++t) block(xm, K, W, scale, b, ym, N, t * nr, accumulate, (size_t)nr * K, 0, 1);
+        for (int t = 0; t < tasks; ++t)
+            block(xm, K, W, scale, b, ym, N, t * nr, accumulate, (size_t)nr * K, 0, 1, 0, K, NULL);
     }
 }
 
