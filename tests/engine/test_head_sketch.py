@@ -130,3 +130,50 @@ def test_the_integer_sketch_gives_greedy_rows_the_heads_own_top_logit(rows: int)
     assert not finite.all() and torch.equal(got[finite], full[finite])  # the sketch's own candidates
     assert torch.equal(got.max(dim=1).values, full.max(dim=1).values)
     assert torch.equal(got.argmax(dim=1), full.argmax(dim=1))
+
+
+def test_native_candidates_by_row_are_each_rows_own() -> None:
+    gen = torch.Generator().manual_seed(11)
+    sketch, slack = torch.randn(5, 900, generator=gen), torch.rand(900, generator=gen) * 0.1
+    wn, e = torch.rand(900, generator=gen), torch.rand(5, generator=gen)
+    r = torch.rand(5, generator=gen) + 0.5
+    bound = r[:, None] * slack + e[:, None] * wn
+    kth = torch.topk(sketch - bound, 4, dim=1).values[:, -1:]
+    expected = sketch + bound >= kth  # (rows, tokens)
+    bits, pairs = native.candidates(sketch, slack, r, 4, e, wn, by_row=True)
+    got = torch.stack([(bits >> row) & 1 for row in range(5)]).bool()
+    assert torch.equal(got, expected) and pairs == int(expected.sum())
+    union = expected.any(dim=0).nonzero().squeeze(1)
+    assert torch.equal(native.candidates(sketch, slack, r, 4, e, wn), union)
+    assert native.candidates(torch.randn(65, 900), slack, torch.ones(65), 4, by_row=True) is None
+
+
+@pytest.mark.skipif(native.isa() != "avx512", reason="native.rescore is in the AVX-512 build only")
+@pytest.mark.parametrize("k", [64, 72])  # 72: gemv's 8-wide last step
+def test_native_rescore_is_gemv_bit_for_bit_where_marked(k: int) -> None:
+    gen = torch.Generator().manual_seed(12)
+    x, w = torch.randn(9, k, generator=gen), torch.randn(300, k, generator=gen)
+    marked = torch.rand(9, 300, generator=gen) < 0.3
+    bits = sum(marked[m].long() << m for m in range(9))
+    got = native.rescore(x, w, bits)
+    assert torch.equal(got[marked], native.gemv(x, w, None, None)[marked])
+    assert bool((got[~marked] == float("-inf")).all())
+    assert native.rescore(torch.randn(65, k), w, bits) is None  # past 64 rows: the caller's path
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [8, 33, 64])
+def test_the_integer_sketch_gives_top_k_rows_their_own_exact_top_k(rows: int) -> None:
+    """Top-k rows keep their own candidates: each row's 51 largest logits are the head's, bit for bit, and
+    a row's logits are exact or -inf, with fewer exact than the rows' union."""
+    head = _head("float32", seed=13)
+    sketch = HeadSketch(head)
+    assert sketch.pays(rows, 51)
+    x = _rows(rows, 14)
+    x[:, 5] *= 30  # an outlier dimension
+    got, full = sketch.logits(x, 51), head(x)
+    finite = torch.isfinite(got)
+    assert torch.equal(got[finite], full[finite])
+    top_got, top_full = torch.topk(got, 51, dim=1), torch.topk(full, 51, dim=1)
+    assert torch.equal(top_got.values, top_full.values) and torch.equal(top_got.indices, top_full.indices)
+    assert (finite.sum(dim=1) >= 51).all() and (finite.sum(dim=1) < finite.any(dim=0).sum()).all()

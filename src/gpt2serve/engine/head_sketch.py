@@ -11,11 +11,14 @@ init a few hundred of 50257) get their exact logits from the head's own rows, th
 bit for bit those of the full product. Every other logit is -inf. Where the candidates would be more than
 MAX_CANDIDATE_SHARE of the vocabulary, the full head runs instead.
 
-Where the CPU has AVX-512 VNNI, greedy steps of INTEGER_ROWS rows run the sketch in integers (sketch.c):
-each row x is quantized to 8 bits too (x^ = x_scale * q, q in -127..127), which widens each token's bound
-by ||x - x^||_2 * ||sketch row||_2 (Cauchy-Schwarz again) plus the final multiply's rounding (2^-21
-||x^||_2 ||sketch row||_2 covers it), widened like the rest. With many rows the float32 sketch costs as
-many FMAs as the head; the integer one a fraction.
+Where the CPU has AVX-512 VNNI, steps of INTEGER_ROWS (greedy) or INTEGER_ROWS_TOP_K (top-k) rows run
+the sketch in integers (sketch.c): each row x is quantized to 8 bits too (x^ = x_scale * q, q in
+-127..127), which widens each token's bound by ||x - x^||_2 * ||sketch row||_2 (Cauchy-Schwarz again)
+plus the final multiply's rounding (2^-21 ||x^||_2 ||sketch row||_2 covers it), widened like the rest.
+With many rows the float32 sketch costs as many FMAs as the head; the integer one a fraction. Top-k rows
+then keep each row's own candidates (native.candidates by_row) and get their exact logits from each head
+row read once for all the rows that need it (native.rescore, gemv's sums): the union over 48 rows would
+be half the vocabulary, each row's own are ~1.3 % of it.
 """
 
 from __future__ import annotations
@@ -26,17 +29,19 @@ from gpt2serve.engine import native
 from gpt2serve.engine.linear import PackedLinear, in_huge_pages, quantize_int8
 
 MAX_CANDIDATE_SHARE = 0.125
-# Rows past these take the full head: the float32 sketch costs as many FMAs per row as the head (it saves
-# bytes, not arithmetic) and the candidates' union grows with the rows. Where the two cross on a Zen 5
-# (random gpt2, 2 threads, ms): top 1 at 32 rows 6.1 against 7.2; top 50 at 16 rows 3.9 against 3.9, at 20
-# 5.0 against 4.6, at 32 8.3 against 7.2.
+# Without the integer sketch, rows past these take the full head: the float32 sketch costs as many FMAs
+# per row as the head (it saves bytes, not arithmetic) and the candidates' union grows with the rows.
+# Where the two cross on a Zen 5 (random gpt2, 2 threads, ms): top 1 at 32 rows 6.1 against 7.2; top 50
+# at 16 rows 3.9 against 3.9, at 20 5.0 against 4.6, at 32 8.3 against 7.2.
 SKETCH_MAX_ROWS = {1: 32}  # by the `top` asked for
 SKETCH_MAX_ROWS_TOP_K = 16  # any other `top`
-# The integer sketch (VNNI) serves greedy rows only: its wider bound (8-bit activations) gives 3-5x the
-# candidates, few for top 1, too many for top 50. Zen 5, top 1, ms (integer, float32 sketch, full head):
-# 3 rows 1.2 / 0.8 / 3.7 (quantizing x costs more than it saves), 12 rows 2.1 / 2.8 / 4.1, 32 rows
-# 4.1 / 6.4 / 7.1, 64 rows 8.5 / 13.9 / 13.6.
+# The integer sketch (VNNI). Its wider bound (8-bit activations) gives 3-5x the candidates: few for top
+# 1, whose union serves; for top 51 ~675 a row, so each row keeps its own. Zen 5, ms (integer, float32
+# sketch, full head): top 1 at 3 rows 1.2 / 0.8 / 3.7 (quantizing x costs more than it saves), 12 rows
+# 2.1 / 2.8 / 4.1, 32 rows 4.1 / 6.4 / 7.1, 64 rows 8.5 / 13.9 / 13.6; top 51 at 4 rows 1.5 / 1.3 / 4.0,
+# 8 rows 2.0 / 2.1 / 3.8, 16 rows 3.1 / 4.2 / 3.8, 32 rows 5.5 / 8.4 / 6.3, 48 rows 7.7 / 18.5 / 9.1.
 INTEGER_ROWS = range(12, 65)
+INTEGER_ROWS_TOP_K = range(8, 65)  # top > 1, a float32 head (native.rescore reads float32)
 ROUNDING = 2.0**-24  # float32's unit roundoff
 WIDEN = 1.001
 SLACK_CHUNK = 1024  # rows per float64 temporary (gpt2-xl: 13 MB)
@@ -67,7 +72,14 @@ class HeadSketch:
         return self._integer_for(rows, top) or rows <= SKETCH_MAX_ROWS.get(top, SKETCH_MAX_ROWS_TOP_K)
 
     def _integer_for(self, rows: int, top: int) -> bool:
-        return self.integer and top == 1 and rows in INTEGER_ROWS
+        if not self.integer:
+            return False
+        return rows in INTEGER_ROWS if top == 1 else self._by_row and rows in INTEGER_ROWS_TOP_K
+
+    @property
+    def _by_row(self) -> bool:
+        """Whether rows may take their own candidates (native.rescore reads a float32 head)."""
+        return self.head.weight.dtype == torch.float32
 
     @property
     def nbytes(self) -> int:
@@ -75,9 +87,16 @@ class HeadSketch:
 
     def logits(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """(N, V) float32: the exact logits of every token that can be among its row's k largest (the
-        union over rows), -inf elsewhere. `x` is the (N, C) float32 input of the head."""
+        union over rows; each row's own where top-k rows take the integer sketch), -inf elsewhere. `x` is
+        the (N, C) float32 input of the head."""
         vocab, r = self.q.shape[0], x.norm(dim=1) * WIDEN
         integer = self._integer_sketch(x) if self._integer_for(x.shape[0], k) else None
+        if integer is not None and k > 1:  # each row's own candidates, each head row read once
+            marked = native.candidates(integer[0], self.slack, r, k, integer[1], self.row_norms, by_row=True)
+            if marked is None or marked[1] > MAX_CANDIDATE_SHARE * vocab * x.shape[0]:
+                return self.head(x)
+            out = native.rescore(x, self.head.weight, marked[0])
+            return self.head(x) if out is None else out
         if integer is not None:
             sketch, e = integer
             candidates = native.candidates(sketch, self.slack, r, k, e, self.row_norms)

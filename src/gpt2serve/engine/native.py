@@ -91,7 +91,9 @@ def library() -> ctypes.CDLL | None:
     lib.gpt2serve_topk.restype = ctypes.c_int
     lib.gpt2serve_topk.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, i, p, p]
     lib.gpt2serve_candidates.restype = ctypes.c_int64
-    lib.gpt2serve_candidates.argtypes = [p, i, ctypes.c_int64, p, p, p, p, i, p]
+    lib.gpt2serve_candidates.argtypes = [p, i, ctypes.c_int64, p, p, p, p, i, p, i, i]
+    lib.gpt2serve_rescore.restype = ctypes.c_int
+    lib.gpt2serve_rescore.argtypes = [p, i, i, p, ctypes.c_int64, p, p, i]
     lib.gpt2serve_sketch_i8_available.restype = ctypes.c_int
     lib.gpt2serve_sketch_i8_available.argtypes = []
     lib.gpt2serve_sketch_i8.restype = ctypes.c_int
@@ -279,21 +281,43 @@ def candidates(
     k: int,
     e: torch.Tensor | None = None,
     wn: torch.Tensor | None = None,
-) -> torch.Tensor | None:
+    by_row: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, int] | None:
     """The tokens (ascending) that can be among some row's k largest logits, each row's exact logits
     lying within r[row] * slack (+ e[row] * wn, where given) of the (rows, V) float32 `sketch` (see
-    head_sketch.py); None for a NaN in the sketch or where the kernels are not built."""
+    head_sketch.py); with `by_row` (up to 64 rows), each row's own instead: (V,) int64 whose bit `row` says
+    whether the token is that row's candidate, and how many (row, token) pairs that makes. The rows run on
+    all threads. None for a NaN in the sketch, or where the kernels are not built."""
     lib = _library_for(sketch, 2)
     if lib is None:
         return None
     sketch, slack, r = (t.float().contiguous() for t in (sketch, slack, r))
     e, wn = (None, None) if e is None else (e.float().contiguous(), wn.float().contiguous())
     rows, n = sketch.shape
-    mark = torch.empty(n, dtype=torch.uint8)
+    if by_row and rows > 64:
+        return None
+    mark = torch.empty(n, dtype=torch.int64 if by_row else torch.uint8)
     second = (None, None) if e is None else (e.data_ptr(), wn.data_ptr())
-    count = lib.gpt2serve_candidates(sketch.data_ptr(), rows, n, slack.data_ptr(), r.data_ptr(), *second, k,
-                                     mark.data_ptr())  # fmt: skip
-    return None if count < 0 else mark.nonzero().squeeze(1)
+    args = sketch.data_ptr(), rows, n, slack.data_ptr(), r.data_ptr(), *second, k, mark.data_ptr()
+    count = lib.gpt2serve_candidates(*args, int(by_row), torch.get_num_threads())
+    if count < 0:
+        return None
+    return (mark, count) if by_row else mark.nonzero().squeeze(1)
+
+
+def rescore(x: torch.Tensor, weight: torch.Tensor, mark: torch.Tensor) -> torch.Tensor | None:
+    """(M, V) float32: x[m] . weight[t] where bit m of mark[t] is set (`candidates(..., by_row=True)`), bit
+    for bit gemv's float32 product, -inf elsewhere; each weight row read once. None where the AVX-512
+    kernels are not built or the arguments are not float32 (M, K) and (V, K) CPU tensors, M <= 64."""
+    lib = _library_for(x, 2)
+    (m, k), n = x.shape, weight.shape[0]
+    if lib is None or weight.dtype != torch.float32 or weight.shape[1] != k or mark.shape != (n,) or m > 64:
+        return None
+    x, weight, mark = x.contiguous(), weight.contiguous(), mark.contiguous()
+    out = torch.full((m, n), float("-inf"))
+    rc = lib.gpt2serve_rescore(x.data_ptr(), m, k, weight.data_ptr(), n, mark.data_ptr(), out.data_ptr(),
+                               torch.get_num_threads())  # fmt: skip
+    return None if rc != 0 else out
 
 
 # -- sketch.c ----------------------------------------------------------------------------------------------

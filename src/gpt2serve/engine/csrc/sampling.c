@@ -6,6 +6,7 @@
  * gpt2serve_multinomial report the one draw (u == 0) whose outcome torch.multinomial treats specially.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -101,64 +102,148 @@ int gpt2serve_topk(const float *x, int64_t rows, int64_t cols, const float *bias
     return nan ? -1 : ties;
 }
 
-/* The head sketch's candidates (head_sketch.py): token t of a row can be among its k largest exact
- * logits when sketch[t] + b[t] reaches the k-th largest of sketch[u] - b[u], where each exact logit lies
- * within b[t] = r * slack[t] (+ e * wn[t] where e is given) of the sketch (r, e: the row's bound factors).
- * Marks the union over the rows in `mark` (n bytes, 1 = candidate) and returns how many, or -1 for a NaN
- * in the sketch or arguments it does not take. */
-int64_t gpt2serve_candidates(const float *sketch, int rows, int64_t n, const float *slack, const float *r,
-                             const float *e, const float *wn, int k, uint8_t *mark) {
-    if (k < 1 || n < k || rows < 1) return -1;
-    entry_t *h = malloc((size_t)k * sizeof *h);
-    float *b = malloc((size_t)n * sizeof *b);
-    if (!h || !b) {
-        free(h);
-        free(b);
-        return -1;
-    }
-    memset(mark, 0, (size_t)n);
+/* One row of the head sketch's candidates (head_sketch.py): token t can be among the row's k largest
+ * exact logits when s[t] + b[t] reaches the k-th largest of s[u] - b[u] (`*kth`), where each exact logit
+ * lies within b[t] = r * slack[t] (+ e * wn[t] where wn is given) of the sketch s. Fills b (n floats;
+ * h: k entries of work space) and *kth; returns 1 for a NaN in the row, else 0. */
+static int row_bounds(const float *s, int64_t n, const float *slack, float r, float e, const float *wn, int k,
+                      float *b, entry_t *h, float *kth) {
+    for (int64_t t = 0; t < n; ++t) b[t] = wn ? r * slack[t] + e * wn[t] : r * slack[t];
+    for (int i = 0; i < k; ++i) h[i] = (entry_t){s[i] - b[i], i};
+    for (int i = k / 2 - 1; i >= 0; --i) sift_down(h, k, i);
+    int64_t t = k;
     int nan = 0;
-    for (int row = 0; row < rows; ++row) {
-        const float *s = sketch + (int64_t)row * n, rr = r[row], ee = e ? e[row] : 0.0f;
-        for (int64_t t = 0; t < n; ++t) b[t] = e ? rr * slack[t] + ee * wn[t] : rr * slack[t];
-        for (int i = 0; i < k; ++i) h[i] = (entry_t){s[i] - b[i], i};
-        for (int i = k / 2 - 1; i >= 0; --i) sift_down(h, k, i);
-        int64_t t = k;
-        __m256 unordered = _mm256_setzero_ps();
-        for (; t + 8 <= n; t += 8) {
-            __m256 sv = _mm256_loadu_ps(s + t);
-            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(sv, sv, _CMP_UNORD_Q));
-            __m256 lo = _mm256_sub_ps(sv, _mm256_loadu_ps(b + t));
-            int above = _mm256_movemask_ps(_mm256_cmp_ps(lo, _mm256_set1_ps(h[0].value), _CMP_GT_OQ));
-            while (above) {
-                int lane = __builtin_ctz(above);
-                above &= above - 1;
-                float v = s[t + lane] - b[t + lane];
-                if (v > h[0].value) {
-                    h[0] = (entry_t){v, t + lane};
-                    sift_down(h, k, 0);
-                }
-            }
-        }
-        for (; t < n; ++t) {
-            float v = s[t] - b[t];
-            nan |= s[t] != s[t];
+    __m256 unordered = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8) {
+        __m256 sv = _mm256_loadu_ps(s + t);
+        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(sv, sv, _CMP_UNORD_Q));
+        __m256 lo = _mm256_sub_ps(sv, _mm256_loadu_ps(b + t));
+        int above = _mm256_movemask_ps(_mm256_cmp_ps(lo, _mm256_set1_ps(h[0].value), _CMP_GT_OQ));
+        while (above) {
+            int lane = __builtin_ctz(above);
+            above &= above - 1;
+            float v = s[t + lane] - b[t + lane];
             if (v > h[0].value) {
-                h[0] = (entry_t){v, t};
+                h[0] = (entry_t){v, t + lane};
                 sift_down(h, k, 0);
             }
         }
-        for (int i = 0; i < k; ++i) nan |= s[i] != s[i];
-        nan |= _mm256_movemask_ps(unordered) != 0;
-        const float kth = h[0].value;
-        for (t = 0; t < n; ++t) mark[t] |= s[t] + b[t] >= kth;
     }
-    free(h);
-    free(b);
-    if (nan) return -1;
+    for (; t < n; ++t) {
+        float v = s[t] - b[t];
+        nan |= s[t] != s[t];
+        if (v > h[0].value) {
+            h[0] = (entry_t){v, t};
+            sift_down(h, k, 0);
+        }
+    }
+    for (int i = 0; i < k; ++i) nan |= s[i] != s[i];
+    *kth = h[0].value;
+    return nan | (_mm256_movemask_ps(unordered) != 0);
+}
+
+/* The candidates of each of `rows` rows of the (rows, n) sketch (row_bounds, with r[row] and, where e is
+ * given, e[row] and wn), the rows spread over `threads`. `by_row` 0: their union into `mark` (n bytes,
+ * 1 = candidate); returns how many. `by_row` 1 (rows <= 64): each row's own as bit `row` of the n
+ * 64-bit words at `mark`; returns how many (row, token) pairs. -1 for a NaN in the sketch, out of memory
+ * or arguments it does not take. */
+int64_t gpt2serve_candidates(const float *sketch, int rows, int64_t n, const float *slack, const float *r,
+                             const float *e, const float *wn, int k, void *mark, int by_row, int threads) {
+    if (k < 1 || n < k || rows < 1 || threads < 1 || (by_row && rows > 64)) return -1;
+    uint64_t *words = calloc((size_t)(n * threads), sizeof *words); /* each thread's rows' bits */
+    if (!words) return -1;
+    int nan = 0, oom = 0;
+#pragma omp parallel num_threads(threads) reduction(| : nan, oom)
+    {
+        entry_t *h = malloc((size_t)k * sizeof *h);
+        float *b = malloc((size_t)n * sizeof *b);
+        uint64_t *mine = words + (size_t)omp_get_thread_num() * n;
+        oom = !h || !b;
+#pragma omp for schedule(dynamic, 1)
+        for (int row = 0; row < rows; ++row) {
+            const float *s = sketch + (int64_t)row * n;
+            float kth;
+            if (oom || (nan |= row_bounds(s, n, slack, r[row], e ? e[row] : 0.0f, e ? wn : NULL, k, b, h, &kth)))
+                continue;
+            const uint64_t bit = by_row ? 1ull << row : 1;
+            for (int64_t t = 0; t < n; ++t) mine[t] |= s[t] + b[t] >= kth ? bit : 0;
+        }
+        free(h);
+        free(b);
+    }
     int64_t count = 0;
-    for (int64_t t = 0; t < n; ++t) count += mark[t];
-    return count;
+    if (!nan && !oom)
+        for (int64_t t = 0; t < n; ++t) {
+            uint64_t any = 0;
+            for (int i = 0; i < threads; ++i) any |= words[(size_t)i * n + t];
+            if (by_row)
+                ((uint64_t *)mark)[t] = any, count += __builtin_popcountll(any);
+            else
+                ((uint8_t *)mark)[t] = any != 0, count += any != 0;
+        }
+    free(words);
+    return nan || oom ? -1 : count;
+}
+
+enum { RESCORE_LANES = 8, RESCORE_AHEAD = 16 }; /* dot products at once; tokens prefetched ahead */
+
+#ifdef __AVX512F__
+/* out[row[i] * N + tok[i]] = x[row[i]] . W[tok[i]] for i < n (n <= RESCORE_LANES; the lanes past n
+ * repeat lane 0's work, unstored), each summed as gemv.c sums a float32 output. */
+static void rescore_lanes(const float *x, int K, const float *W, int64_t N, int64_t *tok, int *row, int n,
+                          float *out) {
+    const float *w[RESCORE_LANES], *xr[RESCORE_LANES];
+    __m512 acc[RESCORE_LANES];
+    for (int i = 0; i < RESCORE_LANES; ++i) {
+        int j = i < n ? i : 0;
+        w[i] = W + tok[j] * K, xr[i] = x + (size_t)row[j] * K, acc[i] = _mm512_setzero_ps();
+    }
+    int k = 0;
+    for (; k + 16 <= K; k += 16)
+        for (int i = 0; i < RESCORE_LANES; ++i)
+            acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(w[i] + k), _mm512_loadu_ps(xr[i] + k), acc[i]);
+    if (k < K) /* K % 16 == 8: gemv.c's 8-wide last step, upper lanes zero */
+        for (int i = 0; i < RESCORE_LANES; ++i) {
+            __m512 w8 = _mm512_maskz_mov_ps(0x00FF, _mm512_castps256_ps512(_mm256_loadu_ps(w[i] + k)));
+            __m512 x8 = _mm512_maskz_mov_ps(0x00FF, _mm512_castps256_ps512(_mm256_loadu_ps(xr[i] + k)));
+            acc[i] = _mm512_fmadd_ps(w8, x8, acc[i]);
+        }
+    for (int i = 0; i < n; ++i) out[(size_t)row[i] * N + tok[i]] = _mm512_reduce_add_ps(acc[i]) * 1.0f + 0.0f;
+}
+#endif
+
+/* The exact logits of each row's candidates: out[m * N + t] = x[m] . W[t] for each token t and row m set in
+ * mark[t] (gpt2serve_candidates' by_row bits, M <= 64), summed as gemv.c's float32 blocks sum (16 lanes
+ * along K, then _mm512_reduce_add_ps, an 8-wide last step where 16 does not divide K; + 0.0f as its
+ * missing bias adds), so bit for bit the full head's; other entries of out are left as they are. Each
+ * head row is read once, for all the rows that need it, prefetched RESCORE_AHEAD tokens ahead, and
+ * RESCORE_LANES dot products run side by side (each a chain of dependent FMAs); the tokens are split
+ * over `threads`. AVX-512 builds (-1 elsewhere, or for arguments it does not take), else 0. */
+int gpt2serve_rescore(const float *x, int M, int K, const float *W, int64_t N, const uint64_t *mark, float *out,
+                      int threads) {
+#ifdef __AVX512F__
+    if (M < 1 || M > 64 || K < 8 || K % 8 || threads < 1) return -1;
+#pragma omp parallel num_threads(threads)
+    {
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t t0 = N * id / nt, t1 = N * (id + 1) / nt;
+        int64_t tok[RESCORE_LANES];
+        int row[RESCORE_LANES], pending = 0;
+        for (int64_t t = t0; t < t1; ++t) {
+            if (t + RESCORE_AHEAD < t1 && mark[t + RESCORE_AHEAD])
+                for (int k = 0; k < K; k += 16) _mm_prefetch((const char *)(W + (t + RESCORE_AHEAD) * K + k), _MM_HINT_T0);
+            for (uint64_t bits = mark[t]; bits; bits &= bits - 1) {
+                tok[pending] = t, row[pending] = __builtin_ctzll(bits);
+                if (++pending == RESCORE_LANES) rescore_lanes(x, K, W, N, tok, row, pending, out), pending = 0;
+            }
+        }
+        if (pending) rescore_lanes(x, K, W, N, tok, row, pending, out);
+    }
+    return 0;
+#else
+    (void)x, (void)M, (void)K, (void)W, (void)N, (void)mark, (void)out, (void)threads;
+    return -1;
+#endif
 }
 
 /* -- torch's CPU generator (mt19937), as torch.Generator.get_state() lays it out ---------------------- */
