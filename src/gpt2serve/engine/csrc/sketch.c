@@ -24,11 +24,15 @@
  * copies the accumulator around _mm512_dpbusd_epi32 and, with 24 of them, spills them every step. */
 #define DPBUSD(acc, x, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w))
 
-static inline int hsum_epi32(__m512i v) {
-    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
-    __m128i q = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4E));
-    return _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xB1)));
+/* [sum of a, of b, of c, of d] in 32-bit lanes: each step adds for all four at once (integers: any order). */
+static inline __m128i sum4_epi32(__m512i a, __m512i b, __m512i c, __m512i d) {
+    __m512i ab = _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x44), _mm512_shuffle_i32x4(a, b, 0xEE));
+    __m512i cd = _mm512_add_epi32(_mm512_shuffle_i32x4(c, d, 0x44), _mm512_shuffle_i32x4(c, d, 0xEE));
+    __m512i s = _mm512_add_epi32(_mm512_shuffle_i32x4(ab, cd, 0x88), _mm512_shuffle_i32x4(ab, cd, 0xDD));
+    s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, (_MM_PERM_ENUM)0x4E));
+    s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, (_MM_PERM_ENUM)0xB1));
+    const __m512i firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castsi512_si128(_mm512_permutexvar_epi32(firsts, s));
 }
 
 /* Weight row j's 4 accumulators, one per activation row (named: as an array GCC keeps them in memory). */
@@ -54,14 +58,16 @@ static inline int hsum_epi32(__m512i v) {
         DOT(4, live, prefetch);                                                                  \
         DOT(5, live, prefetch);                                                                  \
     } while (0)
-/* Stores weight row j's sums (if within N) for the activation rows within mr. */
+/* Stores weight row j's sums (if within N) for the activation rows within mr: xs4 holds their scales. */
 #define STORE(j)                                                                                 \
     do {                                                                                         \
         if (n0 + j < N) {                                                                        \
-            const int n = n0 + j, shift = 128 * wsum[n];                                        \
-            const int sum[MR] = {hsum_epi32(a##j##0), hsum_epi32(a##j##1), hsum_epi32(a##j##2), hsum_epi32(a##j##3)}; \
-            for (int m = 0; m < mr; ++m)                                                         \
-                y[(size_t)(m0 + m) * N + n] = (float)(sum[m] - shift) * (xs[m0 + m] * ws[n]);    \
+            const int n = n0 + j;                                                                \
+            __m128i sum = sum4_epi32(a##j##0, a##j##1, a##j##2, a##j##3);                        \
+            sum = _mm_sub_epi32(sum, _mm_set1_epi32(128 * wsum[n]));                             \
+            float out[MR];                                                                       \
+            _mm_storeu_ps(out, _mm_mul_ps(_mm_cvtepi32_ps(sum), _mm_mul_ps(xs4, _mm_set1_ps(ws[n])))); \
+            for (int m = 0; m < mr; ++m) y[(size_t)(m0 + m) * N + n] = out[m];                   \
         }                                                                                        \
     } while (0)
 
@@ -83,6 +89,7 @@ __attribute__((target("avx512vnni"))) static void sketch_block(const uint8_t *x,
     else
         for (; k + 64 <= K; k += 64) STEP(~(__mmask64)0, 0);
     if (k < K) STEP(((__mmask64)1 << (K - k)) - 1, 0);
+    const __m128 xs4 = _mm_setr_ps(xs[m0], xs[m0 + (1 < mr)], xs[m0 + (2 < mr ? 2 : mr - 1)], xs[m0 + (3 < mr ? 3 : mr - 1)]);
     STORE(0); STORE(1); STORE(2); STORE(3); STORE(4); STORE(5);
 }
 
