@@ -37,11 +37,11 @@ SKETCH_MAX_ROWS = {1: 32}  # by the `top` asked for
 SKETCH_MAX_ROWS_TOP_K = 16  # any other `top`
 # The integer sketch (VNNI). Its wider bound (8-bit activations) gives 3-5x the candidates: few for top
 # 1, whose union serves; for top 51 ~675 a row, so each row keeps its own. Zen 5, ms (integer, float32
-# sketch, full head): top 1 at 3 rows 1.2 / 0.8 / 3.7 (quantizing x costs more than it saves), 12 rows
-# 2.1 / 2.8 / 4.1, 32 rows 4.1 / 6.4 / 7.1, 64 rows 8.5 / 13.9 / 13.6; top 51 at 4 rows 1.5 / 1.3 / 4.0,
-# 8 rows 2.0 / 2.1 / 3.8, 16 rows 3.1 / 4.2 / 3.8, 32 rows 5.5 / 8.4 / 6.3, 48 rows 7.7 / 18.5 / 9.1.
-INTEGER_ROWS = range(12, 65)
-INTEGER_ROWS_TOP_K = range(8, 65)  # top > 1, a float32 head (native.rescore reads float32)
+# sketch, full head): top 1 at 1 row 1.04 / 0.94 / 3.3 (quantizing x costs more than it saves), 4 rows
+# 0.97 / 1.04, 12 rows 1.3 / 2.6 / 3.6, 32 rows 2.7 / 6.4 / 6.2; top 51 at 4 rows 1.16 / 1.12, 6 rows 1.38 /
+# 1.57, 16 rows 2.2 / 4.4 / 3.9, 32 rows 3.9 / 8.3 / 6.2, 48 rows 5.6 / 18.3 / 8.8.
+INTEGER_ROWS = range(4, 65)
+INTEGER_ROWS_TOP_K = range(6, 65)  # top > 1, a float32 head (native.rescore reads float32)
 ROUNDING = 2.0**-24  # float32's unit roundoff
 WIDEN = 1.001
 SLACK_CHUNK = 1024  # rows per float64 temporary (gpt2-xl: 13 MB)
@@ -57,7 +57,9 @@ class HeadSketch:
         self.slack = torch.empty(w.shape[0], dtype=torch.float32)
         self.row_norms = torch.empty(w.shape[0], dtype=torch.float32)  # ||sketch row||_2, rounded up
         self.row_sums = self.q.sum(dim=1, dtype=torch.int32)
-        self.integer = native.sketch_int8_available()
+        self.integer = native.sketch_int8_available() and w.shape[1] % 4 == 0
+        # sketch.c's layout of q (as much again: the float32 sketch's gemv reads q row by row)
+        self.packed = in_huge_pages(native.pack_sketch(self.q), torch.int8) if self.integer else None
         rounding = (w.shape[1] + 8) * ROUNDING
         for start in range(0, w.shape[0], SLACK_CHUNK):  # small float64 temporaries
             rows = slice(start, start + SLACK_CHUNK)
@@ -83,7 +85,7 @@ class HeadSketch:
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + 16 * self.slack.numel()
+        return self.q.numel() + (0 if self.packed is None else self.packed.numel()) + 16 * self.slack.numel()
 
     def logits(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """(N, V) float32: the exact logits of every token that can be among its row's k largest (the
@@ -120,7 +122,8 @@ class HeadSketch:
         q = torch.round(x / x_scale[:, None]).clamp_(-127, 127)
         dequantized = q.double() * x_scale.double()[:, None]
         e = ((x.double() - dequantized).norm(dim=1) + 2.0**-21 * dequantized.norm(dim=1)) * WIDEN
-        sketch = native.sketch_int8((q + 128).to(torch.uint8), x_scale, self.q, self.scale, self.row_sums)
+        shifted = (q + 128).to(torch.uint8)
+        sketch = native.sketch_int8(shifted, x_scale, self.packed, self.scale, self.row_sums)
         return None if sketch is None else (sketch, _rounded_up(e))
 
 

@@ -97,7 +97,7 @@ def library() -> ctypes.CDLL | None:
     lib.gpt2serve_sketch_i8_available.restype = ctypes.c_int
     lib.gpt2serve_sketch_i8_available.argtypes = []
     lib.gpt2serve_sketch_i8.restype = ctypes.c_int
-    lib.gpt2serve_sketch_i8.argtypes = [p, p, i, i, p, p, p, p, i, i]
+    lib.gpt2serve_sketch_i8.argtypes = [p, p, i, i, p, i, p, p, p, i, i]
     lib.gpt2serve_uniform.restype = ctypes.c_int
     lib.gpt2serve_uniform.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, p]
     lib.gpt2serve_draw_top_k.restype = None
@@ -329,22 +329,41 @@ def sketch_int8_available() -> bool:
     return lib is not None and lib.gpt2serve_sketch_i8_available() == 1
 
 
+SKETCH_BLOCK_ROWS, SKETCH_TASK_BLOCKS = 16, 3  # sketch.c's packing: 16-row blocks, 3 to a task
+
+
+def pack_sketch(weight: torch.Tensor) -> torch.Tensor:
+    """An int8 (N, K) matrix (K a multiple of 4) as `sketch_int8` reads it: blocks of 16 rows (zero rows
+    past N, up to a multiple of 3 blocks), each as K/4 groups of 16 x 4 bytes (row c's inputs 4g .. 4g+3
+    at [block, g, c])."""
+    n, k = weight.shape
+    if weight.dtype != torch.int8 or k % 4:
+        raise ValueError(f"pack_sketch needs int8 (N, K) with K a multiple of 4: {weight.dtype} {k}")
+    blocks = -(-n // SKETCH_BLOCK_ROWS)
+    blocks += -blocks % SKETCH_TASK_BLOCKS
+    padded = torch.zeros(blocks * SKETCH_BLOCK_ROWS, k, dtype=torch.int8)
+    padded[:n] = weight
+    return padded.view(blocks, SKETCH_BLOCK_ROWS, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
 def sketch_int8(
-    x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, row_sums: torch.Tensor
+    x: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, row_sums: torch.Tensor
 ) -> torch.Tensor | None:
-    """(M, N) float32: x_scale[m] * scale[n] * ((x[m] - 128) . weight[n]) for uint8 `x` (M, K) and int8
-    `weight` (N, K) with `row_sums` (N,) int32 its rows' sums, the sums exact in integers; None where
-    `sketch_int8_available()` is false."""
+    """(M, N) float32: x_scale[m] * scale[n] * ((x[m] - 128) . weight[n]) for uint8 `x` (M, K) and the int8
+    `weight` (N, K) that `packed` (`pack_sketch(weight)`) holds, with `row_sums` (N,) int32 its rows'
+    sums, the sums exact in integers; None where `sketch_int8_available()` is false."""
     lib = library()
-    (rows, k), n = x.shape, weight.shape[0]
-    kinds = x.dtype, weight.dtype, row_sums.dtype
-    if kinds != (torch.uint8, torch.int8, torch.int32) or weight.shape[1] != k:
-        raise ValueError(f"sketch_int8 needs uint8 x (M, K) and int8 weight (N, K): {x.dtype} {weight.dtype}")
+    (rows, k), n = x.shape, row_sums.numel()
+    kinds = x.dtype, packed.dtype, row_sums.dtype
+    blocks = packed.shape[0]
+    shape_ok = packed.dim() == 4 and packed.shape[1:] == (k // 4, SKETCH_BLOCK_ROWS, 4) and k % 4 == 0
+    if kinds != (torch.uint8, torch.int8, torch.int32) or not shape_ok or blocks * SKETCH_BLOCK_ROWS < n:
+        raise ValueError(f"sketch_int8 needs uint8 x (M, K), pack_sketch's weight: {x.dtype} {packed.shape}")
     if lib is None or rows == 0:
         return None
     x, x_scale = x.contiguous(), x_scale.float().contiguous()
     y = torch.empty(rows, n, dtype=torch.float32)
-    w = weight.data_ptr(), scale.data_ptr(), row_sums.data_ptr()
+    w = packed.data_ptr(), blocks, scale.data_ptr(), row_sums.data_ptr()
     rc = lib.gpt2serve_sketch_i8(
         x.data_ptr(), x_scale.data_ptr(), rows, k, *w, y.data_ptr(), n, torch.get_num_threads()
     )
