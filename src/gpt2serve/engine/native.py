@@ -60,6 +60,25 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+_p, _i, _i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+_SIGNATURES = {  # each C function's result and argument types
+    "gpt2serve_gemv": (_i, [_i, _p, _i, _i, _p, _p, _p, _p, _i, _i]),
+    "gpt2serve_decode": (_i, [_p, _i, _i, ctypes.c_float, _p, _i, _i, _p, _p, _p, _p, _i, _i, _i]),
+    "gpt2serve_topk": (_i, [_p, _i64, _i64, _p, _i, _p, _p]),
+    "gpt2serve_candidates": (_i64, [_p, _i, _i64, _p, _p, _p, _p, _i, _p, _i, _i]),
+    "gpt2serve_rescore": (_i, [_p, _i, _i, _p, _i64, _p, _p, _i]),
+    "gpt2serve_sketch_i8_available": (_i, []),
+    "gpt2serve_sketch_i8": (_i, [_p, _p, _i, _i, _p, _i, _p, _p, _p, _i, _i]),
+    "gpt2serve_uniform": (_i, [_p, _i64, _p, _i64, _p]),
+    "gpt2serve_draw_top_k": (None, [_p, _i64, _p, _i, _p, _p, _p, ctypes.c_double, _p, _p, _i]),
+    "gpt2serve_multinomial": (_i64, [_p, _p, _i64]),
+    "gpt2serve_sort_values": (_i, [_p, _i64, _p]),
+    "gpt2serve_top_p_apply": (_i64, [_p, _p, _p, _i64, ctypes.c_float, _p, _p]),
+    "gpt2serve_near_max": (None, [_p, _i64, _p, _i, _p, _p]),
+    "gpt2serve_mass": (None, [_p, _i64, _p, _p]),
+}
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (with the reason logged once) where they cannot be used here."""
@@ -81,37 +100,9 @@ def library() -> ctypes.CDLL | None:
     except OSError as exc:
         log.warning("gemv kernels off: building %s failed: %s", SOURCES[0].parent, exc)
         return None
-    fn = lib.gpt2serve_gemv
-    fn.restype = ctypes.c_int
-    p, i = ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [i, p, i, i, p, p, p, p, i, i]
-    fn = lib.gpt2serve_decode
-    fn.restype = ctypes.c_int
-    fn.argtypes = [p, i, i, ctypes.c_float, p, i, i, p, p, p, p, i, i, i]
-    lib.gpt2serve_topk.restype = ctypes.c_int
-    lib.gpt2serve_topk.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, i, p, p]
-    lib.gpt2serve_candidates.restype = ctypes.c_int64
-    lib.gpt2serve_candidates.argtypes = [p, i, ctypes.c_int64, p, p, p, p, i, p, i, i]
-    lib.gpt2serve_rescore.restype = ctypes.c_int
-    lib.gpt2serve_rescore.argtypes = [p, i, i, p, ctypes.c_int64, p, p, i]
-    lib.gpt2serve_sketch_i8_available.restype = ctypes.c_int
-    lib.gpt2serve_sketch_i8_available.argtypes = []
-    lib.gpt2serve_sketch_i8.restype = ctypes.c_int
-    lib.gpt2serve_sketch_i8.argtypes = [p, p, i, i, p, i, p, p, p, i, i]
-    lib.gpt2serve_uniform.restype = ctypes.c_int
-    lib.gpt2serve_uniform.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, p]
-    lib.gpt2serve_draw_top_k.restype = None
-    lib.gpt2serve_draw_top_k.argtypes = [p, ctypes.c_int64, p, i, p, p, p, ctypes.c_double, p, p, i]
-    lib.gpt2serve_multinomial.restype = ctypes.c_int64
-    lib.gpt2serve_multinomial.argtypes = [p, p, ctypes.c_int64]
-    lib.gpt2serve_sort_values.restype = ctypes.c_int
-    lib.gpt2serve_sort_values.argtypes = [p, ctypes.c_int64, p]
-    lib.gpt2serve_top_p_apply.restype = ctypes.c_int64
-    lib.gpt2serve_top_p_apply.argtypes = [p, p, p, ctypes.c_int64, ctypes.c_float, p, p]
-    lib.gpt2serve_near_max.restype = None
-    lib.gpt2serve_near_max.argtypes = [p, ctypes.c_int64, p, i, p, p]
-    lib.gpt2serve_mass.restype = None
-    lib.gpt2serve_mass.argtypes = [p, ctypes.c_int64, p, p]
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
     return lib
 
 
