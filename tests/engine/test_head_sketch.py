@@ -149,7 +149,13 @@ def test_native_candidates_by_row_are_each_rows_own() -> None:
     assert native.candidates(torch.randn(65, 900), slack, torch.ones(65), 4, by_row=True) is None
 
 
-@pytest.mark.skipif(native.isa() != "avx512", reason="native.rescore is in the AVX-512 build only")
+needs_avx512 = pytest.mark.skipif(
+    native.isa() != "avx512",
+    reason="native.rescore is in the AVX-512 build only; it runs on AVX-512 CPUs (Zen 4+, Skylake-X+)",
+)
+
+
+@needs_avx512
 @pytest.mark.parametrize("k", [64, 72])  # 72: gemv's 8-wide last step
 def test_native_rescore_is_gemv_bit_for_bit_where_marked(k: int) -> None:
     gen = torch.Generator().manual_seed(12)
