@@ -150,14 +150,17 @@ static int row_bounds(const float *s, int64_t n, const float *slack, float r, fl
 int64_t gpt2serve_candidates(const float *sketch, int rows, int64_t n, const float *slack, const float *r,
                              const float *e, const float *wn, int k, void *mark, int by_row, int threads) {
     if (k < 1 || n < k || rows < 1 || threads < 1 || (by_row && rows > 64)) return -1;
-    uint64_t *words = calloc((size_t)(n * threads), sizeof *words); /* each thread's rows' bits */
-    if (!words) return -1;
+    const int team = by_row ? threads : 1;
+    uint64_t *words = by_row ? calloc((size_t)(n * team), sizeof *words) : NULL; /* each thread's bits */
+    if (by_row && !words) return -1;
+    if (!by_row) memset(mark, 0, (size_t)n);
     int nan = 0, oom = 0;
-#pragma omp parallel num_threads(threads) reduction(| : nan, oom)
+#pragma omp parallel num_threads(team) reduction(| : nan, oom)
     {
         entry_t *h = malloc((size_t)k * sizeof *h);
         float *b = malloc((size_t)n * sizeof *b);
-        uint64_t *mine = words + (size_t)omp_get_thread_num() * n;
+        uint64_t *mine = by_row ? words + (size_t)omp_get_thread_num() * n : NULL;
+        uint8_t *any = mark;
         oom = !h || !b;
 #pragma omp for schedule(dynamic, 1)
         for (int row = 0; row < rows; ++row) {
@@ -165,22 +168,23 @@ int64_t gpt2serve_candidates(const float *sketch, int rows, int64_t n, const flo
             float kth;
             if (oom || (nan |= row_bounds(s, n, slack, r[row], e ? e[row] : 0.0f, e ? wn : NULL, k, b, h, &kth)))
                 continue;
-            const uint64_t bit = by_row ? 1ull << row : 1;
-            for (int64_t t = 0; t < n; ++t) mine[t] |= s[t] + b[t] >= kth ? bit : 0;
+            if (by_row)
+                for (int64_t t = 0; t < n; ++t) mine[t] |= s[t] + b[t] >= kth ? 1ull << row : 0;
+            else
+                for (int64_t t = 0; t < n; ++t) any[t] |= s[t] + b[t] >= kth;
         }
         free(h);
         free(b);
     }
     int64_t count = 0;
-    if (!nan && !oom)
-        for (int64_t t = 0; t < n; ++t) {
-            uint64_t any = 0;
-            for (int i = 0; i < threads; ++i) any |= words[(size_t)i * n + t];
-            if (by_row)
-                ((uint64_t *)mark)[t] = any, count += __builtin_popcountll(any);
-            else
-                ((uint8_t *)mark)[t] = any != 0, count += any != 0;
-        }
+    for (int64_t t = 0; !nan && !oom && t < n; ++t) {
+        uint64_t bits = 0;
+        for (int i = 0; by_row && i < team; ++i) bits |= words[(size_t)i * n + t];
+        if (by_row)
+            ((uint64_t *)mark)[t] = bits, count += __builtin_popcountll(bits);
+        else
+            count += ((uint8_t *)mark)[t];
+    }
     free(words);
     return nan || oom ? -1 : count;
 }
