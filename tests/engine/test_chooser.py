@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from gpt2serve.engine.chooser import logits_read
+import pytest
+import torch
+
+from gpt2serve.engine.chooser import check_finite, finite_rows, logits_read
+from gpt2serve.engine.errors import NonFiniteLogitsError
 from gpt2serve.engine.params import SamplingParams
 
 
@@ -21,3 +25,18 @@ def test_only_greedy_and_top_k_steps_read_just_the_top_logits():
         SamplingParams(do_sample=True, top_k=1000),
     ):
         assert logits_read([greedy, other]) is None, other
+
+
+def test_the_host_finiteness_check_is_the_float32_one():
+    """check_finite (host, from the rows' maxima as Python floats) refuses exactly the rows finite_rows
+    (float32 tensors) refuses: NaN, infinities, and a quotient that overflows float32 only."""
+    largest = torch.tensor([3e38, 3e38, 1.0, float("nan"), float("-inf"), 1e30, float("inf")])
+    temperatures = [1.0, 0.5, 1e-30, 1.0, 1.0, 1e-9, 2.0]
+    expected = finite_rows(largest, temperatures).tolist()
+    assert expected == [True, False, True, False, False, False, False]
+    for value, t, ok in zip(largest, temperatures, expected):
+        if ok:
+            check_finite(value[None], [t])
+        else:
+            with pytest.raises(NonFiniteLogitsError):
+                check_finite(value[None], [t])

@@ -161,6 +161,26 @@ def test_native_topk_is_torch_topk_or_declines() -> None:
 
 
 @needs_native
+def test_native_row_max_is_torch_amax_and_argmax() -> None:
+    """Each row's largest value and its first index, as torch.amax and torch.argmax give them: ties (the
+    first wins), -0.0 beside 0.0, -inf rows, +inf, a length no vector width divides; NaN rows give NaN."""
+    rows = make_logits("some_ties", 6, 50257, seed=3)
+    rows[1] = rows[1].round()  # many equal maxima
+    rows[2] = float("-inf")
+    rows[3, 777] = float("inf")
+    rows[4] = 0.0
+    rows[4, 5], rows[4, 2] = -0.0, -1.0
+    rows[5, -1] = rows[5].max() + 1  # the largest in the tail past the last 8
+    for x in (rows, rows[:, :13], rows[:1]):
+        values, indices = native.row_max(x)
+        assert torch.equal(values, x.amax(dim=-1)) and torch.equal(indices, x.argmax(dim=-1))
+    rows[0, 9] = float("nan")
+    values, indices = native.row_max(rows)
+    assert values[0].isnan() and torch.equal(values[1:], rows[1:].amax(dim=-1))
+    assert torch.equal(indices[1:], rows[1:].argmax(dim=-1))
+
+
+@needs_native
 def test_native_topk_over_rows_adds_each_rows_bias_first() -> None:
     """Beam search's top-k of log-probabilities plus each beam's score, without building the sums."""
     gen = torch.Generator().manual_seed(5)
@@ -359,6 +379,59 @@ def test_pure_top_p_rows_draw_the_references_tokens(kind: str) -> None:
             params = SamplingParams(do_sample=True, temperature=t, top_k=0, top_p=p)
             assert choose(row[None], [params], [ours]) == [reference(row, t, 0, p, theirs)], (kind, p, t)
             assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["random_model", "trained", "some_ties"])
+def test_top_p_rows_drawn_together_draw_the_references_tokens(kind: str) -> None:
+    """Pure top-p rows drawn together (draw_top_p, on every thread; torch's softmax over the rows at
+    once): each row the reference's token and generator state, over two draws. The rows it does not take
+    come back None with their generators untouched: top-k on, no generator, a generator two rows share,
+    a NaN row."""
+    rows = {"random_model": random_model_rows, "trained": peaked_rows}.get(kind)
+    rows = rows(6, seed=9) if rows else make_logits(kind, 6, 50257, seed=9)
+    settings = list(itertools.product(range(6), [0.3, 0.9, 0.999], [1.0, 0.7]))
+    x = torch.stack([rows[r] for r, _, _ in settings])
+    x[4, 17] = float("nan")
+    params = [SamplingParams(do_sample=True, temperature=t, top_p=p) for _, p, t in settings]
+    params[1] = params[1].replace(top_k=40)
+    ours = [generators(i, i)[0] for i in range(len(settings))]
+    theirs = [generators(i, i)[1] for i in range(len(settings))]
+    ours[2], ours[6] = None, ours[5]
+    for _ in range(2):
+        tokens = sampling_fast.draw_top_p(x, params, ours)
+        declined = {i for i, t in enumerate(tokens) if t is None}
+        assert {1, 2, 4, 5, 6} <= declined and (kind == "some_ties" or len(declined) == 5), declined
+        for i, token in enumerate(tokens):
+            if token is None:
+                continue
+            _, p, t = settings[i]
+            assert token == reference(x[i], t, 0, p, theirs[i]), (kind, i)
+            assert torch.equal(ours[i].get_state(), theirs[i].get_state()), (kind, i)
+    assert sampling_fast.draw_top_p(x[:1], params[:1], ours[:1]) == [None]  # one row: the per-row path
+
+
+@needs_native
+def test_top_p_over_rows_keeps_what_each_row_keeps_alone() -> None:
+    """The rows' forms of the sort and the cut (on every thread) give each row's one-row results bit for
+    bit, and torch's softmax over the rows at once gives each row the bits it gives the row alone."""
+    ties = make_logits("some_ties", 2, 50257, seed=4)
+    x = torch.cat([random_model_rows(3, seed=4), peaked_rows(3, seed=4), ties])
+    x[1, 3] = float("inf")
+    ordered, sorted_ok = native.sort_values_rows(x)
+    assert sorted_ok == [i != 1 for i in range(len(x))]
+    probs = ordered.softmax(dim=-1)
+    thresholds = [0.1, 0.5, 0.01, 0.1, 0.5, 0.001, 0.1, 0.7]
+    masked, decided = native.top_p_apply_rows(x, ordered, probs, thresholds)
+    for i, row in enumerate(x):
+        if not sorted_ok[i]:
+            continue
+        assert torch.equal(ordered[i], native.sort_values(row))
+        assert torch.equal(probs[i], ordered[i].softmax(dim=-1))
+        alone = native.top_p_apply(row, ordered[i], probs[i], thresholds[i])
+        assert decided[i] == (alone is not None), i
+        assert alone is None or torch.equal(masked[i], alone[0]), i
+    assert sum(decided) >= 5  # of 7 sorted rows: the tied rows may straddle their cuts
 
 
 @needs_native

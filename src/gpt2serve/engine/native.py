@@ -65,6 +65,7 @@ _SIGNATURES = {  # each C function's result and argument types
     "gpt2serve_gemv": (_i, [_i, _p, _i, _i, _p, _p, _p, _p, _i, _i]),
     "gpt2serve_decode": (_i, [_p, _i, _i, ctypes.c_float, _p, _i, _i, _p, _p, _p, _p, _i, _i, _i]),
     "gpt2serve_topk": (_i, [_p, _i64, _i64, _p, _i, _p, _p]),
+    "gpt2serve_row_max": (None, [_p, _i, _i64, _p, _p, _i]),
     "gpt2serve_candidates": (_i64, [_p, _i, _i64, _p, _p, _p, _p, _i, _p, _i, _i]),
     "gpt2serve_rescore": (_i, [_p, _i, _i, _p, _i64, _p, _p, _i]),
     "gpt2serve_sketch_i8_available": (_i, []),
@@ -76,6 +77,9 @@ _SIGNATURES = {  # each C function's result and argument types
     "gpt2serve_top_p_apply": (_i64, [_p, _p, _p, _i64, ctypes.c_float, _p, _p]),
     "gpt2serve_near_max": (None, [_p, _i64, _p, _i, _p, _p]),
     "gpt2serve_mass": (None, [_p, _i64, _p, _p]),
+    "gpt2serve_sort_values_rows": (None, [_p, _i, _i64, _p, _p, _i]),
+    "gpt2serve_top_p_apply_rows": (None, [_p, _p, _p, _i, _i64, _p, _p, _p, _i]),
+    "gpt2serve_multinomial_rows": (None, [_p, _p, _i, _i64, _p, _i]),
 }
 
 
@@ -240,6 +244,19 @@ def _library_for(x: torch.Tensor, dim: int) -> ctypes.CDLL | None:
     """The kernels, where they are built and `x` is a float32 CPU tensor of `dim` dimensions."""
     ok = x.dtype == torch.float32 and x.dim() == dim and x.device.type == "cpu"
     return library() if ok else None
+
+
+def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`x.amax(dim=-1)` and `x.argmax(dim=-1)` of a 2-D float32 CPU tensor in one pass over each row, the
+    rows on all threads (a NaN row: NaN, its index unspecified); None where the kernels are not built."""
+    lib = _library_for(x, 2)
+    if lib is None:
+        return None
+    x = x.contiguous()
+    values, indices = torch.empty(x.shape[0], dtype=torch.float32), torch.empty(x.shape[0], dtype=torch.long)
+    args = x.data_ptr(), x.shape[0], x.shape[1], values.data_ptr(), indices.data_ptr()
+    lib.gpt2serve_row_max(*args, torch.get_num_threads())
+    return values, indices
 
 
 def topk(
@@ -452,6 +469,53 @@ def sort_values(x: torch.Tensor) -> torch.Tensor | None:
     x = x.contiguous()
     out = torch.empty_like(x)
     return out if lib.gpt2serve_sort_values(x.data_ptr(), x.numel(), out.data_ptr()) == 0 else None
+
+
+def sort_values_rows(x: torch.Tensor) -> tuple[torch.Tensor, list[bool]] | None:
+    """`sort_values` of each row of a 2-D float32 CPU tensor, the rows on all threads: the sorted rows
+    and, per row, whether it was sorted (False: its largest value is not finite, the row unspecified);
+    None where the kernels are not built."""
+    lib = _library_for(x, 2)
+    if lib is None:
+        return None
+    x = x.contiguous()
+    out, rc = torch.empty_like(x), torch.empty(x.shape[0], dtype=torch.int32)
+    args = x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), rc.data_ptr()
+    lib.gpt2serve_sort_values_rows(*args, torch.get_num_threads())
+    return out, [c == 0 for c in rc.tolist()]
+
+
+def top_p_apply_rows(
+    x: torch.Tensor, ordered: torch.Tensor, probs: torch.Tensor, thresholds: list[float]
+) -> tuple[torch.Tensor, list[bool]] | None:
+    """`top_p_apply` of each row of the 2-D x (row i with `thresholds[i]`, float32 1 - top_p), the rows
+    on all threads: the masked rows and, per row, whether it was decided (False: a straddling tie, the
+    row unspecified); None where the kernels are not built."""
+    lib = _library_for(x, 2)
+    if lib is None:
+        return None
+    x, probs, out = x.contiguous(), probs.contiguous(), torch.empty_like(x)
+    t, kept = torch.tensor(thresholds, dtype=torch.float32), torch.empty(x.shape[0], dtype=torch.long)
+    args = x.data_ptr(), ordered.contiguous().data_ptr(), probs.data_ptr(), x.shape[0], x.shape[1]
+    lib.gpt2serve_top_p_apply_rows(*args, t.data_ptr(), out.data_ptr(), kept.data_ptr(),
+                                   torch.get_num_threads())  # fmt: skip
+    return out, [k >= 0 for k in kept.tolist()]
+
+
+def multinomial_rows(states: list[torch.Tensor], probs: torch.Tensor) -> list[int] | None:
+    """`multinomial` of each row of the 2-D float32 probs, row i with the generator whose get_state()
+    bytes are `states[i]` (advanced in place, for set_state), the rows on all threads: each row's token,
+    or -1 where `multinomial` would give None (that row's state is then not to be used). None where the
+    kernels are not built or do not read torch's generator."""
+    lib = _library_for(probs, 2)
+    if lib is None or not _generator_layout_understood():
+        return None
+    probs, n = probs.contiguous(), len(states)
+    tokens = torch.empty(n, dtype=torch.long)
+    pointers = (ctypes.c_void_p * n)(*(s.data_ptr() for s in states))
+    args = pointers, probs.data_ptr(), n, probs.shape[1], tokens.data_ptr()
+    lib.gpt2serve_multinomial_rows(*args, torch.get_num_threads())
+    return [max(t, -1) for t in tokens.tolist()]
 
 
 def near_max(x: torch.Tensor, gaps: tuple[float, ...]) -> tuple[float, list[int]] | None:

@@ -78,6 +78,8 @@ def choose(
     """The token of each sampling row (`logits` processed, one row per entry of `params`): what
     `reference` draws for it, by the first path that can decide it."""
     tokens = sampling_fast.draw_top_k(logits, params, generators)
+    nucleus = sampling_fast.draw_top_p(logits, params, generators)
+    tokens = [k if k is not None else p for k, p in zip(tokens, nucleus)]
     for i, (row, p, gen) in enumerate(zip(logits, params, generators, strict=True)):
         if tokens[i] is None:
             tokens[i] = draw(warp_row(row, p.temperature, p.top_k, p.top_p).softmax(dim=-1), gen)

@@ -8,6 +8,7 @@ kernels not built), leaving the generator untouched, and sampling.choose then ta
 - `top_p_cut`: top-p's cut from the largest few hundred scores (torch.topk), not a sort of the row.
 - `top_p_exact`: top-p from the row's values sorted in C without their indices (nucleus.c) and torch's
   softmax of them, for any width of nucleus; where equal values straddle the cut, None.
+- `draw_top_p`: `top_p_exact` and the draw for several top-p rows at once, the rows on all threads.
 - `replay_multinomial`: torch.multinomial's draw without its vectorized temporaries (and with C kernels,
   without drawing the uniforms of zero probabilities).
 """
@@ -170,6 +171,40 @@ def top_p_exact(scores: torch.Tensor, top_p: float) -> torch.Tensor | None:
     probs = ordered[None].softmax(dim=-1)[0]  # one row: torch's single-threaded softmax
     applied = native.top_p_apply(scores, ordered, probs, array("f", [1 - top_p])[0])
     return None if applied is None else applied[0]
+
+
+def draw_top_p(
+    rows: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> list[int | None]:
+    """The token `reference` draws for each of the (B, V) rows with top-p and no top-k (row i with
+    params[i] and generators[i], left where the reference leaves it), where at least two such rows have
+    a CPU generator each of their own: `top_p_exact` and `replay_multinomial` for all of them at once, the
+    C parts on all threads (a row's values sorted, its cut and mask, its draw) and torch's softmax over
+    the rows together, which gives each row the bits it gives the row alone.
+
+    None for a row it does not take, and where `top_p_exact` or the draw would give None; that row's
+    generator is untouched."""
+    picked: list[int | None] = [None] * len(params)
+    vocab = rows.shape[-1]
+    own = [g for g in generators if g is not None]
+    alone = [g is not None and g.device.type == "cpu" and sum(h is g for h in own) == 1 for g in generators]
+    taken = [i for i, p in enumerate(params) if p.top_p < 1 and not 0 < p.top_k < vocab and alone[i]]
+    if len(taken) < 2 or rows.device.type != "cpu" or rows.dtype != torch.float32:
+        return picked
+    temperatures = [params[i].temperature for i in taken]  # divided as warp_row divides
+    scores = torch.stack([rows[i] if t == 1 else rows[i] / t for i, t in zip(taken, temperatures)])
+    ordered = native.sort_values_rows(scores)
+    if ordered is None:
+        return picked
+    thresholds = [array("f", [1 - params[i].top_p])[0] for i in taken]
+    applied = native.top_p_apply_rows(scores, ordered[0], ordered[0].softmax(dim=-1), thresholds)
+    states = [generators[i].get_state() for i in taken]
+    tokens = native.multinomial_rows(states, applied[0].softmax(dim=-1))
+    for i, sorted_ok, cut_ok, token, state in zip(taken, ordered[1], applied[1], tokens or [], states):
+        if sorted_ok and cut_ok and token >= 0:
+            generators[i].set_state(state)
+            picked[i] = token
+    return picked
 
 
 # -- the draw -------------------------------------------------------------------------------------------

@@ -12,8 +12,11 @@
  *
  * The indices HF's sort carries are not needed: a value is kept or removed whatever its index, except
  * where equal values straddle the cut, and there HF's unstable sort decides (reported, not guessed).
+ * The `_rows` forms run either call for several rows at once, the rows spread over the threads
+ * (sampling_fast.draw_top_p); each row's result is the one-row call's.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -97,6 +100,23 @@ int64_t gpt2serve_top_p_apply(const float *x, const float *sorted, const float *
         if (out) out[i] = keep ? x[i] : -INFINITY;
     }
     return kept;
+}
+
+/* gpt2serve_sort_values of `rows` rows of n floats (x and sorted row-major), each row's result in rc. */
+void gpt2serve_sort_values_rows(const float *x, int rows, int64_t n, float *sorted, int *rc, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int r = 0; r < rows; ++r) rc[r] = gpt2serve_sort_values(x + (size_t)r * n, n, sorted + (size_t)r * n);
+}
+
+/* gpt2serve_top_p_apply of `rows` rows of n floats, row r with threshold[r]; its count (or -1) in kept[r]. */
+void gpt2serve_top_p_apply_rows(const float *x, const float *sorted, const float *probs, int rows, int64_t n,
+                                const float *threshold, float *out, int64_t *kept, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int r = 0; r < rows; ++r) {
+        size_t at = (size_t)r * n;
+        float cut;
+        kept[r] = gpt2serve_top_p_apply(x + at, sorted + at, probs + at, n, threshold[r], out + at, &cut);
+    }
 }
 
 /* The sum (in double) and the largest of n float32 probabilities, for top-p's partial selection

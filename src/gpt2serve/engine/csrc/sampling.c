@@ -37,6 +37,33 @@ static int by_value_descending(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
+/* Each row's largest value and the first index holding it (torch's amax and argmax, in one call), rows of
+ * n floats; a row holding a NaN gets NaN (its index unspecified). The rows spread over the threads. */
+void gpt2serve_row_max(const float *x, int rows, int64_t n, float *values, int64_t *indices, int threads) {
+#pragma omp parallel for num_threads(threads) if (rows > 1) schedule(static)
+    for (int r = 0; r < rows; ++r) {
+        const float *row = x + (size_t)r * n;
+        __m256 top8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 v = _mm256_loadu_ps(row + i);
+            nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            top8 = _mm256_max_ps(top8, v);
+        }
+        float lanes[8], top = -INFINITY;
+        int nan = _mm256_movemask_ps(nan8) != 0;
+        _mm256_storeu_ps(lanes, top8);
+        for (int l = 0; l < 8; ++l) top = lanes[l] > top ? lanes[l] : top;
+        for (; i < n; ++i) {
+            nan |= row[i] != row[i];
+            top = row[i] > top ? row[i] : top;
+        }
+        int64_t at = 0;
+        while (at < n && row[at] != top) ++at;
+        values[r] = nan ? NAN : top, indices[r] = nan ? -1 : at;
+    }
+}
+
 /* The k largest of x (rows x cols floats, row-major), each plus its row's bias[r] where bias is not NULL
  * (the float32 sums torch's x + bias[:, None] makes), descending, with their flat indices. Returns 0
  * when the answer leaves no room for tie-breaking (k distinct values, each above every value left out:
@@ -394,6 +421,14 @@ int64_t gpt2serve_multinomial(void *state, const float *probs, int64_t n) {
         if (r > best || (r == best && j < best_j)) best = r, best_j = j;
     }
     return at[best_j];
+}
+
+/* gpt2serve_multinomial for `rows` rows of n probabilities, row r with the generator state states[r]
+ * (advanced in place), spread over the threads; each token (or the row's negative code) into tokens[r]. */
+void gpt2serve_multinomial_rows(void *const *states, const float *probs, int rows, int64_t n, int64_t *tokens,
+                                int threads) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int r = 0; r < rows; ++r) tokens[r] = gpt2serve_multinomial(states[r], probs + (size_t)r * n, n);
 }
 
 /* -- a top-k row's whole draw (sampling_fast.draw_top_k) ------------------------------------------------ */

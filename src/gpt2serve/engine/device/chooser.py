@@ -60,7 +60,7 @@ class DeviceTokenChooser(TokenChooser):
         generators = [s.generator if p.seed is not None else None for p, (_, s) in zip(params, self.rows)]
         tokens = sampling.choose_batch(x, params, generators)
         temperatures = [p.temperature if p.do_sample else 1.0 for p in params]
-        finite = finite_rows(x, temperatures).long()
+        finite = finite_rows(x.amax(dim=-1), temperatures).long()
         picked, finite = torch.stack([tokens, finite]).tolist()  # the step's one copy to the host
         if not all(finite):
             raise NonFiniteLogitsError(NON_FINITE)
