@@ -13,7 +13,9 @@ with a small model, the engines of one precision with a model over 2 GB (`--inte
 The "long_prompt" shape has a 500-token prompt and 20 new tokens: its figure, ms per new token, is mostly
 the prompt's processing (no roofline applies). The roofline is the time to stream the weights read per
 step (every matrix, and the output head) once from RAM at the read bandwidth that bench_roofline.py
-measures.
+measures: "x_roofline" against the best of the bandwidths measured before and after the run,
+"x_roofline_adjacent" the median of each repetition against the bandwidth measured just before it (a
+shared host's bandwidth moves from minute to minute).
 
     python benchmarks/bench_engine.py [--model random:gpt2] [--shapes greedy,top_p,beam,seed,long_prompt]
         [--precisions float32,bfloat16,int8] [--peers transformers,ct2,llamacpp|none] [--only-peers]
@@ -179,10 +181,14 @@ def measure(args, prompt_ids: dict[str, list[int]], dirs: dict[str, Path], log) 
     def record(runner, shape, rep):
         if hasattr(bench_roofline, "wait_for_quiet"):  # the machine may be shared: start when it is idle
             bench_roofline.wait_for_quiet(max_wait_s=args.quiet_wait)
+        bandwidth = measure_read_bandwidth(gb=0.25, repeats=3)  # this minute's: the host's moves
         seconds, lengths = runner.run(shape, prompt_ids[shape.name], seed=1234 + rep)
         key = (runner.engine, runner.precision, shape.name)
-        entry = samples.setdefault(key, {"times": [], "lengths": lengths, "compute": str(runner.compute)})
+        entry = samples.setdefault(
+            key, {"times": [], "read_GBps": [], "lengths": lengths, "compute": str(runner.compute)}
+        )
         entry["times"].append(seconds)
+        entry["read_GBps"].append(bandwidth)
         entry["peak_rss_MB"] = round(runner.peak_rss_kb / 1024, 1)
         log(f"{key} rep {rep}: {seconds / max(lengths) * 1e3:.1f} ms/step, lengths {lengths}")
 
@@ -201,7 +207,7 @@ def measure(args, prompt_ids: dict[str, list[int]], dirs: dict[str, Path], log) 
 
 
 def summarize(
-    samples: dict, roofline_ms: dict[str, float], prompt_ids: dict[str, list[int]]
+    samples: dict, roofline_ms: dict[str, float], prompt_ids: dict[str, list[int]], streamed: dict[str, int]
 ) -> tuple[list[dict], list[dict]]:
     rows = []
     for (engine, precision, shape_name), entry in samples.items():
@@ -210,6 +216,9 @@ def summarize(
         med = statistics.median(step_ms)
         # a long prompt's request is mostly its prompt: ms per new token, against no roofline
         x_roofline = None if SHAPES[shape_name].prompt_tokens else round(med / roofline_ms[precision], 2)
+        # each repetition against the roofline at the bandwidth measured just before it
+        floors = [streamed[precision] / (bw * 1e9) * 1e3 for bw in entry["read_GBps"]]
+        adjacent = [ms / floor for ms, floor in zip(step_ms, floors)]
         rows.append(
             {
                 "engine": engine,
@@ -225,6 +234,8 @@ def summarize(
                 "step_ms_min": round(min(step_ms), 2),
                 "step_ms_all": [round(x, 2) for x in step_ms],
                 "x_roofline": x_roofline,
+                "read_GBps_per_rep": [round(bw, 1) for bw in entry["read_GBps"]],
+                "x_roofline_adjacent": None if x_roofline is None else round(statistics.median(adjacent), 2),
                 "process_peak_rss_MB": entry.get("peak_rss_MB"),
             }
         )
@@ -316,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         samples, errors = measure(args, prompt_ids, dirs, log)
         bandwidth = max(bandwidth, measure_read_bandwidth())  # the best of before and after
         roofline = {p: streamed_bytes(cfg, p) / (bandwidth * 1e9) * 1e3 for p in PRECISIONS}
-        rows, ratios = summarize(samples, roofline, prompt_ids)
+        streamed = {p: streamed_bytes(cfg, p) for p in PRECISIONS}
+        rows, ratios = summarize(samples, roofline, prompt_ids, streamed)
         report |= {
             "prompt_tokens": len(prompt_ids["greedy"]),
             "reps": args.reps,
