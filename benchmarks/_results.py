@@ -130,17 +130,19 @@ def git_commit() -> tuple[str, bool]:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command that ran: `python <script relative to the repository> <arguments>`."""
+    """The command that ran: `python <script relative to the repository> <arguments>`, after the
+    `GPT2SERVE_KERNEL_ISA=...` that picked the C kernels' build where it was set."""
     argv = sys.argv if argv is None else [sys.argv[0], *argv]
     script = Path(argv[0]).resolve()
     shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
-    return " ".join(["python", str(shown), *argv[1:]])
+    isa = os.environ.get("GPT2SERVE_KERNEL_ISA")
+    return " ".join([*([f"GPT2SERVE_KERNEL_ISA={isa}"] if isa else []), "python", str(shown), *argv[1:]])
 
 
 def record(command: str, results: dict, *, read_gbps: float | None = None) -> dict:
     """`results` with what every result records first: benchmark, commit, dirty, date, command, machine."""
     commit, dirty = git_commit()
-    script = command.split()[1] if len(command.split()) > 1 else command
+    script = next((word for word in command.split() if word.endswith(".py")), command)
     return {
         "benchmark": Path(script).stem,
         "commit": commit,
