@@ -26,6 +26,10 @@ void *gpt2serve_scratch(int slot, size_t bytes); /* sampling.c: a per-thread buf
 
 enum { SORT_SCRATCH = 2 }; /* sampling.c's multinomial holds slots 0, 1, 3 and 4 */
 enum { DIGIT_BITS = 11, DIGITS = 1 << DIGIT_BITS, PASSES = 3 };  /* 3 passes of 11 bits: 20% faster than 4 of 8 */
+/* A row's top digit (the sign, the exponent and two bits) takes few values, so neighbouring keys often
+ * share a counter: one chain of dependent memory updates. Each pass walks LANES parts of the row in
+ * lockstep, each part with its own counters, which makes LANES independent chains. */
+enum { LANES = 4 };
 
 static inline uint32_t key_of(float v) { /* unsigned order of keys == float order (-0.0 before 0.0) */
     uint32_t u;
@@ -40,38 +44,59 @@ static inline float value_of(uint32_t key) {
     return v;
 }
 
-/* x (n floats) sorted ascending into `sorted`: an LSD radix sort of the keys, 3 passes of 11 bits (a pass
- * whose digit is the same for every key is skipped). Returns 0; 1 where the row's largest value is not
- * finite (a NaN, +inf, or every value -inf: softmax would not give probabilities); -1 out of memory. */
+/* One stable pass of the LSD radix sort: the n keys of a into b by their digit at `shift`, part s of the
+ * row (keys s*q.. of q = n / LANES, the last part to the end) counted and placed with count[s]. Returns
+ * 0, b untouched, where every key has the same digit (the pass would not change their order). */
+static int radix_pass(const uint32_t *a, uint32_t *b, int64_t n, int shift, uint32_t (*count)[DIGITS]) {
+    const int64_t q = n / LANES;
+#define DIGIT(k) (((k) >> shift) & (DIGITS - 1))
+    memset(count, 0, LANES * sizeof *count);
+    for (int64_t i = 0; i < q; ++i)
+        for (int s = 0; s < LANES; ++s) ++count[s][DIGIT(a[s * q + i])];
+    for (int64_t j = LANES * q; j < n; ++j) ++count[LANES - 1][DIGIT(a[j])];
+    uint32_t total = 0;  /* n < 2^32: the caller checks */
+    for (int v = 0; v < DIGITS; ++v) {
+        uint32_t before = total;
+        for (int s = 0; s < LANES; ++s) {
+            uint32_t c = count[s][v];
+            count[s][v] = total;
+            total += c;
+        }
+        if (total - before == n) return 0;
+    }
+    for (int64_t i = 0; i < q; ++i)
+        for (int s = 0; s < LANES; ++s) {
+            uint32_t k = a[s * q + i];
+            b[count[s][DIGIT(k)]++] = k;
+        }
+    for (int64_t j = LANES * q; j < n; ++j) b[count[LANES - 1][DIGIT(a[j])]++] = a[j];
+#undef DIGIT
+    return 1;
+}
+
+/* x (n floats) sorted ascending into `sorted`: an LSD radix sort of the keys, PASSES passes of DIGIT_BITS
+ * bits (radix_pass). Returns 0; 1 where the row's largest value is not finite (a NaN, +inf, or every value
+ * -inf: softmax would not give probabilities); -1 out of memory. */
 int gpt2serve_sort_values(const float *x, int64_t n, float *sorted) {
-    uint32_t *buf = n < 1 ? NULL : gpt2serve_scratch(SORT_SCRATCH, (size_t)n * 2 * sizeof *buf);
+    const size_t keys = (size_t)n * 2 * sizeof(uint32_t), counts = LANES * DIGITS * sizeof(uint32_t);
+    uint32_t *buf = n < 1 ? NULL : gpt2serve_scratch(SORT_SCRATCH, keys + counts);
     if (!buf || n >= (int64_t)1 << 32) return -1;
-    uint32_t *a = buf, *b = buf + n, top = 0;
-    uint32_t count[PASSES][DIGITS] = {{0}}; /* n < 2^32: checked above */
+    uint32_t *a = buf, *b = buf + n, (*count)[DIGITS] = (uint32_t (*)[DIGITS])(buf + 2 * n), top = 0;
     for (int64_t i = 0; i < n; ++i) {
         uint32_t k = key_of(x[i]);
         a[i] = k;
         top = k > top ? k : top;
-        for (int d = 0; d < PASSES; ++d) ++count[d][(k >> (DIGIT_BITS * d)) & (DIGITS - 1)];
     }
     float largest = value_of(top);
     /* a NaN's key lies above +inf's (positive NaN) or below -inf's (negative): check every value */
     int bad = !(largest < INFINITY && largest > -INFINITY);
     for (int64_t i = 0; i < n && !bad; ++i) bad = x[i] != x[i];
     if (bad) return 1;
-    for (int d = 0; d < PASSES; ++d) {
-        int shift = DIGIT_BITS * d;
-        if (count[d][(a[0] >> shift) & (DIGITS - 1)] == n) continue;  /* one digit value: order unchanged */
-        uint32_t total = 0;
-        for (int v = 0; v < DIGITS; ++v) {
-            uint32_t c = count[d][v];
-            count[d][v] = total;
-            total += c;
+    for (int d = 0; d < PASSES; ++d)
+        if (radix_pass(a, b, n, DIGIT_BITS * d, count)) {
+            uint32_t *t = a;
+            a = b, b = t;
         }
-        for (int64_t i = 0; i < n; ++i) b[count[d][(a[i] >> shift) & (DIGITS - 1)]++] = a[i];
-        uint32_t *t = a;
-        a = b, b = t;
-    }
     for (int64_t i = 0; i < n; ++i) sorted[i] = value_of(a[i]);
     return 0;
 }
