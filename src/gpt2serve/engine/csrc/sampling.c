@@ -408,9 +408,15 @@ int64_t gpt2serve_multinomial(void *state, const float *probs, int64_t n) {
     }
     if (bad || !m) return -2;
     if (advance_uniform(s, n, at, m, u) != 0) return -1;
-    double top = -1.0;
+    enum { LANES = 8 };  /* independent maxima: no chain of dependent comparisons */
+    double top = -1.0, lane[LANES];
+    for (int l = 0; l < LANES; ++l) lane[l] = -1.0;
     for (int64_t j = 0; j < m; ++j) bound[j] = p[j] / u[j];  /* contiguous: vectorized */
-    for (int64_t j = 0; j < m; ++j) top = bound[j] > top ? bound[j] : top;
+    int64_t j0 = 0;
+    for (; j0 + LANES <= m; j0 += LANES)
+        for (int l = 0; l < LANES; ++l) lane[l] = bound[j0 + l] > lane[l] ? bound[j0 + l] : lane[l];
+    for (; j0 < m; ++j0) top = bound[j0] > top ? bound[j0] : top;
+    for (int l = 0; l < LANES; ++l) top = lane[l] > top ? lane[l] : top;
     int64_t best_j = 0;
     while (bound[best_j] != top) ++best_j;
     float best = p[best_j] / (float)(-log1p(-u[best_j]));
