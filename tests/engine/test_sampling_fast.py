@@ -304,6 +304,7 @@ def test_native_sort_values_is_torch_sort_values() -> None:
     rows = [torch.randn(50257, generator=g) * 3, narrow, torch.tensor([2.5])]
     rows += [make_logits("banned", 1, 3000)[0]]
     rows += [torch.tensor([2.0, -0.0, float("-inf"), 2.0, 0.0, -1e-40, 1e-45, -3.0])]
+    rows += [torch.randn(n, generator=g) for n in (2, 3, 5, 6, 7, 9)]  # rows the sort's 4 parts do not divide
     for row in rows:
         assert torch.equal(native.sort_values(row), torch.sort(row).values)
     for bad in (float("nan"), float("inf")):
